@@ -1,0 +1,33 @@
+"""The attention backend interface and the per-step metadata every backend reads."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Where each token of the flat batch goes in the paged cache, and what it attends to.
+
+    Tokens are laid out request after request. Decode requests (one new token) come first so a backend can treat
+    them as one batch; prefill chunks (several new tokens) follow.
+    """
+
+    slot_mapping: torch.Tensor        # [num_tokens] cache slot (block * block_size + offset) of each new token
+    num_decode_tokens: int            # the first num_decode_tokens tokens are single-token decodes, one per request
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] padded with block 0 (masked out by context_lens)
+    decode_context_lens: torch.Tensor  # [num_decodes] tokens in context, the new one included
+    # One entry per prefill chunk: (first token index in the flat batch, new tokens, context length incl. them,
+    # block table tensor). Python ints so backends can slice without a device sync.
+    prefills: list[tuple[int, int, int, torch.Tensor]]
+
+
+class AttentionBackend(ABC):
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                scale: float, sliding_window: int | None) -> torch.Tensor:
+        """Store k, v ([num_tokens, num_kv_heads, head_dim]) in the cache, attend with q ([num_tokens, num_heads,
+        head_dim]) over each request's cached context, return [num_tokens, num_heads, head_dim]."""

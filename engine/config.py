@@ -1,0 +1,43 @@
+"""EngineConfig: every knob of the engine, validated once at construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    # None: the checkpoint's max_position_embeddings.
+    max_model_len: int | None = None
+    # KV cache size. Explicit block count wins; else a fraction of the accelerator's free memory after the weights
+    # are loaded (like vLLM's gpu_memory_utilization); on the CPU a fixed byte budget.
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_bytes: int = 1 << 30
+    attention_backend: str = "auto"
+    seed: int = 0
+    # Tokenizer directory when it differs from the model directory.
+    tokenizer: str | None = None
+    # Token ids in, token ids out: no tokenizer is loaded and no text is produced (as vLLM's option).
+    skip_tokenizer_init: bool = False
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_bytes"):
+            positive(name)
+        for name in ("max_model_len", "num_kv_blocks"):
+            if getattr(self, name) is not None:
+                positive(name)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.attention_backend not in ("auto", "torch"):
+            raise ValueError(f"attention_backend must be auto or torch, got {self.attention_backend!r}")

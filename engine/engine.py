@@ -1,0 +1,222 @@
+"""LLMEngine: the public entry point. add_request / abort_request / step / has_unfinished_requests.
+
+Each step schedules tokens across every live request (continuous batching at token level), runs one forward pass,
+samples, detokenizes, and returns the outputs of the requests that advanced.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import select_backend
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.device import resolve_device, resolve_dtype
+from engine.kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for_budget
+from engine.loader import eos_token_ids, load_config, load_model, load_tokenizer
+from engine.model_runner import ModelRunner
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampler import Sampler, SamplingRow
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, eq=False)
+class _Group:
+    """One add_request call: its n choices, and how much of each the caller has already been sent."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    choices: list[Request]
+    sent_tokens: list[int]
+    sent_text: list[str]
+
+    @property
+    def finished(self) -> bool:
+        return all(r.status.finished for r in self.choices)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        if self.device.type != "cpu":
+            getattr(torch, self.device.type).set_device(self.device)
+        hf_config = load_config(config.model)
+        self.dtype = resolve_dtype(config.dtype, _checkpoint_dtype(hf_config), self.device)
+        self.model, self.hf_config = load_model(config.model, self.device, self.dtype)
+        self.tokenizer = (None if config.skip_tokenizer_init
+                          else load_tokenizer(config.tokenizer or config.model))
+        self.eos_token_ids = eos_token_ids(config.model, hf_config)
+        self.vocab_size = hf_config.vocab_size
+
+        attention = self.model.model.layers[0].self_attn
+        spec = KVCacheSpec(len(self.model.model.layers), attention.num_kv_heads, attention.head_dim,
+                           config.block_size, self.dtype)
+        num_blocks = num_blocks_for_budget(spec, self.device, num_blocks=config.num_kv_blocks,
+                                           gpu_memory_utilization=config.gpu_memory_utilization,
+                                           cpu_bytes=config.cpu_kv_cache_bytes,
+                                           activation_reserve=self._activation_reserve())
+        self.max_model_len = self._max_model_len(num_blocks * config.block_size)
+        block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, allocate_kv_cache(spec, num_blocks, self.device),
+                                  select_backend(config.attention_backend, self.device), config.block_size, self.device)
+        self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
+        self._groups: dict[str, _Group] = {}
+        self._arrivals = itertools.count()
+        self._pending: list[RequestOutput] = []
+
+    # ---- requests in and out ----
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    priority: int = 0) -> None:
+        """Queue a prompt (text or token ids). ValueError for a bad request; the engine state is then unchanged."""
+        params = params or SamplingParams()
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_ids = self._prompt_ids(prompt)
+        max_tokens = self.max_model_len - len(prompt_ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        arrival = next(self._arrivals)
+        choices = []
+        for index in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(self.device).manual_seed(params.seed + index)
+            detokenizer = None
+            if self.tokenizer is not None:
+                detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
+            choices.append(Request(f"{request_id}/{index}", prompt_ids, params, max_tokens, arrival, priority,
+                                   self.eos_token_ids, generator, detokenizer))
+        self._groups[request_id] = _Group(request_id, prompt_ids, choices, [0] * params.n, [""] * params.n)
+        for request in choices:
+            self.scheduler.add(request)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request wherever it is; its KV blocks are free at once. False if it is unknown or already done."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return False
+        for request in group.choices:
+            self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        self._pending.append(self._output(group))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups or self._pending)
+
+    # ---- one engine step ----
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        scheduled = self.scheduler.schedule()
+        if not scheduled.chunks:
+            return outputs
+        chunks = self.runner.order(scheduled)
+        logits = self.runner.execute(chunks)
+        sampling = [c.request for c in chunks if c.sample]
+        rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, r.suppressed_token_ids())
+                for r in sampling]
+        sampled = self.sampler(logits, rows) if rows else []
+        self.scheduler.update(scheduled)
+
+        advanced: dict[str, _Group] = {}
+        for request, token in zip(sampling, sampled):
+            self._accept(request, token)
+            group_id = request.request_id.rpartition("/")[0]
+            advanced[group_id] = self._groups[group_id]
+        for group_id, group in advanced.items():
+            outputs.append(self._output(group))
+            if group.finished:
+                del self._groups[group_id]
+        return outputs
+
+    def _accept(self, request: Request, token) -> None:
+        request.append_token(token.token_id)
+        if request.logprobs is not None:
+            entry = dict(token.top_logprobs or {})
+            entry[token.token_id] = token.logprob
+            request.logprobs.append(entry)
+        status = request.stop_by_token()
+        if request.detokenizer is not None:
+            stop = request.detokenizer.add_tokens([token.token_id])
+            if stop is not None:
+                request.stop_reason = stop
+                status = RequestStatus.FINISHED_STOPPED
+        if status is not None:
+            self.scheduler.finish(request, status)
+
+    def _output(self, group: _Group) -> RequestOutput:
+        completions = []
+        for index, request in enumerate(group.choices):
+            finished = request.status.finished
+            delta = request.detokenizer.take_delta(finished) if request.detokenizer is not None else ""
+            group.sent_text[index] += delta
+            sent = group.sent_tokens[index]
+            group.sent_tokens[index] = request.num_output_tokens
+            completions.append(CompletionOutput(
+                index=index, text=group.sent_text[index], token_ids=list(request.output_token_ids),
+                delta_text=delta, delta_token_ids=request.output_token_ids[sent:],
+                finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
+                logprobs=list(request.logprobs) if request.logprobs is not None else None))
+        return RequestOutput(group.request_id, group.prompt_token_ids, completions, group.finished,
+                             sum(r.num_preemptions for r in group.choices))
+
+    # ---- helpers ----
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: pass the prompt as token ids")
+            ids = self.tokenizer.encode(prompt) if prompt else []
+        else:
+            ids = list(prompt)
+            if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(ids)} tokens long, but max_model_len is {self.max_model_len}: "
+                             "it must be shorter, to leave room for at least one generated token")
+        return ids
+
+    def _max_model_len(self, cache_tokens: int) -> int:
+        """The configured limit, else the checkpoint's, capped by what the KV cache can hold for one request."""
+        model_limit = int(getattr(self.hf_config, "max_position_embeddings", 0) or 2048)
+        wanted = self.config.max_model_len
+        if wanted is not None and wanted > model_limit:
+            raise ValueError(f"max_model_len {wanted} exceeds the model's max_position_embeddings {model_limit}")
+        if wanted is not None and wanted > cache_tokens:
+            raise ValueError(f"max_model_len {wanted} does not fit the KV cache ({cache_tokens} tokens): "
+                             "give the cache more memory or lower max_model_len")
+        if wanted is None and model_limit > cache_tokens:
+            log.warning("KV cache holds %d tokens, fewer than the model's context %d: capping max_model_len",
+                        cache_tokens, model_limit)
+        return wanted or min(model_limit, cache_tokens)
+
+    def _activation_reserve(self) -> int:
+        """Bytes to leave free on an accelerator for one step's activations and logits (a conservative estimate)."""
+        c, cfg = self.config, self.hf_config
+        element = torch.empty((), dtype=self.dtype).element_size()
+        per_token = (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * element
+        logits = c.max_num_seqs * cfg.vocab_size * 4 * 3
+        return c.max_num_batched_tokens * per_token * 2 + logits + (256 << 20)
+
+    def stats(self) -> dict[str, int]:
+        block_manager = self.scheduler.block_manager
+        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "num_kv_blocks": block_manager.num_blocks, "num_free_kv_blocks": block_manager.num_free_blocks}
+
+
+def _checkpoint_dtype(hf_config) -> str | None:
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    return str(dtype) if dtype is not None else None

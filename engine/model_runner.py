@@ -1,0 +1,66 @@
+"""SchedulerOutput -> flat input tensors -> one forward pass -> logits of the rows that sample a token."""
+from __future__ import annotations
+
+import torch
+
+from engine.attention import AttentionBackend, AttentionMetadata
+from engine.scheduler import ScheduledChunk, SchedulerOutput
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 backend: AttentionBackend, block_size: int, device: torch.device) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.backend = backend
+        self.block_size = block_size
+        self.device = device
+
+    def order(self, out: SchedulerOutput) -> list[ScheduledChunk]:
+        """Decodes first (one batch for the attention backend), then prefill chunks; logits come back in this order."""
+        decodes = [c for c in out.chunks if c.num_tokens == 1 and c.start > 0]
+        prefills = [c for c in out.chunks if not (c.num_tokens == 1 and c.start > 0)]
+        return decodes + prefills
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """chunks in `order()` order -> logits [number of chunks with sample=True, vocab] in float32."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        num_decodes = 0
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefill_spans: list[tuple[int, int, int, list[int]]] = []
+        for chunk in chunks:
+            request = chunk.request
+            first = len(input_ids)
+            end = chunk.start + chunk.num_tokens
+            input_ids.extend(request.token_ids[chunk.start:end])
+            positions.extend(range(chunk.start, end))
+            table = request.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in range(chunk.start, end))
+            if chunk.num_tokens == 1 and chunk.start > 0:
+                num_decodes += 1
+                decode_tables.append(table[:-(-end // bs)])
+                decode_lens.append(end)
+            else:
+                prefill_spans.append((first, chunk.num_tokens, end, table[:-(-end // bs)]))
+            if chunk.sample:
+                sample_rows.append(len(input_ids) - 1)
+
+        def tensor(values) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        width = max((len(t) for t in decode_tables), default=0)
+        meta = AttentionMetadata(
+            slot_mapping=tensor(slots),
+            num_decode_tokens=num_decodes,
+            decode_block_tables=tensor([t + [0] * (width - len(t)) for t in decode_tables]).view(num_decodes, width),
+            decode_context_lens=tensor(decode_lens),
+            prefills=[(first, n, ctx, tensor(table)) for first, n, ctx, table in prefill_spans],
+        )
+        hidden = self.model(tensor(input_ids), tensor(positions), self.kv_caches, meta, self.backend)
+        return self.model.compute_logits(hidden[tensor(sample_rows)]).float()

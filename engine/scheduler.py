@@ -1,0 +1,119 @@
+"""Token-level scheduler: which requests compute which tokens in the next step.
+
+Every step gets a token budget (max_num_batched_tokens) and a sequence cap (max_num_seqs). Running requests go
+first, in priority order: one token each when decoding, or the next chunk of a prompt that did not fit in one step.
+Waiting requests then start with whatever budget is left, their prompts chunked to fit. When KV blocks run out, the
+running request with the lowest priority (the newest within a priority) is preempted: its blocks are freed and it
+will recompute its prompt and generated tokens when it is scheduled again, so its output is unchanged.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """Compute KV for request.token_ids[start:start + num_tokens]; sample a token after it if `sample`."""
+
+    request: Request
+    start: int
+    num_tokens: int
+    sample: bool
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        # Both kept sorted by Request.sort_key: the front is scheduled first, the back is preempted first.
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        bisect.insort(self.waiting, request, key=lambda r: r.sort_key)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        kept: list[Request] = []
+        running = list(self.running)
+        while running and budget > 0:
+            request = running.pop(0)
+            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, num_tokens, running, out):
+                continue
+            kept.append(request)
+            out.chunks.append(self._chunk(request, num_tokens))
+            budget -= num_tokens
+        # Requests the budget did not reach this step stay running, blocks held.
+        self.running = kept + running
+
+        # New work only when nothing had to be preempted: otherwise it would take the blocks just freed.
+        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.block_manager.allocate(request.block_ids, request.num_computed_tokens + num_tokens):
+                break
+            self.waiting.pop(0)
+            request.status = RequestStatus.RUNNING
+            bisect.insort(self.running, request, key=lambda r: r.sort_key)
+            out.chunks.append(self._chunk(request, num_tokens))
+            budget -= num_tokens
+        return out
+
+    def _allocate_or_preempt(self, request: Request, num_tokens: int, lower: list[Request],
+                             out: SchedulerOutput) -> bool:
+        """Find blocks for request's next num_tokens, preempting from the back of `lower` (then request itself)."""
+        while not self.block_manager.allocate(request.block_ids, request.num_computed_tokens + num_tokens):
+            victim = lower.pop() if lower else request
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request.block_ids)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.add(request)
+
+    @staticmethod
+    def _chunk(request: Request, num_tokens: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        return ScheduledChunk(request, start, num_tokens, sample=start + num_tokens == request.num_tokens)
+
+    def update(self, out: SchedulerOutput) -> None:
+        """Mark the scheduled tokens as computed (their KV is now in the cache)."""
+        for chunk in out.chunks:
+            chunk.request.num_computed_tokens += chunk.num_tokens
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request in any state (finished or aborted): its blocks are free at once."""
+        if request.status.finished:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        self.block_manager.free(request.block_ids)
