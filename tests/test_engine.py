@@ -136,7 +136,7 @@ def test_missing_weight(tiny, tmp_path):
 
 def test_mismatched_weight_shape(tiny, tmp_path):
     path = broken_copy(tiny, tmp_path, edit_config=lambda c: c.update(intermediate_size=96))
-    with pytest.raises(ValueError, match=r"has shape \(128, 64\), the config implies \(96, 64\)"):
+    with pytest.raises(ValueError, match=r"mlp.down_proj.weight in model.safetensors has shape \(64, 128\), the config implies \(64, 96\)"):
         engine_for(path)
 
 
