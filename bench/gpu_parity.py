@@ -1,0 +1,72 @@
+"""Greedy parity with transformers on an accelerator: the staggered workload of tests/test_parity.py for every
+architecture and engine setting, our engine on the GPU against transformers' greedy decoding on the CPU (float32),
+then bfloat16 greedy agreement against the float32 reference. Prints a table.
+
+    python bench/gpu_parity.py [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from engine.config import EngineConfig  # noqa: E402
+from engine.device import resolve_device  # noqa: E402
+from engine.engine import LLMEngine  # noqa: E402
+from tests.checkpoints import ARCHITECTURES, greedy_reference, write_checkpoint  # noqa: E402
+from tests.test_parity import ENGINE_SETTINGS, NUM_REQUESTS, run_staggered, workload  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    print(f"device: {name}, torch {torch.__version__}")
+    rows = []
+    requests = workload()
+    for arch in ARCHITECTURES:
+        with tempfile.TemporaryDirectory() as directory:
+            model = write_checkpoint(Path(directory), arch)
+            references = [greedy_reference(model, prompt, max_tokens) for prompt, max_tokens, _ in requests]
+            for setting, options in [*ENGINE_SETTINGS.items(), ("bfloat16", {"dtype": "bfloat16"})]:
+                options = {"num_kv_blocks": 512, "dtype": "float32", **options}
+                start = time.perf_counter()
+                engine = LLMEngine(EngineConfig(model=directory, device=str(device), skip_tokenizer_init=True,
+                                                **options))
+                results, _, preemptions = run_staggered(engine, requests)
+                exact = sum(results[str(i)] == references[i] for i in range(NUM_REQUESTS))
+                tokens = sum(len(r) for r in references)
+                agree = sum(_common_prefix(results[str(i)], references[i]) for i in range(NUM_REQUESTS))
+                stats = engine.stats()
+                rows.append((arch, setting, f"{exact}/{NUM_REQUESTS}", f"{agree / tokens:.3f}", preemptions,
+                             stats["num_free_kv_blocks"] == stats["num_kv_blocks"], f"{time.perf_counter() - start:.1f}"))
+                del engine
+    header = ("architecture", "setting", "exact requests", "greedy agreement", "preemptions", "blocks freed", "s")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(" | ".join(str(v).ljust(w) for v, w in zip(row, widths)))
+    float32_rows = [r for r in rows if r[1] != "bfloat16"]
+    failed = [r for r in float32_rows if r[2] != f"{NUM_REQUESTS}/{NUM_REQUESTS}" or not r[5]]
+    print("float32 parity:", "PASS" if not failed else f"FAIL {failed}")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Tokens that agree before the first divergence (after it, greedy continuations legitimately differ)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+if __name__ == "__main__":
+    main()
