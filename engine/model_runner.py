@@ -18,8 +18,9 @@ class ModelRunner:
 
     def order(self, out: SchedulerOutput) -> list[ScheduledChunk]:
         """Decodes first (one batch for the attention backend), then prefill chunks; logits come back in this order."""
-        decodes = [c for c in out.chunks if c.num_tokens == 1 and c.start > 0]
-        prefills = [c for c in out.chunks if not (c.num_tokens == 1 and c.start > 0)]
+        decodes = [c for c in out.chunks if _is_decode(c)]
+        prefills = [c for c in out.chunks if not _is_decode(c)]
+        decodes.sort(key=lambda c: c.start, reverse=True)  # longest context first: backends group by length
         return decodes + prefills
 
     @torch.inference_mode()
@@ -30,7 +31,6 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []
-        num_decodes = 0
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefill_spans: list[tuple[int, int, int, list[int]]] = []
@@ -42,8 +42,7 @@ class ModelRunner:
             positions.extend(range(chunk.start, end))
             table = request.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in range(chunk.start, end))
-            if chunk.num_tokens == 1 and chunk.start > 0:
-                num_decodes += 1
+            if _is_decode(chunk):
                 decode_tables.append(table[:-(-end // bs)])
                 decode_lens.append(end)
             else:
@@ -57,10 +56,15 @@ class ModelRunner:
         width = max((len(t) for t in decode_tables), default=0)
         meta = AttentionMetadata(
             slot_mapping=tensor(slots),
-            num_decode_tokens=num_decodes,
-            decode_block_tables=tensor([t + [0] * (width - len(t)) for t in decode_tables]).view(num_decodes, width),
+            decode_block_tables=tensor([t + [0] * (width - len(t)) for t in decode_tables]).view(len(decode_tables), width),
             decode_context_lens=tensor(decode_lens),
+            decode_context_lens_host=decode_lens,
             prefills=[(first, n, ctx, tensor(table)) for first, n, ctx, table in prefill_spans],
         )
         hidden = self.model(tensor(input_ids), tensor(positions), self.kv_caches, meta, self.backend)
         return self.model.compute_logits(hidden[tensor(sample_rows)]).float()
+
+
+def _is_decode(chunk: ScheduledChunk) -> bool:
+    """One new token after a cached context: a plain decode, or the last token of a chunked prompt (same maths)."""
+    return chunk.num_tokens == 1 and chunk.start > 0

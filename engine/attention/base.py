@@ -16,9 +16,11 @@ class AttentionMetadata:
     """
 
     slot_mapping: torch.Tensor        # [num_tokens] cache slot (block * block_size + offset) of each new token
-    num_decode_tokens: int            # the first num_decode_tokens tokens are single-token decodes, one per request
+    # The first len(decode_context_lens_host) tokens are single-token decodes, one per request, sorted by context
+    # length, longest first.
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] padded with block 0 (masked out by context_lens)
     decode_context_lens: torch.Tensor  # [num_decodes] tokens in context, the new one included
+    decode_context_lens_host: list[int]  # the same on the host, so backends can plan without a device sync
     # One entry per prefill chunk: (first token index in the flat batch, new tokens, context length incl. them,
     # block table tensor). Python ints so backends can slice without a device sync.
     prefills: list[tuple[int, int, int, torch.Tensor]]

@@ -18,23 +18,25 @@ class TorchAttentionBackend(AttentionBackend):
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
 
-        n = meta.num_decode_tokens
-        if n:
-            # [num_decodes, max_blocks * block_size, num_kv_heads, head_dim] -> heads before positions for SDPA.
-            keys = k_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
-            values = v_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
+        for first, last in _decode_groups(meta.decode_context_lens_host, block_size):
+            # Decodes sorted longest first, in groups of similar length, so padding to the longest is cheap.
+            lens = meta.decode_context_lens[first:last, None]
+            width = -(-meta.decode_context_lens_host[first] // block_size)
+            tables = meta.decode_block_tables[first:last, :width].flatten()
+            # [group, width * block_size, num_kv_heads, head_dim] -> heads before positions for SDPA.
+            keys = _gather(k_cache, tables).view(last - first, -1, num_kv_heads, head_dim).transpose(1, 2)
+            values = _gather(v_cache, tables).view(last - first, -1, num_kv_heads, head_dim).transpose(1, 2)
             positions = torch.arange(keys.shape[2], device=q.device)
-            lens = meta.decode_context_lens[:, None]
-            mask = positions[None, :] < lens  # [num_decodes, context]
+            mask = positions[None, :] < lens  # [group, context]
             if sliding_window is not None:
                 mask &= positions[None, :] > lens - 1 - sliding_window
-            out[:n] = F.scaled_dot_product_attention(
-                q[:n, :, None, :], keys, values, attn_mask=mask[:, None, None, :],
+            out[first:last] = F.scaled_dot_product_attention(
+                q[first:last, :, None, :], keys, values, attn_mask=mask[:, None, None, :],
                 scale=scale, enable_gqa=True)[:, :, 0, :]
 
         for first, num_new, context_len, block_table in meta.prefills:
-            keys = k_cache[block_table].flatten(0, 1)[:context_len].transpose(0, 1)  # [kv_heads, context, dim]
-            values = v_cache[block_table].flatten(0, 1)[:context_len].transpose(0, 1)
+            keys = _gather(k_cache, block_table).flatten(0, 1)[:context_len].transpose(0, 1)  # [kv_heads, ctx, dim]
+            values = _gather(v_cache, block_table).flatten(0, 1)[:context_len].transpose(0, 1)
             query = q[first:first + num_new].transpose(0, 1)  # [heads, num_new, dim]
             start = context_len - num_new
             if start == 0 and sliding_window is None:
@@ -49,3 +51,24 @@ class TorchAttentionBackend(AttentionBackend):
                                                       enable_gqa=True)
             out[first:first + num_new] = attn.transpose(0, 1)
         return out
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """cache[block_ids] as whole-block copies: index_select on the leading dim is a row memcpy, about twice as fast
+    on the CPU as advanced indexing."""
+    return cache.index_select(0, block_ids)
+
+
+# A decode joins the current group while the group's longest context is at most this many times its own.
+_GROUP_SPREAD = 1.5
+
+
+def _decode_groups(lens: list[int], block_size: int) -> list[tuple[int, int]]:
+    """[first, last) ranges of the decodes (sorted by context length, longest first) to attend as one batch."""
+    groups = []
+    first = 0
+    for i in range(1, len(lens) + 1):
+        if i == len(lens) or -(-lens[first] // block_size) > _GROUP_SPREAD * -(-lens[i] // block_size):
+            groups.append((first, i))
+            first = i
+    return groups
