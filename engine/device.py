@@ -7,29 +7,33 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
            "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16, "float": torch.float32}
 
 
+def _accelerator_type() -> str | None:
+    """The build's accelerator (a torch build has at most one: xpu or cuda) if a device of it is present."""
+    if not torch.accelerator.is_available():
+        return None
+    return torch.accelerator.current_accelerator().type
+
+
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` prefers an Intel GPU, then an NVIDIA GPU, then the CPU; `cuda:1`, `xpu:0` etc. name one card."""
+    """`auto` takes the accelerator torch sees (an Intel or NVIDIA GPU), else the CPU; `cuda:1`, `xpu:0` name one."""
+    accelerator = _accelerator_type()
     if name == "auto":
-        for kind in ("xpu", "cuda"):
-            backend = getattr(torch, kind, None)
-            if backend is not None and backend.is_available():
-                return torch.device(kind, 0)
-        return torch.device("cpu")
+        return torch.device(accelerator, 0) if accelerator else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError as exc:
         raise ValueError(f"device must be auto, cpu, cuda[:i] or xpu[:i], got {name!r}") from exc
     if device.type not in ("cpu", "cuda", "xpu"):
         raise ValueError(f"device must be auto, cpu, cuda[:i] or xpu[:i], got {name!r}")
-    if device.type != "cpu":
-        backend = getattr(torch, device.type)
-        if not backend.is_available():
-            raise ValueError(f"device {name!r} was asked for but torch sees no {device.type} device")
-        if device.index is None:
-            device = torch.device(device.type, 0)
-        if device.index >= backend.device_count():
-            raise ValueError(f"device {name!r} does not exist: torch sees {backend.device_count()} {device.type} devices")
-    return device
+    if device.type == "cpu":
+        return device
+    if device.type != accelerator:
+        raise ValueError(f"device {name!r} was asked for but torch sees no {device.type} device")
+    index = device.index or 0
+    if index >= torch.accelerator.device_count():
+        raise ValueError(f"device {name!r} does not exist: torch sees {torch.accelerator.device_count()} "
+                         f"{device.type} devices")
+    return torch.device(device.type, index)
 
 
 def resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
@@ -43,11 +47,15 @@ def resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device)
     return _DTYPES.get(str(checkpoint_dtype or "bfloat16").removeprefix("torch."), torch.bfloat16)
 
 
-def free_device_memory(device: torch.device) -> tuple[int, int]:
-    """(free, total) bytes of an accelerator; cuda and xpu both expose mem_get_info."""
-    return getattr(torch, device.type).mem_get_info(device)
-
-
-def synchronize(device: torch.device) -> None:
+def use_device(device: torch.device) -> None:
+    """Make device the current one, so kernels and allocations without an explicit device land there."""
     if device.type != "cpu":
-        getattr(torch, device.type).synchronize(device)
+        torch.accelerator.set_device_index(device.index)
+
+
+def free_device_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of an accelerator."""
+    get_memory_info = getattr(torch.accelerator, "get_memory_info", None)  # torch >= 2.9
+    if get_memory_info is not None:
+        return get_memory_info(device)
+    return getattr(torch, device.type).mem_get_info(device)

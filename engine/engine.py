@@ -15,7 +15,7 @@ from engine.attention import select_backend
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.device import resolve_device, resolve_dtype
+from engine.device import resolve_device, resolve_dtype, use_device
 from engine.kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for_budget
 from engine.loader import eos_token_ids, load_config, load_model, load_tokenizer
 from engine.model_runner import ModelRunner
@@ -47,8 +47,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        if self.device.type != "cpu":
-            getattr(torch, self.device.type).set_device(self.device)
+        use_device(self.device)
         hf_config = load_config(config.model)
         self.dtype = resolve_dtype(config.dtype, _checkpoint_dtype(hf_config), self.device)
         self.model, self.hf_config = load_model(config.model, self.device, self.dtype)

@@ -95,9 +95,16 @@ def test_invalid_engine_config(field, value):
         EngineConfig(model="unused", **{field: value})
 
 
-def test_unknown_device_is_rejected(tiny):
-    with pytest.raises(ValueError, match="device must be auto, cpu, cuda"):
-        engine_for(tiny[0], device="tpu")
+@pytest.mark.parametrize("device, message", [("tpu", "device must be auto, cpu, cuda"),
+                                             ("cuda:99", "device 'cuda:99' (was asked for|does not exist)")])
+def test_unusable_device_is_rejected(tiny, device, message):
+    with pytest.raises(ValueError, match=message):
+        engine_for(tiny[0], device=device)
+
+
+def test_unknown_dtype_is_rejected(tiny):
+    with pytest.raises(ValueError, match="dtype must be auto, bfloat16, float16 or float32, got 'int3'"):
+        engine_for(tiny[0], dtype="int3")
 
 
 def test_max_model_len_over_the_models_context_is_rejected(tiny):
