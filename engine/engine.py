@@ -72,6 +72,7 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._arrivals = itertools.count()
         self._pending: list[RequestOutput] = []
+        self.last_step_batch_size = 0  # requests that computed tokens in the last step (for metrics)
 
     # ---- requests in and out ----
 
@@ -118,6 +119,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
         scheduled = self.scheduler.schedule()
+        self.last_step_batch_size = len(scheduled.chunks)
         if not scheduled.chunks:
             return outputs
         chunks = self.runner.order(scheduled)

@@ -1,0 +1,148 @@
+"""AsyncEngine: LLMEngine.step() in a background thread, shared by many callers in other threads.
+
+Callers submit requests and read their outputs from a RequestStream as the engine produces them. The engine is not
+thread-safe, so every call into it (add, abort, step) happens on the loop thread: callers queue a command and wait
+for it to be done, which takes at most one engine step.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+
+from engine.engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+class RequestStream:
+    """The outputs of one request, in order; iteration ends after the finished one."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._queue: queue.Queue = queue.Queue()
+        self.final: RequestOutput | None = None
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put(item)
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        while self.final is None:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finished:
+                self.final = item
+            yield item
+
+    def result(self) -> RequestOutput:
+        """Block until the request finishes; the last output."""
+        for _ in self:
+            pass
+        assert self.final is not None
+        return self.final
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, RequestStream] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="inferq-engine", daemon=True)
+        # Counters the worker exports as metrics; written by the loop thread only.
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+        self.last_batch_size = 0
+        self.max_batch_size = 0
+
+    def start(self) -> AsyncEngine:
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._commands.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+               priority: int = 0) -> RequestStream:
+        """Queue a request; ValueError (raised here) if the engine rejects it."""
+        stream = RequestStream(request_id)
+
+        def add() -> None:
+            self.engine.add_request(request_id, prompt, params, priority)
+            self._streams[request_id] = stream
+
+        self._call(add)
+        return stream
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request; its stream then ends with finish_reason "abort". False if unknown or already done."""
+        return self._call(lambda: self.engine.abort_request(request_id))
+
+    def stats(self) -> dict[str, int]:
+        return self._call(self.engine.stats)
+
+    def _call(self, fn: Callable):
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine loop is not running")
+        future: Future = Future()
+        self._commands.put((fn, future))
+        return future.result()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            # Block for work only when the engine is idle; otherwise take what is queued and step.
+            self._run_commands(block=not self.engine.has_unfinished_requests())
+            if self._stop.is_set() or not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - a failed step must fail its requests, not the thread
+                log.exception("engine step failed; failing every request in it")
+                self._fail_all(exc)
+                continue
+            self._record(outputs)
+            for output in outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is None:
+                    continue
+                stream._put(output)
+                if output.finished:
+                    del self._streams[output.request_id]
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            item = self._commands.get(block=block)
+            while True:
+                if item is None:
+                    return
+                fn, future = item
+                try:
+                    future.set_result(fn())
+                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(exc)
+                item = self._commands.get_nowait()
+        except queue.Empty:
+            return
+
+    def _record(self, outputs: list[RequestOutput]) -> None:
+        running = self.engine.last_step_batch_size
+        self.num_steps += 1
+        self.last_batch_size = running
+        self.max_batch_size = max(self.max_batch_size, running)
+        self.num_generated_tokens += sum(len(c.delta_token_ids) for o in outputs for c in o.outputs)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for request_id, stream in list(self._streams.items()):
+            self.engine.abort_request(request_id)
+            stream._put(RuntimeError(f"engine step failed: {exc}"))
+        self._streams.clear()
+        self.engine.step()  # drain the abort outputs
