@@ -165,7 +165,7 @@ def save_hf_checkpoint(out_dir: str | Path, config: dict, tensors: dict[str, tor
             weight_map.update(dict.fromkeys(shard, file))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    # Last: a directory with config.json is taken as complete (engine.cli.ensure_demo_model).
+    # Last: a directory with config.json is taken as complete (worker.cli.ensure_demo_model).
     _write_json(out / "config.json", config)
 
 

@@ -63,7 +63,7 @@ def test_streamed_deltas_add_up_and_stop_strings_are_cut(llm):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_cli_demo_model_and_generate(tmp_path, llm):

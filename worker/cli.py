@@ -1,10 +1,13 @@
-"""The `inferq` command line: demo-model and generate (offline inference)."""
+"""The `inferq` command line: demo-model, generate (offline), worker, api, and serve (everything locally)."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -66,6 +69,74 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.pinning import pin_device
+
+    device = pin_device(args.device)  # before anything initialises the GPU
+    from api.settings import get_settings
+    from engine.config import EngineConfig
+    from worker.celery_app import app, queue_for
+    from worker.runtime import start_runtime
+
+    import worker.tasks  # noqa: F401 - registers the tasks
+
+    options = engine_options(args) | {"device": device}
+    name = args.served_model_name or Path(options["model"]).name
+    runtime = start_runtime(EngineConfig(**options), name, get_settings(), {"requested_device": args.device})
+    # Threads, never prefork with a GPU: one thread per sequence the engine can hold, so that many jobs are
+    # inside the engine at once and are batched token by token.
+    app.worker_main(["worker", "--pool=threads", f"--concurrency={args.max_num_seqs}", "-Q", queue_for(name),
+                     "-n", f"{runtime.worker_id}@%h", f"--loglevel={args.log_level}", "--without-gossip",
+                     "--without-mingle"])
+    runtime.stop()
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.main import create_app
+
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Everything on this machine: a local Redis, the API and one worker with the model; Ctrl-C stops them."""
+    from api.local_redis import start_redis
+
+    model = Path(args.model) if args.model else ensure_demo_model(default_model_dir())
+    name = args.served_model_name or model.name
+    with start_redis() as redis:
+        env = os.environ | {"INFERQ_REDIS_URL": redis.url}
+        base = [sys.executable, "-m", "worker.cli", "--log-level", args.log_level]
+        worker_cmd = [*base, "worker", "--model", str(model), "--served-model-name", name, "--device", args.device,
+                      "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
+                      "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+        children = [subprocess.Popen(worker_cmd, env=env),
+                    subprocess.Popen([*base, "api", "--host", args.host, "--port", str(args.port)], env=env)]
+        url = f"http://{args.host}:{args.port}"
+        print(f"inferq is starting at {url} (Redis at {redis.url}); model {name!r}. Try:\n"
+              f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
+              "Ctrl-C stops everything.", flush=True)
+        try:
+            while all(child.poll() is None for child in children):
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGINT)
+            for child in children:
+                try:
+                    child.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inferq", description="LLM inference engine and job queue")
     parser.add_argument("--log-level", default="WARNING")
@@ -88,6 +159,23 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int)
     generate.add_argument("--stop", action="append")
     generate.set_defaults(func=cmd_generate)
+
+    worker = commands.add_parser("worker", help="a Celery worker owning one engine on one device")
+    add_engine_arguments(worker)
+    worker.add_argument("--served-model-name", help="the model name clients use (default: the directory name)")
+    worker.set_defaults(func=cmd_worker)
+
+    api = commands.add_parser("api", help="the HTTP front end (FastAPI)")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.set_defaults(func=cmd_api)
+
+    serve = commands.add_parser("serve", help="local Redis + API + one worker, for trying inferq on one machine")
+    add_engine_arguments(serve)
+    serve.add_argument("--served-model-name")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

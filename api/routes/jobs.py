@@ -1,0 +1,92 @@
+"""The job API: submit, poll (with long-poll), list, cancel, and stream a job's text as server-sent events."""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Query
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from api.deps import APIError, CeleryDep, OwnerDep, SettingsDep, StoreDep
+from api.routes.openai import job_events
+from api.schemas import JobCreate
+from api.store import TERMINAL, Job, JobStore
+from api.submit import submit
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+MAX_WAIT_S = 60.0
+DELIVERY_FIELDS = set(JobCreate.model_fields)
+
+
+def _links(job: Job) -> dict:
+    return {**job.public(), "urls": {"self": f"/v1/jobs/{job.id}", "events": f"/v1/jobs/{job.id}/events",
+                                     "cancel": f"/v1/jobs/{job.id}/cancel"}}
+
+
+def _get(store: JobStore, job_id: str, owner: str) -> Job:
+    job = store.get(job_id, owner)
+    if job is None:
+        raise APIError(404, f"no job {job_id!r}", param="job_id", code="job_not_found")
+    return job
+
+
+@router.post("", status_code=202)
+def create_job(store: StoreDep, settings: SettingsDep, celery: CeleryDep, owner: OwnerDep,
+               body: dict[str, Any] = Body(...),
+               idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None):
+    """An OpenAI completion body (`prompt`) or chat body (`messages`) plus webhook, metadata and priority."""
+    try:
+        options = JobCreate.model_validate({k: v for k, v in body.items() if k in DELIVERY_FIELDS})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise APIError(400, f"{first['loc'][0]}: {first['msg']}", param=str(first["loc"][0])) from None
+    request = {k: v for k, v in body.items() if k not in DELIVERY_FIELDS}
+    if ("messages" in request) == ("prompt" in request):
+        raise APIError(400, "a job needs either `prompt` (completion) or `messages` (chat)", param="prompt")
+    if request.get("stream"):
+        raise APIError(400, "jobs do not stream in the response: read /v1/jobs/{id}/events", param="stream")
+    endpoint = "chat.completions" if "messages" in request else "completions"
+    webhook = {"url": options.webhook, "events": options.webhook_events} if options.webhook else None
+    job, created = submit(store, settings, celery, owner, endpoint, request, priority=options.priority,
+                          metadata=options.metadata, webhook=webhook, idempotency_key=idempotency_key)
+    return JSONResponse(_links(job), status_code=202 if created else 200)
+
+
+@router.get("")
+def list_jobs(store: StoreDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              after: str | None = None, status: str | None = None) -> dict:
+    jobs, has_more = store.list(owner, limit=limit, after=after, status=status)
+    return {"object": "list", "data": [_links(j) for j in jobs], "has_more": has_more,
+            "last_id": jobs[-1].id if jobs else None}
+
+
+@router.get("/{job_id}")
+def get_job(job_id: str, store: StoreDep, owner: OwnerDep,
+            wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0.0) -> dict:
+    job = _get(store, job_id, owner)
+    if wait and job.status not in TERMINAL:
+        job = store.wait_for_terminal(job_id, wait) or _get(store, job_id, owner)
+    return _links(job)
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(job_id: str, store: StoreDep, owner: OwnerDep) -> dict:
+    _get(store, job_id, owner)
+    outcome = store.request_cancel(job_id)
+    if outcome in TERMINAL and outcome != "cancelled":
+        raise APIError(409, f"job {job_id} already {outcome}; it cannot be cancelled", code="job_finished")
+    return _links(_get(store, job_id, owner))
+
+
+@router.get("/{job_id}/events")
+def job_event_stream(job_id: str, store: StoreDep, owner: OwnerDep) -> StreamingResponse:
+    """Text deltas as they are generated (`event: delta`), then `event: end` with the final status."""
+    _get(store, job_id, owner)
+
+    def events():
+        for event in job_events(store, job_id):
+            yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")

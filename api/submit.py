@@ -1,0 +1,54 @@
+"""Validate a generation request, record it as a job and enqueue it: the path every endpoint shares."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from api.deps import APIError
+from api.schemas import ENDPOINTS, SamplingFields
+from api.settings import Settings
+from api.store import Job, JobStore
+from worker.celery_app import GENERATE_TASK, queue_for
+
+
+def validate_body(endpoint: str, body: dict[str, Any]) -> SamplingFields:
+    try:
+        return ENDPOINTS[endpoint].model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+
+
+def check_model(store: JobStore, settings: Settings, request: SamplingFields) -> None:
+    """404 for a model nobody serves, 503 when its workers are gone, 429 when its queue is too deep, 400 when
+    max_tokens alone cannot fit the model's context (the worker checks prompt + max_tokens exactly)."""
+    workers = store.models().get(request.model)
+    if not workers:
+        if request.model in store.known_models():
+            raise APIError(503, f"no worker is serving {request.model!r} right now; try again later",
+                           type="service_unavailable", code="no_worker")
+        raise APIError(404, f"the model {request.model!r} does not exist", param="model", code="model_not_found")
+    max_model_len = min(int(w.get("max_model_len", 0)) for w in workers)
+    max_tokens = request.sampling_kwargs()["max_tokens"]
+    if max_tokens is not None and max_tokens >= max_model_len:
+        raise APIError(400, f"max_tokens is {max_tokens}, but the model's context is {max_model_len} tokens "
+                            "(prompt and output together)", param="max_tokens")
+    depth = store.queue_depth(request.model)
+    if depth >= settings.max_queue_depth:
+        raise APIError(429, f"{depth} jobs are queued for {request.model!r}; retry later",
+                       type="rate_limit_error", code="queue_full", headers={"Retry-After": "5"})
+
+
+def submit(store: JobStore, settings: Settings, celery, owner: str, endpoint: str, body: dict[str, Any], *,
+           priority: int = 0, metadata: dict | None = None, webhook: dict | None = None,
+           idempotency_key: str | None = None) -> tuple[Job, bool]:
+    request = validate_body(endpoint, body)
+    check_model(store, settings, request)
+    job, created = store.create(owner=owner, model=request.model, endpoint=endpoint, request=body,
+                                priority=priority, metadata=metadata, webhook=webhook,
+                                idempotency_key=idempotency_key)
+    if created:
+        celery.send_task(GENERATE_TASK, args=[job.id], queue=queue_for(request.model))
+    return job, created

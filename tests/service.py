@@ -1,0 +1,95 @@
+"""Run the real service for tests: a worker process (Celery + engine on the demo model) and an API process
+(uvicorn), both against the test session's Redis server, on 127.0.0.1 only."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+from api.store import JobStore
+
+API_KEYS = ("key-alpha", "key-beta")
+MODEL = "demo"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    def __init__(self, redis_url: str, model_dir: Path, log_dir: Path, **env: str) -> None:
+        self.prefix = f"t{uuid.uuid4().hex[:8]}"
+        self.env = os.environ | {"INFERQ_REDIS_URL": redis_url, "INFERQ_KEY_PREFIX": self.prefix,
+                                 "INFERQ_API_KEYS": ",".join(API_KEYS), "INFERQ_WORKER_HEARTBEAT_SECONDS": "1",
+                                 "PYTHONUNBUFFERED": "1"} | env
+        self.model_dir = model_dir
+        self.log_dir = log_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.store = JobStore.from_url(redis_url, prefix=self.prefix)
+        self.worker: subprocess.Popen | None = None
+        self.api: subprocess.Popen | None = None
+
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        return subprocess.Popen([sys.executable, "-m", "worker.cli", "--log-level", "INFO", *args], env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+    def start_worker(self, max_num_seqs: int = 8) -> None:
+        self.worker = self._spawn("worker", "worker", "--model", str(self.model_dir), "--served-model-name", MODEL,
+                                  "--device", "cpu", "--max-num-seqs", str(max_num_seqs))
+        self._wait(lambda: bool(self.store.workers(MODEL)), "the worker to announce itself", self.worker)
+
+    def start_api(self) -> None:
+        self.api = self._spawn("api", "api", "--port", str(self.port))
+        self._wait(self._api_up, "the API to answer", self.api)
+
+    def _api_up(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _wait(self, ready, what: str, process: subprocess.Popen, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"process exited while waiting for {what}; see {self.log_dir}")
+            if ready():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"timed out waiting for {what}; see {self.log_dir}")
+
+    @staticmethod
+    def _stop(process: subprocess.Popen | None, signal_kill: bool = False) -> None:
+        if process is None or process.poll() is not None:
+            return
+        if signal_kill:
+            process.kill()
+        else:
+            process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def kill_worker(self) -> None:
+        """kill -9: the worker gets no chance to clean up."""
+        self._stop(self.worker, signal_kill=True)
+
+    def stop(self) -> None:
+        self._stop(self.api)
+        self._stop(self.worker)
+
+    def client(self, key: str | None = API_KEYS[0]) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120)

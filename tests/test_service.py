@@ -1,0 +1,226 @@
+"""The whole service end to end: API process -> Redis -> Celery worker process -> engine -> Redis -> client."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.service import API_KEYS, MODEL, Service
+
+COMPLETION = {"model": MODEL, "prompt": "def main():", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def service(redis_url, demo_model_dir, tmp_path_factory):
+    svc = Service(redis_url, demo_model_dir, tmp_path_factory.mktemp("service-logs"))
+    try:
+        svc.start_worker()
+        svc.start_api()
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture
+def client(service):
+    with service.client() as c:
+        yield c
+
+
+def submit(client: httpx.Client, body: dict | None = None, **headers) -> dict:
+    response = client.post("/v1/jobs", json=body or COMPLETION, headers=headers)
+    assert response.status_code in (200, 202), response.text
+    return response.json()
+
+
+def wait_done(client: httpx.Client, job_id: str) -> dict:
+    for _ in range(60):
+        job = client.get(f"/v1/jobs/{job_id}", params={"wait": 5}).json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def assert_error(response: httpx.Response, status: int, text: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert text in error["message"], error
+    return error
+
+
+# ---- jobs ----
+
+def test_submit_poll_result(client):
+    created = submit(client)
+    assert created["status"] in ("queued", "running") and created["urls"]["self"] == f"/v1/jobs/{created['id']}"
+    job = wait_done(client, created["id"])
+    assert job["status"] == "succeeded", job
+    assert job["usage"]["completion_tokens"] == 12 and len(job["result"]["choices"][0]["text"]) > 0
+    assert job["created_at"] <= job["started_at"] <= job["first_token_at"] <= job["finished_at"]
+
+
+def test_long_poll_returns_when_done(client):
+    created = submit(client, {**COMPLETION, "max_tokens": 40})
+    start = time.monotonic()
+    job = client.get(f"/v1/jobs/{created['id']}", params={"wait": 30}).json()
+    assert job["status"] == "succeeded" and time.monotonic() - start < 25
+
+
+def test_idempotent_submit_returns_the_same_job(client):
+    first = submit(client, **{"Idempotency-Key": "abc-123"})
+    again = client.post("/v1/jobs", json=COMPLETION, headers={"Idempotency-Key": "abc-123"})
+    assert again.status_code == 200 and again.json()["id"] == first["id"]
+
+
+def test_list_is_paginated_and_private(service, client):
+    ids = [submit(client)["id"] for _ in range(3)]
+    page = client.get("/v1/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in page["data"]] == ids[::-1][:2] and page["has_more"]
+    rest = client.get("/v1/jobs", params={"limit": 2, "after": page["last_id"]}).json()
+    assert rest["data"][0]["id"] == ids[0]
+    with service.client(API_KEYS[1]) as other:
+        assert ids[0] not in [j["id"] for j in other.get("/v1/jobs").json()["data"]]
+        assert_error(other.get(f"/v1/jobs/{ids[0]}"), 404, "no job")
+
+
+def test_concurrent_jobs_are_batched(service):
+    results: list[dict] = []
+
+    def one_client(i: int) -> None:
+        with service.client() as c:
+            job = submit(c, {**COMPLETION, "prompt": f"item {i}:", "max_tokens": 24})
+            results.append(wait_done(c, job["id"]))
+
+    threads = [threading.Thread(target=one_client, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(results) == 32 and all(r["status"] == "succeeded" for r in results)
+    time.sleep(1.5)  # one heartbeat
+    assert max(w["max_batch_size"] for w in service.store.workers(MODEL)) > 1
+
+
+def test_cancel_running_and_queued(service, client):
+    long = {**COMPLETION, "max_tokens": 1500}
+    running = submit(client, long)
+    for _ in range(100):
+        if client.get(f"/v1/jobs/{running['id']}").json()["first_token_at"]:
+            break
+        time.sleep(0.1)
+    # More long jobs than the worker's 8 slots: the last ones wait in the queue.
+    others = [submit(client, long)["id"] for _ in range(9)]
+    queued = others[-1]
+    assert client.get(f"/v1/jobs/{queued}").json()["status"] == "queued"
+    assert client.post(f"/v1/jobs/{queued}/cancel").json()["status"] == "cancelled"
+    cancel_sent = time.monotonic()
+    client.post(f"/v1/jobs/{running['id']}/cancel")
+    for job_id in others[:-1]:
+        client.post(f"/v1/jobs/{job_id}/cancel")
+    job = wait_done(client, running["id"])
+    assert job["status"] == "cancelled" and time.monotonic() - cancel_sent < 10
+    assert job["usage"]["completion_tokens"] < 1500
+    for job_id in others[:-1]:
+        assert wait_done(client, job_id)["status"] == "cancelled"
+    queued_job = wait_done(client, queued)
+    assert queued_job["status"] == "cancelled" and queued_job["started_at"] is None
+    time.sleep(2.5)  # heartbeats
+    worker = service.store.workers(MODEL)[0]
+    assert worker["num_free_kv_blocks"] == worker["num_kv_blocks"]
+    assert_error(client.post(f"/v1/jobs/{submit_and_finish(client)}/cancel"), 409, "cannot be cancelled")
+
+
+def submit_and_finish(client) -> str:
+    job_id = submit(client)["id"]
+    wait_done(client, job_id)
+    return job_id
+
+
+def test_job_events_deliver_the_final_text(client):
+    job = submit(client, {**COMPLETION, "max_tokens": 30})
+    text, end = "", None
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events") as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                if event["type"] == "delta":
+                    text += "".join(c["text"] for c in event["choices"])
+                elif event["type"] == "end":
+                    end = event
+    assert end["status"] == "succeeded"
+    assert text == wait_done(client, job["id"])["result"]["choices"][0]["text"]
+
+
+# ---- errors ----
+
+@pytest.mark.parametrize("body, status, text", [
+    ({**COMPLETION, "temperature": 5}, 400, "temperature"),
+    ({**COMPLETION, "model": "nope"}, 404, "does not exist"),
+    ({**COMPLETION, "max_tokens": 5000}, 400, "max_tokens is 5000, but the model's context is 2048"),
+    ({"model": MODEL, "max_tokens": 3}, 400, "prompt"),
+])
+def test_invalid_requests(client, body, status, text):
+    assert_error(client.post("/v1/completions", json=body), status, text)
+
+
+def test_prompt_plus_max_tokens_over_context(client):
+    body = {**COMPLETION, "prompt": "word " * 400, "max_tokens": 1900}
+    error = assert_error(client.post("/v1/completions", json=body), 400, "max_tokens is 1900")
+    assert "context is 2048 tokens" in error["message"]
+
+
+def test_auth_errors(service):
+    with service.client(None) as anonymous:
+        assert_error(anonymous.get("/v1/models"), 401, "API key")
+    with service.client("wrong") as wrong:
+        assert_error(wrong.post("/v1/completions", json=COMPLETION), 401, "API key")
+
+
+def test_unknown_job_and_oversized_body(client):
+    assert_error(client.get("/v1/jobs/does-not-exist"), 404, "no job")
+    assert_error(client.post("/v1/completions", json={**COMPLETION, "prompt": "x" * 2_000_000}), 413, "limit")
+
+
+def test_health_ready_models(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json()["workers"] == {MODEL: 1}
+    models = client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in models] == [MODEL] and models[0]["max_model_len"] == 2048
+
+
+# ---- the official openai client ----
+
+@pytest.fixture
+def oai(service):
+    return openai.OpenAI(base_url=f"{service.url}/v1", api_key=API_KEYS[0], max_retries=0)
+
+
+def test_openai_client_completion_and_stream(oai):
+    done = oai.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=16, temperature=0)
+    assert done.usage.completion_tokens <= 16 and done.choices[0].finish_reason in ("stop", "length")
+    chunks = list(oai.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=16, temperature=0,
+                                         stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
+    assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+
+
+def test_openai_client_chat_and_stream(oai):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    done = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    assert done.choices[0].message.role == "assistant"
+    stream = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == done.choices[0].message.content
+
+
+def test_openai_client_errors(oai):
+    with pytest.raises(openai.NotFoundError):
+        oai.completions.create(model="nope", prompt="hi")
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a"},
+                                                           {"role": "user", "content": "b"}])

@@ -1,0 +1,283 @@
+"""JobStore against a real Redis (the session's private server); every test has its own key prefix."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from api.local_redis import start_redis
+from api.settings import Settings
+from api.store import STREAM_END, TERMINAL, JobStore, owner_id
+
+REQUEST = {"model": "demo", "prompt": "Hello", "max_tokens": 4}
+
+
+@pytest.fixture
+def store(redis_url: str) -> Iterator[JobStore]:
+    s = JobStore.from_url(redis_url, prefix=f"t{uuid.uuid4().hex[:12]}", retention_seconds=600)
+    yield s
+    s.r.close()
+
+
+def new_job(store: JobStore, owner: str = "alice", **kw):
+    kw.setdefault("model", "demo")
+    kw.setdefault("endpoint", "completions")
+    kw.setdefault("request", REQUEST)
+    job, created = store.create(owner=owner, **kw)
+    assert created
+    return job
+
+
+def test_owner_id_hashes_keys() -> None:
+    assert owner_id(None) == owner_id("") == "anonymous"
+    assert owner_id("sk-1") != owner_id("sk-2")
+    assert len(owner_id("sk-1")) == 64 and "sk-1" not in owner_id("sk-1")
+
+
+def test_create_get_and_owner_isolation(store: JobStore) -> None:
+    job = new_job(store, metadata={"run": 7}, webhook={"url": "http://127.0.0.1/hook"}, priority=3)
+    got = store.get(job.id, owner="alice")
+    assert got is not None and got == job
+    assert got.status == "queued" and got.priority == 3 and got.metadata == {"run": 7}
+    assert got.request == REQUEST and got.webhook == {"url": "http://127.0.0.1/hook"}
+    assert got.started_at is None and got.result is None and not got.cancel_requested
+    assert store.get(job.id, owner="mallory") is None
+    assert store.get("job_nope") is None
+    public = got.public()
+    assert "owner" not in public and public["id"] == job.id and public["status"] == "queued"
+    assert store.queue_depth("demo") == 1
+    with pytest.raises(ValueError):
+        store.create(owner="alice", model="demo", endpoint="embeddings", request=REQUEST)
+
+
+def test_idempotent_create(store: JobStore) -> None:
+    first, created = store.create(owner="alice", model="demo", endpoint="completions", request=REQUEST,
+                                  idempotency_key="k1")
+    again, created_again = store.create(owner="alice", model="demo", endpoint="completions", request=REQUEST,
+                                        idempotency_key="k1")
+    assert created and not created_again and again.id == first.id
+    # Keys are scoped per owner.
+    other, other_created = store.create(owner="bob", model="demo", endpoint="completions", request=REQUEST,
+                                        idempotency_key="k1")
+    assert other_created and other.id != first.id
+    assert store.list("alice")[0] == [first]
+    # Concurrent repeats of a fresh key: exactly one creates.
+    results: list[tuple[str, bool]] = []
+
+    def submit() -> None:
+        job, made = store.create(owner="alice", model="demo", endpoint="completions", request=REQUEST,
+                                 idempotency_key="k2")
+        results.append((job.id, made))
+
+    threads = [threading.Thread(target=submit) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert len({job_id for job_id, _ in results}) == 1 and sum(made for _, made in results) == 1
+
+
+def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("API_KEYS", "REDIS_URL", "WEBHOOK_ALLOW_HOSTS", "MAX_QUEUE_DEPTH"):
+        monkeypatch.delenv(f"INFERQ_{name}", raising=False)
+    assert Settings().api_keys == [] and Settings().redis_url == "redis://127.0.0.1:6379/0"
+    monkeypatch.setenv("INFERQ_API_KEYS", "sk-a, sk-b,")
+    monkeypatch.setenv("INFERQ_WEBHOOK_ALLOW_HOSTS", "127.0.0.1")
+    monkeypatch.setenv("INFERQ_MAX_QUEUE_DEPTH", "5")
+    settings = Settings()
+    assert settings.api_keys == ["sk-a", "sk-b"] and settings.webhook_allow_hosts == ["127.0.0.1"]
+    assert settings.max_queue_depth == 5
+
+
+def test_list_newest_first_with_cursor_and_status(store: JobStore) -> None:
+    ids = [new_job(store).id for _ in range(7)]
+    new_job(store, owner="bob")
+    for job_id in ids[:3]:
+        store.finish(job_id, "succeeded")
+    newest_first = ids[::-1]
+    page1, more1 = store.list("alice", limit=3)
+    page2, more2 = store.list("alice", limit=3, after=page1[-1].id)
+    page3, more3 = store.list("alice", limit=3, after=page2[-1].id)
+    assert [j.id for j in page1 + page2 + page3] == newest_first
+    assert (more1, more2, more3) == (True, True, False)
+    done, more = store.list("alice", limit=2, status="succeeded")
+    assert [j.id for j in done] == newest_first[4:6] and more
+    done2, more = store.list("alice", limit=2, status="succeeded", after=done[-1].id)
+    assert [j.id for j in done2] == [ids[0]] and not more
+    assert store.list("alice", after="job_unknown") == ([], False)
+
+
+def test_run_then_finish_once(store: JobStore) -> None:
+    job = new_job(store)
+    running = store.mark_running(job.id)
+    assert running is not None and running.status == "running" and running.attempts == 1
+    assert running.started_at is not None and store.queue_depth("demo") == 0
+    store.mark_first_token(job.id)
+    first = store.get(job.id).first_token_at
+    store.mark_first_token(job.id)
+    assert first is not None and store.get(job.id).first_token_at == first
+    # A redelivery while running counts another attempt but keeps the first start time.
+    again = store.mark_running(job.id)
+    assert again.attempts == 2 and again.started_at == running.started_at
+    assert store.finish(job.id, "succeeded", result={"text": "hi"}, usage={"completion_tokens": 1})
+    assert not store.finish(job.id, "failed", error={"message": "late"})
+    final = store.get(job.id)
+    assert final.status == "succeeded" and final.result == {"text": "hi"} and final.error is None
+    assert final.finished_at is not None
+    assert store.mark_running(job.id) is None  # a redelivery of a finished job is skipped
+    assert store.request_cancel(job.id) == "succeeded"  # terminal: unchanged
+    assert store.get(job.id).status == "succeeded"
+    with pytest.raises(ValueError):
+        store.finish(job.id, "running")
+
+
+def test_cancel_queued(store: JobStore) -> None:
+    job = new_job(store)
+    assert store.request_cancel(job.id) == "cancelled"
+    assert store.get(job.id).status == "cancelled" and store.queue_depth("demo") == 0
+    assert store.mark_running(job.id) is None
+    assert not store.finish(job.id, "succeeded")
+    assert store.request_cancel(job.id) == "cancelled"
+    assert store.request_cancel("job_nope") == "not_found"
+    events = store.read_stream(job.id)
+    assert events[-1][1] == {"type": STREAM_END, "status": "cancelled"}
+
+
+def test_cancel_running_publishes(store: JobStore) -> None:
+    job = new_job(store)
+    store.mark_running(job.id)
+    pubsub = store.r.pubsub()
+    pubsub.subscribe(store.cancel_channel)
+    assert pubsub.get_message(timeout=1.0)["type"] == "subscribe"
+    assert store.request_cancel(job.id) == "cancelling"
+    assert store.cancel_requested(job.id) and store.get(job.id).status == "running"
+    message = pubsub.get_message(timeout=1.0)
+    pubsub.close()
+    assert message is not None and message["type"] == "message" and message["data"] == job.id
+    assert store.finish(job.id, "cancelled")
+    assert store.get(job.id).status == "cancelled"
+
+
+def test_finish_vs_cancel_race_has_one_winner(store: JobStore) -> None:
+    for queued in (True, False):
+        jobs = [new_job(store) for _ in range(20)]
+        if not queued:
+            for job in jobs:
+                store.mark_running(job.id)
+        finish_won: dict[str, bool] = {}
+        cancel_said: dict[str, str] = {}
+        barrier = threading.Barrier(40)
+
+        def finisher(job_id: str) -> None:
+            barrier.wait()
+            finish_won[job_id] = store.finish(job_id, "succeeded", result={"ok": True})
+
+        def canceller(job_id: str) -> None:
+            barrier.wait()
+            cancel_said[job_id] = store.request_cancel(job_id)
+
+        threads = [threading.Thread(target=f, args=(j.id,)) for j in jobs for f in (finisher, canceller)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+        for job in jobs:
+            final = store.get(job.id)
+            assert final.status in TERMINAL
+            if finish_won[job.id]:
+                assert final.status == "succeeded" and final.result == {"ok": True}
+                assert cancel_said[job.id] in ("succeeded", "cancelling")
+            else:
+                assert queued and final.status == "cancelled" and cancel_said[job.id] == "cancelled"
+            ends = [e for _, e in store.read_stream(job.id) if e["type"] == STREAM_END]
+            assert ends == [{"type": STREAM_END, "status": final.status}]
+
+
+def test_stream_round_trip(store: JobStore) -> None:
+    job = new_job(store)
+    assert store.read_stream(job.id) == []
+    for i in range(3):
+        store.append_stream(job.id, {"type": "token", "text": f"t{i}"})
+    events = store.read_stream(job.id)
+    assert [e for _, e in events] == [{"type": "token", "text": f"t{i}"} for i in range(3)]
+    assert store.read_stream(job.id, last_id=events[1][0]) == events[2:]
+    start = time.monotonic()
+    assert store.read_stream(job.id, last_id=events[-1][0], block_ms=100) == []
+    assert 0.08 < time.monotonic() - start < 1.0
+    assert 0 < store.r.ttl(store.stream_key(job.id)) <= 600
+
+
+def test_wait_for_terminal(store: JobStore) -> None:
+    job = new_job(store)
+    store.mark_running(job.id)
+    start = time.monotonic()
+    waited = store.wait_for_terminal(job.id, timeout_s=0.3)
+    assert waited.status == "running" and 0.25 < time.monotonic() - start < 1.0
+
+    def finish_later() -> None:
+        time.sleep(0.2)
+        store.append_stream(job.id, {"type": "token", "text": "x"})  # a non-terminal wake-up first
+        time.sleep(0.1)
+        store.finish(job.id, "succeeded", result={"text": "x"})
+
+    threading.Thread(target=finish_later).start()
+    start = time.monotonic()
+    done = store.wait_for_terminal(job.id, timeout_s=10)
+    elapsed = time.monotonic() - start
+    assert done.status == "succeeded" and 0.25 < elapsed < 1.0
+    assert store.wait_for_terminal(job.id, timeout_s=5).status == "succeeded"  # already terminal: at once
+    assert store.wait_for_terminal("job_nope", timeout_s=5) is None
+
+
+def test_worker_registry_expires(store: JobStore) -> None:
+    store.announce_worker("w1", {"model": "demo", "device": "cuda:0"}, ttl_s=1)
+    store.announce_worker("w2", {"model": "demo"}, ttl_s=30)
+    store.announce_worker("w3", {"model": "other"}, ttl_s=1)
+    assert [w["worker_id"] for w in store.workers("demo")] == ["w1", "w2"]
+    assert store.workers("demo")[0]["device"] == "cuda:0"
+    assert {m: [w["worker_id"] for w in ws] for m, ws in store.models().items()} == {
+        "demo": ["w1", "w2"], "other": ["w3"]}
+    time.sleep(1.1)
+    assert [w["worker_id"] for w in store.workers()] == ["w2"]
+    assert list(store.models()) == ["demo"]
+    assert store.known_models() == {"demo", "other"}  # "other" has no live worker but did exist
+    assert store.workers("nobody") == []
+
+
+def test_retention_ttl_on_finished_jobs(store: JobStore) -> None:
+    job = new_job(store)
+    assert store.r.ttl(store.job_key(job.id)) == -1  # unfinished jobs never expire
+    store.mark_running(job.id)
+    store.append_stream(job.id, {"type": "token", "text": "a"})
+    store.finish(job.id, "failed", error={"message": "boom"})
+    assert 590 <= store.r.ttl(store.job_key(job.id)) <= 600
+    assert 590 <= store.r.ttl(store.stream_key(job.id)) <= 600
+    assert store.get(job.id).error == {"message": "boom"}
+
+
+def test_expired_jobs_leave_the_listing(store: JobStore) -> None:
+    jobs = [new_job(store) for _ in range(3)]
+    store.r.delete(store.job_key(jobs[1].id))  # as if its retention ran out
+    assert [j.id for j in store.list("alice")[0]] == [jobs[2].id, jobs[0].id]
+    store.mark_first_token(jobs[1].id)  # must not resurrect an expired record
+    assert store.r.exists(store.job_key(jobs[1].id)) == 0
+
+
+def test_start_redis_stop_leaves_no_process(tmp_path) -> None:
+    server = start_redis(data_dir=tmp_path / "data")
+    pid = server.process.pid
+    assert redis.Redis.from_url(server.url).ping()
+    server.stop()
+    server.stop()  # idempotent
+    assert server.process.returncode is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with start_redis() as other:
+        with pytest.raises(RuntimeError, match="Address already in use"):
+            start_redis(port=other.port)  # must not mistake the running server for its own
+    assert other.process.poll() is not None and not other.data_dir.exists()
