@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build on PyPI; on a CUDA or Intel GPU machine install that platform's torch into the venv first.
 TORCH_SPEC ?= torch==2.13.0
-PROMPT ?= The quick brown fox
+# Extra flags for `inferq serve`, e.g. ARGS="--model /models/Llama-2-7b-chat-hf --device xpu:0 --dtype bfloat16"
+ARGS ?=
 
 .PHONY: setup run test bench clean
 
@@ -18,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/inferq --log-level INFO generate --prompt "$(PROMPT)" --prompt "def fibonacci(n):" --max-tokens 32
+	$(VENV)/bin/inferq serve $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q

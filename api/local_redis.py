@@ -84,7 +84,10 @@ def _launch(binary: str, port: int, data_dir: Path, log_path: Path, appendonly: 
     args += ["--appendonly", "yes"] if appendonly else ["--appendonly", "no", "--save", ""]
     with open(log_path, "ab") as log:
         # The server logs to stdout; a file (not a pipe) so a chatty server can never block on a full pipe.
-        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # Its own session: a Ctrl-C at the terminal must not stop Redis before the processes that use it;
+        # whoever started it stops it, last.
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
 
 
 def _wait_ready(process: subprocess.Popen[bytes], port: int, deadline: float) -> bool:

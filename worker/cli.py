@@ -105,6 +105,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Everything on this machine: a local Redis, the API and one worker with the model; Ctrl-C stops them."""
     from api.local_redis import start_redis
 
+    def interrupt(signum, frame):  # SIGTERM stops everything in order, like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     model = Path(args.model) if args.model else ensure_demo_model(default_model_dir())
     name = args.served_model_name or model.name
     with start_redis() as redis:
@@ -113,8 +117,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker_cmd = [*base, "worker", "--model", str(model), "--served-model-name", name, "--device", args.device,
                       "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
                       "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-        children = [subprocess.Popen(worker_cmd, env=env),
-                    subprocess.Popen([*base, "api", "--host", args.host, "--port", str(args.port)], env=env)]
+        # Own sessions, so a Ctrl-C reaches only this process, which then stops the children before Redis.
+        children = [subprocess.Popen(worker_cmd, env=env, start_new_session=True),
+                    subprocess.Popen([*base, "api", "--host", args.host, "--port", str(args.port)], env=env,
+                                     start_new_session=True)]
         url = f"http://{args.host}:{args.port}"
         print(f"inferq is starting at {url} (Redis at {redis.url}); model {name!r}. Try:\n"
               f"  curl {url}/v1/completions -H 'Content-Type: application/json' "

@@ -68,7 +68,8 @@ class WorkerRuntime:
                         log.info("aborting cancelled job %s", message["data"])
                         self.engine.abort(message["data"])
             except Exception:  # noqa: BLE001 - reconnect after a Redis error
-                log.warning("cancel listener error; reconnecting", exc_info=True)
+                if not self._stop.is_set():
+                    log.warning("cancel listener error; reconnecting", exc_info=True)
                 self._stop.wait(1.0)
 
 
