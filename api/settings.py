@@ -56,7 +56,12 @@ class Settings(BaseSettings):
         ),
     )
     webhook_secret: str = Field(
-        "", description="HMAC-SHA256 key signing webhook bodies; empty = deliveries are not signed."
+        "",
+        description=(
+            "Standard Webhooks signing secret: `whsec_` + base64 of the key bytes (e.g. of 32 random bytes: "
+            "`echo whsec_$(openssl rand -base64 32)`); receivers verify with the same string. Deliveries carry "
+            "`webhook-signature: v1,<base64 HMAC-SHA256(key, id.timestamp.body)>`. Empty = deliveries are not signed."
+        ),
     )
     webhook_max_attempts: int = Field(5, gt=0, description="Delivery attempts per webhook before giving up.")
     webhook_backoff_seconds: float = Field(

@@ -34,7 +34,7 @@ STREAM_END = "end"  # "type" of the last event of every job's stream
 STREAM_MAXLEN = 100_000  # approximate cap per job stream: bounds memory if a job runs away
 _BLOCK_CHUNK_MS = 1000  # long waits are cut in blocking reads of this length (stays under any socket timeout)
 _TIMES = ("created_at", "started_at", "first_token_at", "finished_at")
-_JSON_OR_NONE = ("webhook", "result", "usage", "error")
+_JSON_OR_NONE = ("webhook", "result", "usage", "error", "webhook_deliveries")
 
 # ---- Lua: every status change is one script, so concurrent writers see one consistent record ----------------
 # Common tail of "this job just became terminal": KEYS = job, stream, queued set; ARGV[1..] as noted per script.
@@ -83,6 +83,17 @@ redis.call('HSET', KEYS[1], 'result', ARGV[4], 'usage', ARGV[5], 'error', ARGV[6
 end_job(ARGV[1], ARGV[2], ARGV[3], ARGV[7], ARGV[8], ARGV[9], ARGV[10])
 return 1
 """
+# KEYS: job. ARGV: event, its outcome (JSON). One script, so outcomes of two events landing at once both stay; and a
+# job that expired meanwhile is not resurrected as a partial record without a TTL.
+_RECORD_WEBHOOK_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local current = redis.call('HGET', KEYS[1], 'webhook_deliveries')
+local deliveries = {}
+if current and current ~= '' then deliveries = cjson.decode(current) end
+deliveries[ARGV[1]] = cjson.decode(ARGV[2])
+redis.call('HSET', KEYS[1], 'webhook_deliveries', cjson.encode(deliveries))
+return 1
+"""
 # KEYS: job, stream, queued. ARGV: now, ttl, id, done channel, end event, maxlen, cancel channel.
 _CANCEL_LUA = _END_LUA + """
 local st = redis.call('HGET', KEYS[1], 'status')
@@ -122,6 +133,8 @@ class Job:
     usage: dict | None = None
     error: dict | None = None
     cancel_requested: bool = False
+    # Webhook outcome per event: {"completed": {"status": "delivered"|"failed", "attempts", "last_error", ...}}
+    webhook_deliveries: dict | None = None
 
     def public(self) -> dict:
         """JSON-able view for API responses: every field but the owner hash."""
@@ -177,6 +190,7 @@ class JobStore:
         self._first_token = self.r.register_script(_FIRST_TOKEN_LUA)
         self._finish = self.r.register_script(_FINISH_LUA)
         self._cancel = self.r.register_script(_CANCEL_LUA)
+        self._record_webhook = self.r.register_script(_RECORD_WEBHOOK_LUA)
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> JobStore:
@@ -335,6 +349,15 @@ class JobStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.r.hget(self.job_key(job_id), "cancel_requested") == "1"
+
+    def record_webhook(self, job_id: str, event: str, status: str, attempts: int, last_error: str | None = None,
+                       **extra: Any) -> bool:
+        """Record how the webhook of `event` ended ("delivered" or "failed") in the job's `webhook_deliveries`;
+        False if the job is gone (expired). `extra` (e.g. webhook_id, status_code) is stored alongside."""
+        if status not in ("delivered", "failed"):
+            raise ValueError(f"webhook delivery status must be delivered or failed, got {status!r}")
+        outcome = {"status": status, "attempts": int(attempts), "last_error": last_error, "at": time.time(), **extra}
+        return bool(self._record_webhook(keys=[self.job_key(job_id)], args=[event, _dump(outcome)]))
 
     # ---- token streams ----------------------------------------------------------------------------------------
     def append_stream(self, job_id: str, event: dict) -> None:

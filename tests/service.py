@@ -1,7 +1,8 @@
-"""Run the real service for tests: a worker process (Celery + engine on the demo model) and an API process
-(uvicorn), both against the test session's Redis server, on 127.0.0.1 only."""
+"""Run the real service for tests: a worker process (Celery + engine on the demo model), a webhook worker and an
+API process (uvicorn), all against the test session's Redis server, on 127.0.0.1 only."""
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import subprocess
@@ -16,6 +17,8 @@ from api.store import JobStore
 
 API_KEYS = ("key-alpha", "key-beta")
 MODEL = "demo"
+# Standard Webhooks secret ("whsec_" + base64 of the key bytes); tests verify deliveries with it.
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"inferq-test-webhook-key-32-bytes").decode()
 
 
 def free_port() -> int:
@@ -29,7 +32,10 @@ class Service:
         self.prefix = f"t{uuid.uuid4().hex[:8]}"
         self.env = os.environ | {"INFERQ_REDIS_URL": redis_url, "INFERQ_KEY_PREFIX": self.prefix,
                                  "INFERQ_API_KEYS": ",".join(API_KEYS), "INFERQ_WORKER_HEARTBEAT_SECONDS": "1",
-                                 "PYTHONUNBUFFERED": "1"} | env
+                                 "PYTHONUNBUFFERED": "1",
+                                 # Webhook receivers in tests listen on loopback; retries must be quick.
+                                 "INFERQ_WEBHOOK_ALLOW_HOSTS": "127.0.0.1", "INFERQ_WEBHOOK_SECRET": WEBHOOK_SECRET,
+                                 "INFERQ_WEBHOOK_BACKOFF_SECONDS": "0.2"} | env
         self.model_dir = model_dir
         self.log_dir = log_dir
         self.port = free_port()
@@ -37,6 +43,7 @@ class Service:
         self.store = JobStore.from_url(redis_url, prefix=self.prefix)
         self.worker: subprocess.Popen | None = None
         self.api: subprocess.Popen | None = None
+        self.webhook_worker: subprocess.Popen | None = None
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")
@@ -47,6 +54,21 @@ class Service:
         self.worker = self._spawn("worker", "worker", "--model", str(self.model_dir), "--served-model-name", MODEL,
                                   "--device", "cpu", "--max-num-seqs", str(max_num_seqs))
         self._wait(lambda: bool(self.store.workers(MODEL)), "the worker to announce itself", self.worker)
+
+    def start_webhook_worker(self) -> None:
+        self.webhook_worker = self._spawn("webhook-worker", "webhook-worker", "--concurrency", "4")
+        self._wait(self._webhook_worker_up, "the webhook worker to answer a ping", self.webhook_worker)
+
+    def _webhook_worker_up(self) -> bool:
+        from api.settings import Settings
+        from worker.celery_app import create_app
+
+        app = create_app(Settings(redis_url=self.env["INFERQ_REDIS_URL"]))
+        try:
+            replies = app.control.ping(timeout=0.5)
+        finally:
+            app.close()
+        return any(name.startswith("webhooks-") for reply in replies for name in reply)
 
     def start_api(self) -> None:
         self.api = self._spawn("api", "api", "--port", str(self.port))
@@ -89,6 +111,7 @@ class Service:
     def stop(self) -> None:
         self._stop(self.api)
         self._stop(self.worker)
+        self._stop(self.webhook_worker)
 
     def client(self, key: str | None = API_KEYS[0]) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}

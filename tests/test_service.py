@@ -224,3 +224,24 @@ def test_openai_client_errors(oai):
     with pytest.raises(openai.BadRequestError):
         oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a"},
                                                            {"role": "user", "content": "b"}])
+
+
+def test_metrics(service, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    submit_and_finish(client)
+    time.sleep(1.5)  # one heartbeat
+    response = httpx.get(f"{service.url}/metrics")
+    assert response.status_code == 200
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert samples[("inferq_jobs_finished_total", (("model", MODEL), ("status", "succeeded")))] >= 1
+    assert samples[("inferq_generated_tokens_total", (("model", MODEL),))] >= 12
+    assert samples[("inferq_time_to_first_token_seconds_count", (("model", MODEL),))] >= 1
+    assert samples[("inferq_inter_token_latency_seconds_count", (("model", MODEL),))] >= 11
+    assert ("inferq_jobs", (("model", MODEL), ("state", "queued"))) in samples
+    worker_samples = {name: value for (name, labels), value in samples.items() if name.startswith("inferq_worker")}
+    assert {"inferq_worker_batch_size", "inferq_worker_kv_cache_usage_ratio", "inferq_worker_max_batch_size"} <= set(
+        worker_samples)

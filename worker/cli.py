@@ -1,4 +1,5 @@
-"""The `inferq` command line: demo-model, generate (offline), worker, api, and serve (everything locally)."""
+"""The `inferq` command line: demo-model, generate (offline), worker, webhook-worker, api, and serve (everything
+locally)."""
 from __future__ import annotations
 
 import argparse
@@ -92,6 +93,27 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_webhook_worker(args: argparse.Namespace) -> int:
+    """Delivers job webhooks: no engine, no torch, so it is cheap to run next to the API or anywhere."""
+    import uuid
+
+    from api.settings import get_settings
+    from worker.celery_app import app
+    from worker.webhooks import WEBHOOK_QUEUE, secret_key
+
+    secret = get_settings().webhook_secret
+    if secret:
+        secret_key(secret)  # a malformed secret stops the worker here, not at every delivery (ValueError -> exit 2)
+    else:
+        logging.getLogger(__name__).warning("INFERQ_WEBHOOK_SECRET is empty: webhooks are sent unsigned")
+    # Threads: deliveries wait on the network, not the CPU; a slow receiver holds one thread for at most the
+    # per-attempt timeout.
+    app.worker_main(["worker", "--pool=threads", f"--concurrency={args.concurrency}", "-Q", WEBHOOK_QUEUE,
+                     "-n", f"webhooks-{uuid.uuid4().hex[:8]}@%h", f"--loglevel={args.log_level}",
+                     "--without-gossip", "--without-mingle"])
+    return 0
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -102,7 +124,8 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Everything on this machine: a local Redis, the API and one worker with the model; Ctrl-C stops them."""
+    """Everything on this machine: a local Redis, the API, one worker with the model and the webhook worker;
+    Ctrl-C stops them."""
     from api.local_redis import start_redis
 
     def interrupt(signum, frame):  # SIGTERM stops everything in order, like Ctrl-C
@@ -120,7 +143,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Own sessions, so a Ctrl-C reaches only this process, which then stops the children before Redis.
         children = [subprocess.Popen(worker_cmd, env=env, start_new_session=True),
                     subprocess.Popen([*base, "api", "--host", args.host, "--port", str(args.port)], env=env,
-                                     start_new_session=True)]
+                                     start_new_session=True),
+                    subprocess.Popen([*base, "webhook-worker"], env=env, start_new_session=True)]
         url = f"http://{args.host}:{args.port}"
         print(f"inferq is starting at {url} (Redis at {redis.url}); model {name!r}. Try:\n"
               f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
@@ -171,12 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--served-model-name", help="the model name clients use (default: the directory name)")
     worker.set_defaults(func=cmd_worker)
 
+    webhooks = commands.add_parser("webhook-worker", help="a Celery worker that delivers job webhooks (no model)")
+    webhooks.add_argument("--concurrency", type=int, default=8, help="deliveries in flight at once (threads)")
+    webhooks.set_defaults(func=cmd_webhook_worker)
+
     api = commands.add_parser("api", help="the HTTP front end (FastAPI)")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
     api.set_defaults(func=cmd_api)
 
-    serve = commands.add_parser("serve", help="local Redis + API + one worker, for trying inferq on one machine")
+    serve = commands.add_parser("serve", help="local Redis, API, worker and webhook worker, to try inferq locally")
     add_engine_arguments(serve)
     serve.add_argument("--served-model-name")
     serve.add_argument("--host", default="127.0.0.1")

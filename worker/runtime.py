@@ -13,6 +13,8 @@ from api.store import JobStore
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
+from worker.celery_app import GENERATE_TASK, app, queue_for
+from worker.recovery import JobLeases
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,23 @@ class WorkerRuntime:
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
     # Jobs running in this worker's engine (the cancel listener aborts only those).
     active: set[str] = field(default_factory=set)
+    leases: JobLeases | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.leases = JobLeases(self.store, self.model_name, self.worker_id)
+
+    def begin(self, job_id: str) -> None:
+        """The job runs here now: leased (so it is recovered if this process dies) and cancellable."""
+        self.leases.hold(job_id)
+        self.active.add(job_id)
+
+    def end(self, job_id: str) -> None:
+        self.active.discard(job_id)
+        self.leases.release(job_id)
+
+    def _requeue(self, job_id: str) -> None:
+        app.send_task(GENERATE_TASK, args=[job_id], queue=queue_for(self.model_name))
 
     @property
     def tokenizer(self):
@@ -52,6 +70,7 @@ class WorkerRuntime:
         while not self._stop.is_set():
             try:
                 self.store.announce_worker(self.worker_id, self.announcement(), ttl_s=int(period * 3) + 1)
+                self.leases.recover(self._requeue)
             except Exception:  # noqa: BLE001 - Redis may blip; the next beat retries
                 log.warning("heartbeat failed", exc_info=True)
             self._stop.wait(period)

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import logging
 
+from api.metrics import record_finished
 from api.schemas import ENDPOINTS, ChatCompletionRequest, CompletionRequest, error_body
+from api.store import JobStore
 from engine.sampling_params import SamplingParams
 from worker.celery_app import GENERATE_TASK, app
 from worker.openai_format import chat_body, completion_body, usage
 from worker.runtime import WorkerRuntime, get_runtime
+from worker.webhooks import enqueue_event
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,8 @@ def generate(job_id: str) -> None:
     if job.attempts > 1:
         # A redelivery after a worker died: clients reading the stream start over from this event.
         store.append_stream(job_id, {"type": "restart", "attempt": job.attempts})
+    else:
+        enqueue_event(store, job, "start")  # once per job: a redelivery does not start it again for the client
     try:
         body = ENDPOINTS[job.endpoint].model_validate(job.request)
         params = SamplingParams(**body.sampling_kwargs())
@@ -30,10 +35,10 @@ def generate(job_id: str) -> None:
         _check_context(runtime, len(prompt_ids), params.max_tokens)
         stream = runtime.engine.submit(job_id, prompt_ids, params, job.priority)
     except ValueError as exc:
-        store.finish(job_id, "failed", error=error_body(str(exc))["error"] | {"status_code": 400})
+        _finish(store, job_id, "failed", error=error_body(str(exc))["error"] | {"status_code": 400})
         return
 
-    runtime.active.add(job_id)
+    runtime.begin(job_id)
     try:
         if store.cancel_requested(job_id):  # a cancel that came before the listener could see this job
             runtime.engine.abort(job_id)
@@ -47,7 +52,7 @@ def generate(job_id: str) -> None:
             if deltas:
                 store.append_stream(job_id, {"type": "delta", "choices": deltas})
     finally:
-        runtime.active.discard(job_id)
+        runtime.end(job_id)
 
     final = stream.final
     aborted = any(c.finish_reason == "abort" for c in final.outputs)
@@ -56,7 +61,17 @@ def generate(job_id: str) -> None:
         result = chat_body(job_id, job.model, final, runtime.tokenizer, body.top_logprobs or 0)
     else:
         result = completion_body(job_id, job.model, final, runtime.tokenizer)
-    store.finish(job_id, status, result=result, usage=usage(final))  # also ends the stream
+    _finish(store, job_id, status, result=result, usage=usage(final))  # also ends the stream
+
+
+def _finish(store: JobStore, job_id: str, status: str, **outcome) -> None:
+    """store.finish, then the "completed" webhook if this call is the one that ended the job (a cancel or a
+    duplicate delivery that won first sends nothing here)."""
+    if store.finish(job_id, status, **outcome):
+        job = store.get(job_id)  # re-read: the payload carries the final result and timestamps
+        if job is not None:
+            record_finished(store, job)
+            enqueue_event(store, job, "completed")
 
 
 def _check_context(runtime: WorkerRuntime, prompt_len: int, max_tokens: int | None) -> None:

@@ -1,10 +1,12 @@
-"""Liveness and readiness."""
+"""Liveness, readiness and metrics."""
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.deps import StoreDep
+from api.metrics import render
 
 router = APIRouter(tags=["health"])
 
@@ -27,3 +29,9 @@ def ready(store: StoreDep) -> JSONResponse:
     ok = bool(workers) and all(workers.values())
     return JSONResponse({"status": "ready" if ok else "degraded", "redis": "ok", "workers": workers},
                         status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+def metrics(store: StoreDep) -> Response:
+    """Prometheus text format (unauthenticated, like /health: scrapers rarely hold API keys)."""
+    return Response(render(store), media_type=CONTENT_TYPE_LATEST)

@@ -9,10 +9,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from api.deps import APIError, CeleryDep, OwnerDep, SettingsDep, StoreDep
+from api.metrics import record_finished
 from api.routes.openai import job_events
 from api.schemas import JobCreate
 from api.store import TERMINAL, Job, JobStore
 from api.submit import submit
+from api.webhook_targets import WebhookTargetError, check_target
+from worker.webhooks import enqueue_event
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -49,6 +52,11 @@ def create_job(store: StoreDep, settings: SettingsDep, celery: CeleryDep, owner:
         raise APIError(400, "jobs do not stream in the response: read /v1/jobs/{id}/events", param="stream")
     endpoint = "chat.completions" if "messages" in request else "completions"
     webhook = {"url": options.webhook, "events": options.webhook_events} if options.webhook else None
+    if webhook:
+        try:  # refuse private/loopback targets now, rather than fail every delivery later (SSRF)
+            check_target(webhook["url"], settings.webhook_allow_hosts)
+        except WebhookTargetError as exc:
+            raise APIError(400, str(exc), param="webhook", code="invalid_webhook") from None
     job, created = submit(store, settings, celery, owner, endpoint, request, priority=options.priority,
                           metadata=options.metadata, webhook=webhook, idempotency_key=idempotency_key)
     return JSONResponse(_links(job), status_code=202 if created else 200)
@@ -72,9 +80,15 @@ def get_job(job_id: str, store: StoreDep, owner: OwnerDep,
 
 
 @router.post("/{job_id}/cancel")
-def cancel_job(job_id: str, store: StoreDep, owner: OwnerDep) -> dict:
-    _get(store, job_id, owner)
+def cancel_job(job_id: str, store: StoreDep, celery: CeleryDep, owner: OwnerDep) -> dict:
+    before = _get(store, job_id, owner)
     outcome = store.request_cancel(job_id)
+    if before.status == "queued" and outcome == "cancelled":
+        # Ended here, never by a worker: so it is counted and its "completed" webhook is sent from here. (Two
+        # racing cancels may both send it; both carry the same webhook-id, which receivers deduplicate on.)
+        cancelled = _get(store, job_id, owner)
+        record_finished(store, cancelled)
+        enqueue_event(store, cancelled, "completed", celery)
     if outcome in TERMINAL and outcome != "cancelled":
         raise APIError(409, f"job {job_id} already {outcome}; it cannot be cancelled", code="job_finished")
     return _links(_get(store, job_id, owner))

@@ -1,0 +1,37 @@
+"""kill -9 a worker in the middle of jobs, start a new one: every job still succeeds, exactly once."""
+from __future__ import annotations
+
+import time
+
+from tests.service import MODEL, Service
+
+LONG = {"model": MODEL, "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+
+
+def test_worker_killed_mid_job_loses_nothing(redis_url, demo_model_dir, tmp_path):
+    service = Service(redis_url, demo_model_dir, tmp_path)
+    try:
+        service.start_worker()
+        service.start_api()
+        with service.client() as client:
+            ids = [client.post("/v1/jobs", json={**LONG, "prompt": f"job {i}:"}).json()["id"] for i in range(6)]
+            deadline = time.monotonic() + 60
+            while not all(client.get(f"/v1/jobs/{i}").json()["first_token_at"] for i in ids):
+                assert time.monotonic() < deadline, "jobs did not start"
+                time.sleep(0.05)
+            service.kill_worker()
+            assert all(client.get(f"/v1/jobs/{i}").json()["status"] == "running" for i in ids)
+            service.start_worker()
+            jobs = []
+            for job_id in ids:
+                job = client.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
+                jobs.append(job)
+        assert [j["status"] for j in jobs] == ["succeeded"] * 6
+        assert all(j["attempts"] == 2 for j in jobs)
+        assert all(j["usage"]["completion_tokens"] == 300 for j in jobs)
+        # The greedy result of the rerun equals a run that was never interrupted.
+        with service.client() as client:
+            fresh = client.post("/v1/completions", json={**LONG, "prompt": "job 0:"}).json()
+        assert fresh["choices"][0]["text"] == jobs[0]["result"]["choices"][0]["text"]
+    finally:
+        service.stop()

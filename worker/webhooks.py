@@ -1,0 +1,176 @@
+"""Job webhooks: the GPU worker enqueues an event, the webhook worker delivers it.
+
+Delivery is a Celery task on its own queue (`inferq.webhooks`, consumed by `inferq webhook-worker`), so a slow or
+dead receiver never holds a GPU worker's thread. Messages follow Standard Webhooks (https://www.standardwebhooks.com):
+headers `webhook-id`, `webhook-timestamp` and `webhook-signature` = "v1," + base64(HMAC-SHA256(key, id.timestamp.body)),
+verifiable with the `standardwebhooks` library. The id and the body are fixed when the event is created and travel in
+the task's arguments, so every retry (and a broker redelivery) carries the same id: receivers deduplicate on it.
+Network errors and non-2xx answers are retried with exponential backoff and jitter; after the last try the job
+records that the delivery failed (`webhook_deliveries` in the job record).
+
+Imports neither torch nor the engine: the webhook worker is a small process without a model.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import random
+import time
+from datetime import datetime, timezone
+from functools import lru_cache
+
+import httpx
+from celery import Task
+
+from api.settings import Settings, get_settings
+from api.store import Job, JobStore
+from api.webhook_targets import WebhookTargetError, check_target
+from worker.celery_app import app
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_TASK = "inferq.deliver_webhook"
+WEBHOOK_QUEUE = "inferq.webhooks"
+EVENTS = ("start", "completed")
+DEFAULT_EVENTS = ("completed",)
+SECRET_PREFIX = "whsec_"
+TIMEOUT_S = 10.0  # per attempt; a receiver should answer fast and do its work later
+MAX_BACKOFF_S = 3600.0  # exponential growth stops here, so a long retry chain still ends in hours, not days
+USER_AGENT = "inferq-webhooks/0.1"
+# Fields of the public job that a webhook carries; the request (maybe large) and the webhook config stay out.
+PAYLOAD_FIELDS = ("id", "model", "endpoint", "status", "metadata", "created_at", "started_at", "first_token_at",
+                  "finished_at", "attempts", "result", "usage", "error")
+
+
+class DeliveryError(Exception):
+    """One attempt failed in a way worth retrying (network error or non-2xx answer)."""
+
+
+# ---- signing -------------------------------------------------------------------------------------------------
+def secret_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret: "whsec_" + base64(key) (the prefix is optional).
+    Decoded exactly as the `standardwebhooks` library does, so its verification always agrees with our signing."""
+    encoded = secret[len(SECRET_PREFIX):] if secret.startswith(SECRET_PREFIX) else secret
+    try:
+        key = base64.b64decode(encoded + "==")  # tolerates unpadded base64, like the library
+    except binascii.Error as exc:
+        raise ValueError(f"the webhook secret is not whsec_ + base64: {exc}") from None
+    if not key:
+        raise ValueError("the webhook secret decodes to an empty key; use whsec_ + base64 of random bytes")
+    return key
+
+
+def sign(key: bytes, webhook_id: str, timestamp: int, body: str) -> str:
+    """The `webhook-signature` header value for one message."""
+    digest = hmac.new(key, f"{webhook_id}.{timestamp}.{body}".encode(), hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def headers_for(webhook_id: str, body: str, secret: str, now: float | None = None) -> dict[str, str]:
+    """Headers of one attempt; the timestamp is the attempt's (receivers refuse old ones), the id is the event's."""
+    timestamp = int(now if now is not None else time.time())
+    headers = {"content-type": "application/json", "user-agent": USER_AGENT, "webhook-id": webhook_id,
+               "webhook-timestamp": str(timestamp)}
+    if secret:
+        headers["webhook-signature"] = sign(secret_key(secret), webhook_id, timestamp, body)
+    return headers
+
+
+# ---- events --------------------------------------------------------------------------------------------------
+def wanted_events(job: Job) -> tuple[str, ...]:
+    if not job.webhook or not job.webhook.get("url"):
+        return ()
+    return tuple(job.webhook.get("events") or DEFAULT_EVENTS)
+
+
+def make_webhook_id(job_id: str, event: str) -> str:
+    """One id per (job, event): fixed when the event is created, so retries and redeliveries share it."""
+    return f"{job_id}:{event}"
+
+
+def build_payload(job: Job, event: str, now: float | None = None) -> str:
+    """The body, as the exact text that is signed and sent (Standard Webhooks' {type, timestamp, data} envelope)."""
+    public = job.public()
+    data = {"object": "job", **{name: public[name] for name in PAYLOAD_FIELDS}}
+    stamp = datetime.fromtimestamp(now if now is not None else time.time(), tz=timezone.utc)
+    envelope = {"type": f"job.{event}", "timestamp": stamp.isoformat().replace("+00:00", "Z"), "data": data}
+    return json.dumps(envelope, separators=(",", ":"))
+
+
+def enqueue_event(store: JobStore, job: Job, event: str, celery=None) -> bool:
+    """Send the delivery task for `event` if the job has a webhook that wants it; True if sent.
+    `job` must be current (for "completed": read after finish, so the payload holds the result). Never raises:
+    the job itself has already succeeded or started, and a webhook problem must not fail it."""
+    if event not in EVENTS:
+        raise ValueError(f"unknown webhook event {event!r}; expected one of {EVENTS}")
+    if event not in wanted_events(job):
+        return False
+    try:
+        args = [job.id, event, make_webhook_id(job.id, event), job.webhook["url"], build_payload(job, event)]
+        (celery or app).send_task(WEBHOOK_TASK, args=args, queue=WEBHOOK_QUEUE)
+    except Exception:  # noqa: BLE001 - broker down: the job's outcome stands; only this notification is lost
+        log.exception("could not enqueue the %s webhook of job %s", event, job.id)
+        return False
+    log.info("enqueued the %s webhook of job %s", event, job.id)
+    return True
+
+
+# ---- delivery ------------------------------------------------------------------------------------------------
+def backoff_seconds(attempt: int, base: float, rng: random.Random | None = None) -> float:
+    """Delay after failed attempt number `attempt` (1-based): base * 2^(attempt-1), capped, times a jitter in
+    [0.5, 1) so that receivers coming back from an outage are not hit by every retry at the same instant."""
+    delay = min(base * 2 ** (attempt - 1), MAX_BACKOFF_S)
+    return delay * (0.5 + 0.5 * (rng or random).random())
+
+
+def post_once(url: str, webhook_id: str, body: str, settings: Settings) -> int:
+    """One attempt; returns the 2xx status or raises DeliveryError (WebhookTargetError if the target is refused)."""
+    # Checked again at every attempt: the host's DNS may point somewhere private by now.
+    check_target(url, settings.webhook_allow_hosts)
+    headers = headers_for(webhook_id, body, settings.webhook_secret)
+    try:
+        # No redirects: a redirect could lead to an address the target check would refuse. The answer's body is
+        # never read: only its status matters, and a hostile receiver could send gigabytes.
+        with httpx.Client(timeout=TIMEOUT_S, follow_redirects=False) as client:
+            with client.stream("POST", url, content=body.encode(), headers=headers) as response:
+                status = response.status_code
+    except httpx.HTTPError as exc:
+        raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+    if not 200 <= status < 300:
+        raise DeliveryError(f"HTTP {status}")
+    return status
+
+
+@lru_cache(maxsize=1)
+def _store() -> JobStore:
+    settings = get_settings()
+    return JobStore.from_url(settings.redis_url, prefix=settings.key_prefix,
+                             retention_seconds=settings.result_retention_seconds)
+
+
+@app.task(bind=True, name=WEBHOOK_TASK, queue=WEBHOOK_QUEUE, ignore_result=True)
+def deliver_webhook(self: Task, job_id: str, event: str, webhook_id: str, url: str, body: str) -> None:
+    """Deliver one event; on failure schedule the next attempt, or record the failure after the last one."""
+    settings = get_settings()
+    attempt = self.request.retries + 1
+    try:
+        status = post_once(url, webhook_id, body, settings)
+    except WebhookTargetError as exc:  # a refusal does not get better by retrying
+        log.warning("webhook %s refused: %s", webhook_id, exc)
+        _store().record_webhook(job_id, event, "failed", attempt, str(exc), webhook_id=webhook_id)
+        return
+    except DeliveryError as exc:
+        if attempt >= settings.webhook_max_attempts:
+            log.warning("webhook %s failed after %d attempts: %s", webhook_id, attempt, exc)
+            _store().record_webhook(job_id, event, "failed", attempt, str(exc), webhook_id=webhook_id)
+            return
+        delay = backoff_seconds(attempt, settings.webhook_backoff_seconds)
+        log.info("webhook %s: attempt %d failed (%s); retrying in %.2f s", webhook_id, attempt, exc, delay)
+        # Same args on the retry: same webhook id, same body. max_retries=None: the attempt count is ours.
+        raise self.retry(countdown=delay, max_retries=None, exc=exc)
+    log.info("webhook %s delivered (HTTP %d, attempt %d)", webhook_id, status, attempt)
+    _store().record_webhook(job_id, event, "delivered", attempt, None, webhook_id=webhook_id, status_code=status)
