@@ -1,6 +1,8 @@
 """kill -9 a worker in the middle of jobs, start a new one: every job still succeeds, exactly once."""
 from __future__ import annotations
 
+import json
+import threading
 import time
 
 from tests.service import MODEL, Service
@@ -13,6 +15,23 @@ def test_worker_killed_mid_job_loses_nothing(redis_url, demo_model_dir, tmp_path
     try:
         service.start_worker()
         service.start_api()
+        streamed: dict[str, str] = {"text": "", "id": ""}
+        first_chunk = threading.Event()
+
+        def stream_client() -> None:
+            """An OpenAI streaming request that is in flight when the worker dies."""
+            body = {**LONG, "prompt": "streamed:", "stream": True}
+            with service.client() as c, c.stream("POST", "/v1/completions", json=body) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        streamed["id"] = chunk["id"].removeprefix("cmpl-")
+                        streamed["text"] += "".join(choice["text"] for choice in chunk["choices"])
+                        first_chunk.set()
+
+        streaming = threading.Thread(target=stream_client)
+        streaming.start()
+        assert first_chunk.wait(60)
         with service.client() as client:
             ids = [client.post("/v1/jobs", json={**LONG, "prompt": f"job {i}:"}).json()["id"] for i in range(6)]
             deadline = time.monotonic() + 60
@@ -26,6 +45,11 @@ def test_worker_killed_mid_job_loses_nothing(redis_url, demo_model_dir, tmp_path
             for job_id in ids:
                 job = client.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
                 jobs.append(job)
+            streaming.join(timeout=120)
+            streamed_job = client.get(f"/v1/jobs/{streamed['id']}").json()
+        # The stream restarted with the job but sent each piece of text once.
+        assert streamed_job["attempts"] == 2
+        assert streamed["text"] == streamed_job["result"]["choices"][0]["text"]
         assert [j["status"] for j in jobs] == ["succeeded"] * 6
         assert all(j["attempts"] == 2 for j in jobs)
         assert all(j["usage"]["completion_tokens"] == 300 for j in jobs)

@@ -78,19 +78,30 @@ def _sse(store: JobStore, job_id: str, model: str, endpoint: str, include_usage:
     base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job_id}", "created": int(time.time()), "model": model,
             "object": "chat.completion.chunk" if chat else "text_completion"}
     started: set[int] = set()
+    sent: dict[int, int] = {}  # characters sent so far, per choice
+    resend: dict[int, int] = {}  # after a restart: characters the rerun regenerates that were sent already
     for event in job_events(store, job_id):
-        if event["type"] == "delta":
+        if event["type"] == "restart":
+            # The worker died and a new attempt starts from scratch; a client cannot take text back, so the rerun's
+            # text is sent only past what was already sent (greedy or seeded reruns repeat it exactly).
+            resend = dict(sent)
+        elif event["type"] == "delta":
             for choice in event["choices"]:
-                index = choice["index"]
+                index, text = choice["index"], choice["text"]
+                skip = min(resend.get(index, 0), len(text))
+                resend[index] = resend.get(index, 0) - skip
+                text = text[skip:]
+                if not text and choice["finish_reason"] is None:
+                    continue
+                sent[index] = sent.get(index, 0) + len(text)
                 if chat:
-                    delta = {"content": choice["text"]}
+                    delta = {"content": text}
                     if index not in started:
                         delta["role"] = "assistant"
                         started.add(index)
                     item = {"index": index, "delta": delta, "logprobs": None, "finish_reason": choice["finish_reason"]}
                 else:
-                    item = {"index": index, "text": choice["text"], "logprobs": None,
-                            "finish_reason": choice["finish_reason"]}
+                    item = {"index": index, "text": text, "logprobs": None, "finish_reason": choice["finish_reason"]}
                 yield _data({**base, "choices": [item]})
         elif event["type"] == "end":
             job = store.get(job_id)
