@@ -41,6 +41,12 @@ class Settings(BaseSettings):
         86400, gt=0, description="How long a finished job's record, result and token stream are kept."
     )
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body the API accepts (413 above).")
+    max_file_bytes: int = Field(
+        512 * 1024 * 1024, gt=0, description="Largest file `POST /v1/files` accepts (413 above)."
+    )
+    file_retention_seconds: int = Field(
+        30 * 86400, gt=0, description="How long an uploaded or batch-written file is kept after its creation."
+    )
     max_queue_depth: int = Field(
         1000, gt=0, description="Queued jobs per model at most; further submissions are refused with 429."
     )

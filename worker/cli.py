@@ -94,11 +94,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_webhook_worker(args: argparse.Namespace) -> int:
-    """Delivers job webhooks: no engine, no torch, so it is cheap to run next to the API or anywhere."""
+    """Delivers webhooks and keeps batches' books (expand, stop, finalize): no engine, no torch, so it is cheap to
+    run next to the API or anywhere."""
     import uuid
 
     from api.settings import get_settings
     from worker.celery_app import app
+    from worker.batch_tasks import BATCH_QUEUE
     from worker.webhooks import WEBHOOK_QUEUE, secret_key
 
     secret = get_settings().webhook_secret
@@ -108,7 +110,7 @@ def cmd_webhook_worker(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning("INFERQ_WEBHOOK_SECRET is empty: webhooks are sent unsigned")
     # Threads: deliveries wait on the network, not the CPU; a slow receiver holds one thread for at most the
     # per-attempt timeout.
-    app.worker_main(["worker", "--pool=threads", f"--concurrency={args.concurrency}", "-Q", WEBHOOK_QUEUE,
+    app.worker_main(["worker", "--pool=threads", f"--concurrency={args.concurrency}", "-Q", f"{WEBHOOK_QUEUE},{BATCH_QUEUE}",
                      "-n", f"webhooks-{uuid.uuid4().hex[:8]}@%h", f"--loglevel={args.log_level}",
                      "--without-gossip", "--without-mingle"])
     return 0
@@ -210,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(func=cmd_serve)
+
+    from worker.batch_cli import add_batch_commands
+
+    add_batch_commands(commands)
     return parser
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import redis
 
-from api.store import TERMINAL, JobStore
+from api.store import TERMINAL, Job, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,9 @@ class JobLeases:
     def release(self, job_id: str) -> None:
         self.store.r.srem(self._leases(self.worker_id), job_id)
 
-    def recover(self, enqueue: Callable[[str], None]) -> list[str]:
-        """Re-enqueue the unfinished jobs of workers whose heartbeat expired; returns their ids."""
+    def recover(self, enqueue: Callable[[str], None], settle: Callable[[Job], None]) -> list[str]:
+        """Re-enqueue the unfinished jobs of workers whose heartbeat expired; returns their ids. Jobs they had
+        finished are passed to `settle`: the dead worker may have died between finishing and recording them."""
         r = self.store.r
         live = {w["worker_id"] for w in self.store.workers(self.model)} | {self.worker_id}
         recovered: list[str] = []
@@ -55,7 +56,11 @@ class JobLeases:
             r.srem(self._index, worker_id)
             for job_id in r.smembers(claim):
                 job = self.store.get(job_id)
-                if job is not None and job.status not in TERMINAL:
+                if job is None:
+                    continue
+                if job.status in TERMINAL:
+                    settle(job)
+                else:
                     log.warning("worker %s died during job %s: queueing it again", worker_id, job_id)
                     enqueue(job_id)
                     recovered.append(job_id)

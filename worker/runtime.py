@@ -13,6 +13,7 @@ from api.store import JobStore
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
+from worker.batch_tasks import on_job_finished, pump
 from worker.celery_app import GENERATE_TASK, app, queue_for
 from worker.recovery import JobLeases
 
@@ -34,6 +35,12 @@ class WorkerRuntime:
 
     def __post_init__(self) -> None:
         self.leases = JobLeases(self.store, self.model_name, self.worker_id)
+
+    @property
+    def bulk_slots(self) -> int:
+        """Sequences batch lines may take; the rest (a quarter) stay free for interactive requests."""
+        max_num_seqs = self.engine.engine.config.max_num_seqs
+        return max(1, max_num_seqs - max(1, max_num_seqs // 4))
 
     def begin(self, job_id: str) -> None:
         """The job runs here now: leased (so it is recovered if this process dies) and cancellable."""
@@ -61,7 +68,8 @@ class WorkerRuntime:
 
     def announcement(self) -> dict:
         engine = self.engine
-        return {**self.info, **engine.stats(), "worker_id": self.worker_id, "batch_size": engine.last_batch_size,
+        return {**self.info, **engine.stats(), "worker_id": self.worker_id, "bulk_slots": self.bulk_slots,
+                "batch_size": engine.last_batch_size,
                 "max_batch_size": engine.max_batch_size, "steps": engine.num_steps,
                 "generated_tokens": engine.num_generated_tokens, "active_jobs": len(self.active)}
 
@@ -70,7 +78,8 @@ class WorkerRuntime:
         while not self._stop.is_set():
             try:
                 self.store.announce_worker(self.worker_id, self.announcement(), ttl_s=int(period * 3) + 1)
-                self.leases.recover(self._requeue)
+                self.leases.recover(self._requeue, lambda job: on_job_finished(self.store, job))
+                pump(self.store, self.model_name)  # capacity may have grown: this worker is (newly) alive
             except Exception:  # noqa: BLE001 - Redis may blip; the next beat retries
                 log.warning("heartbeat failed", exc_info=True)
             self._stop.wait(period)

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import logging
 
+from celery.signals import task_received
+
 from api.metrics import record_finished
 from api.schemas import ENDPOINTS, ChatCompletionRequest, CompletionRequest, error_body
-from api.store import JobStore
+from api.store import Job, JobStore
 from engine.sampling_params import SamplingParams
+from worker.batch_tasks import on_job_finished
 from worker.celery_app import GENERATE_TASK, app
 from worker.openai_format import chat_body, completion_body, usage
 from worker.runtime import WorkerRuntime, get_runtime
@@ -15,14 +18,33 @@ from worker.webhooks import enqueue_event
 log = logging.getLogger(__name__)
 
 
+@task_received.connect
+def _lease_on_receipt(request=None, **_) -> None:
+    """Lease a job as soon as this worker reserves its message, before a thread starts it: if the process dies
+    with the message reserved but not started, the broker would give it back only after the visibility timeout
+    (hours); the lease lets a live worker queue the job again at once."""
+    if request is not None and request.name == GENERATE_TASK:
+        get_runtime().leases.hold(request.args[0])
+
+
 @app.task(name=GENERATE_TASK)
 def generate(job_id: str) -> None:
     runtime = get_runtime()
-    store = runtime.store
-    job = store.mark_running(job_id)
-    if job is None:
-        log.info("job %s is already finished or cancelled; not running it", job_id)
-        return
+    # Leased from receipt to the end, result recorded included: if this process dies, a live worker re-runs the
+    # job or, if it already finished, settles what the dead one had not recorded yet.
+    try:
+        job = runtime.store.mark_running(job_id)
+        if job is None:
+            log.info("job %s is already finished or cancelled; not running it", job_id)
+            return
+        runtime.begin(job_id)
+        _run(runtime, job)
+    finally:
+        runtime.end(job_id)
+
+
+def _run(runtime: WorkerRuntime, job: Job) -> None:
+    store, job_id = runtime.store, job.id
     if job.attempts > 1:
         # A redelivery after a worker died: clients reading the stream start over from this event.
         store.append_stream(job_id, {"type": "restart", "attempt": job.attempts})
@@ -38,21 +60,17 @@ def generate(job_id: str) -> None:
         _finish(store, job_id, "failed", error=error_body(str(exc))["error"] | {"status_code": 400})
         return
 
-    runtime.begin(job_id)
-    try:
-        if store.cancel_requested(job_id):  # a cancel that came before the listener could see this job
-            runtime.engine.abort(job_id)
-        first_token = True
-        for output in stream:
-            deltas = [{"index": c.index, "text": c.delta_text, "finish_reason": c.finish_reason}
-                      for c in output.outputs if c.delta_token_ids or c.delta_text or c.finish_reason]
-            if first_token and any(c.delta_token_ids for c in output.outputs):
-                store.mark_first_token(job_id)
-                first_token = False
-            if deltas:
-                store.append_stream(job_id, {"type": "delta", "choices": deltas})
-    finally:
-        runtime.end(job_id)
+    if store.cancel_requested(job_id):  # a cancel that came before the listener could see this job
+        runtime.engine.abort(job_id)
+    first_token = True
+    for output in stream:
+        deltas = [{"index": c.index, "text": c.delta_text, "finish_reason": c.finish_reason}
+                  for c in output.outputs if c.delta_token_ids or c.delta_text or c.finish_reason]
+        if first_token and any(c.delta_token_ids for c in output.outputs):
+            store.mark_first_token(job_id)
+            first_token = False
+        if deltas:
+            store.append_stream(job_id, {"type": "delta", "choices": deltas})
 
     final = stream.final
     aborted = any(c.finish_reason == "abort" for c in final.outputs)
@@ -71,6 +89,7 @@ def _finish(store: JobStore, job_id: str, status: str, **outcome) -> None:
         job = store.get(job_id)  # re-read: the payload carries the final result and timestamps
         if job is not None:
             record_finished(store, job)
+            on_job_finished(store, job)
             enqueue_event(store, job, "completed")
 
 

@@ -101,6 +101,17 @@ def build_payload(job: Job, event: str, now: float | None = None) -> str:
     return json.dumps(envelope, separators=(",", ":"))
 
 
+def enqueue_batch_event(batch_id: str, url: str, status: str, data: dict, celery=None) -> None:
+    """A batch ended (completed, failed, cancelled or expired): tell its webhook, signed and retried like jobs'."""
+    stamp = datetime.now(tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    body = json.dumps({"type": f"batch.{status}", "timestamp": stamp, "data": data}, separators=(",", ":"))
+    try:
+        (celery or app).send_task(WEBHOOK_TASK, args=[batch_id, status, make_webhook_id(batch_id, status), url, body],
+                                  queue=WEBHOOK_QUEUE)
+    except Exception:  # noqa: BLE001 - the batch's outcome stands; only this notification is lost
+        log.exception("could not enqueue the %s webhook of batch %s", status, batch_id)
+
+
 def enqueue_event(store: JobStore, job: Job, event: str, celery=None) -> bool:
     """Send the delivery task for `event` if the job has a webhook that wants it; True if sent.
     `job` must be current (for "completed": read after finish, so the payload holds the result). Never raises:

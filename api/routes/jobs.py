@@ -14,6 +14,7 @@ from api.routes.openai import job_events
 from api.schemas import JobCreate
 from api.store import TERMINAL, Job, JobStore
 from api.submit import submit
+from worker.batch_tasks import on_job_finished
 from api.webhook_targets import WebhookTargetError, check_target
 from worker.webhooks import enqueue_event
 
@@ -88,6 +89,7 @@ def cancel_job(job_id: str, store: StoreDep, celery: CeleryDep, owner: OwnerDep)
         # racing cancels may both send it; both carry the same webhook-id, which receivers deduplicate on.)
         cancelled = _get(store, job_id, owner)
         record_finished(store, cancelled)
+        on_job_finished(store, cancelled)
         enqueue_event(store, cancelled, "completed", celery)
     if outcome in TERMINAL and outcome != "cancelled":
         raise APIError(409, f"job {job_id} already {outcome}; it cannot be cancelled", code="job_finished")

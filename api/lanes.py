@@ -1,0 +1,59 @@
+"""The bulk lane: batch lines reach the broker and the engine only as fast as workers have bulk capacity.
+
+Interactive jobs (completions, chat, /v1/jobs) are enqueued at once. Batch lines wait in a per-model pending list
+and are sent to the model's Celery queue only while fewer than the workers' bulk capacity are in flight (each
+worker announces `bulk_slots`, its max_num_seqs less a reserve kept for interactive work). So a batch of 50,000
+lines never stands in the broker between an interactive request and a worker, and never fills the engine's
+running batch: interactive requests always find a free thread and a free sequence slot.
+
+Keys: {p}:bulk:{model}:pending (list of job ids, FIFO across batches), {p}:bulk:{model}:inflight (set of job ids).
+"""
+from __future__ import annotations
+
+from api.store import JobStore
+
+# KEYS: pending list, in-flight set. ARGV: capacity, job key prefix. Moves queued jobs from pending to in flight
+# while there is capacity; jobs cancelled while pending are dropped. Returns the ids to send.
+_PUMP_LUA = """
+local capacity = tonumber(ARGV[1])
+local sent = {}
+while redis.call('SCARD', KEYS[2]) < capacity do
+  local id = redis.call('LPOP', KEYS[1])
+  if not id then break end
+  if redis.call('HGET', ARGV[2] .. id, 'status') == 'queued' then
+    redis.call('SADD', KEYS[2], id)
+    table.insert(sent, id)
+  end
+end
+return sent
+"""
+
+
+class BulkLane:
+    def __init__(self, store: JobStore, model: str) -> None:
+        self.store = store
+        self.model = model
+        self._pending = f"{store.prefix}:bulk:{model}:pending"
+        self._inflight = f"{store.prefix}:bulk:{model}:inflight"
+        self._pump = store.r.register_script(_PUMP_LUA)
+
+    def add(self, job_ids: list[str]) -> None:
+        if job_ids:
+            self.store.r.rpush(self._pending, *job_ids)
+
+    def capacity(self) -> int:
+        return sum(int(w.get("bulk_slots", 0)) for w in self.store.workers(self.model))
+
+    def pump(self, send) -> int:
+        """Send pending lines while the workers have bulk capacity; `send(job_id)` enqueues one. Returns how many."""
+        sent = self._pump(keys=[self._pending, self._inflight], args=[self.capacity(), f"{self.store.prefix}:job:"])
+        for job_id in sent:
+            send(job_id)
+        return len(sent)
+
+    def release(self, job_id: str) -> bool:
+        """A line ended; its slot is free. False if it was never in flight (e.g. cancelled while pending)."""
+        return bool(self.store.r.srem(self._inflight, job_id))
+
+    def pending(self) -> int:
+        return self.store.r.llen(self._pending)

@@ -1,0 +1,201 @@
+"""Batch bookkeeping tasks on the `inferq.batch` queue (served by `inferq webhook-worker`: no GPU, no torch):
+expand an input file into jobs, stop a batch (cancel or expiry), and write the output and error files."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import lru_cache
+
+from pydantic import ValidationError
+
+from api.batches import BATCH_PRIORITY, ENDPOINTS, Batch, BatchStore, error_line, output_line
+from api.files import FileStore
+from api.lanes import BulkLane
+from api.schemas import ENDPOINTS as REQUEST_SCHEMAS
+from api.settings import get_settings
+from api.store import TERMINAL, Job, JobStore
+from worker.celery_app import GENERATE_TASK, app, queue_for
+from worker.webhooks import enqueue_batch_event
+
+log = logging.getLogger(__name__)
+
+BATCH_QUEUE = "inferq.batch"
+
+
+@lru_cache(maxsize=1)
+def _stores() -> tuple[JobStore, BatchStore, FileStore]:
+    settings = get_settings()
+    jobs = JobStore.from_url(settings.redis_url, prefix=settings.key_prefix,
+                             retention_seconds=settings.result_retention_seconds)
+    return jobs, BatchStore(jobs), FileStore(jobs.r, settings.key_prefix)
+
+
+def send(task: str, batch_id: str, celery=None) -> None:
+    (celery or app).send_task(task, args=[batch_id], queue=BATCH_QUEUE)
+
+
+def pump(store: JobStore, model: str, celery=None) -> int:
+    """Send the model's pending batch lines that its workers have room for."""
+    return BulkLane(store, model).pump(
+        lambda job_id: (celery or app).send_task(GENERATE_TASK, args=[job_id], queue=queue_for(model)))
+
+
+def on_job_finished(store: JobStore, job: Job) -> None:
+    """A batch line's job ended (its finish or cancel won): record its outcome; finalize after the last line."""
+    batch_id = job.metadata.get("batch_id")
+    if not batch_id:
+        return
+    if BulkLane(store, job.model).release(job.id):
+        pump(store, job.model)
+    batches = BatchStore(store)
+    line, ok = output_line(job, job.metadata.get("custom_id", ""))
+    if job.status == "cancelled":
+        batch = batches.get(batch_id)
+        if batch is not None and batch.expiring:
+            line = error_line(line["custom_id"], "batch_expired", "the batch expired before this request ran",
+                              line["id"])
+    done, total = batches.record_line(batch_id, job.id, line, ok)
+    if total and done >= total:
+        send("inferq.batch.finalize", batch_id)
+
+
+@app.task(name="inferq.batch.expand", ignore_result=True)
+def expand(batch_id: str) -> None:
+    """Validate every line of the input file; queue the valid ones as jobs, report the others in the error file."""
+    jobs, batches, files = _stores()
+    batch = batches.get(batch_id)
+    if batch is None or batch.status != "validating":
+        return
+    job_endpoint = ENDPOINTS[batch.endpoint]
+    served = set(jobs.known_models())
+    seen: set[str] = set()
+    total = 0
+    pending: dict[str, list[str]] = {}  # model -> job ids, handed to the bulk lane in pages
+    for number, raw in files.iter_lines(batch.input_file_id):
+        if not raw.strip():
+            continue
+        total += 1
+        if batches.get(batch_id).status != "validating":  # cancelled while expanding: queue nothing more
+            batches.record_line(batch_id, f"line-{number}",
+                                error_line(None, "batch_cancelled", f"line {number}: not started"), False)
+            continue
+        problem, custom_id, body = _check_line(raw, number, batch.endpoint, job_endpoint, seen, served)
+        if problem:
+            batches.record_line(batch_id, f"line-{number}", error_line(custom_id, "invalid_request", problem), False)
+            continue
+        job, _ = jobs.create(owner=batch.owner, model=body["model"], endpoint=job_endpoint, request=body,
+                             priority=BATCH_PRIORITY,
+                             metadata={"batch_id": batch_id, "custom_id": custom_id, "line": str(number)})
+        batches.add_job(batch_id, job.id)
+        pending.setdefault(body["model"], []).append(job.id)
+        if len(pending[body["model"]]) >= 500:
+            _hand_over(jobs, pending)
+    _hand_over(jobs, pending)
+    if total == 0:
+        batches.update(batch_id, errors=[{"code": "empty_file", "message": "the input file has no lines",
+                                          "line": None, "param": "input_file_id"}])
+        if batches.set_status(batch_id, "failed"):
+            _notify(batches, batch_id, "failed")
+        return
+    batches.update(batch_id, total=total)
+    batches.set_status(batch_id, "in_progress")
+    if int(batches.r.hget(batches.key(batch_id), "done") or 0) >= total:
+        send("inferq.batch.finalize", batch_id)
+
+
+def _hand_over(jobs: JobStore, pending: dict[str, list[str]]) -> None:
+    for model, job_ids in pending.items():
+        BulkLane(jobs, model).add(job_ids)
+        pump(jobs, model)
+    pending.clear()
+
+
+def _check_line(raw: bytes, number: int, url: str, job_endpoint: str, seen: set[str],
+                served: set[str]) -> tuple[str | None, str | None, dict]:
+    """(problem or None, custom_id, body) of one input line, checked as OpenAI checks batch lines."""
+    try:
+        line = json.loads(raw)
+    except ValueError as exc:
+        return f"line {number}: not valid JSON ({exc})", None, {}
+    if not isinstance(line, dict):
+        return f"line {number}: a line must be a JSON object", None, {}
+    custom_id = line.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return f"line {number}: custom_id is missing", None, {}
+    if custom_id in seen:
+        return f"line {number}: custom_id {custom_id!r} is a duplicate", custom_id, {}
+    seen.add(custom_id)
+    if line.get("method") != "POST":
+        return f"line {number}: method must be POST", custom_id, {}
+    if line.get("url") != url:
+        return f"line {number}: url must be {url}, the batch's endpoint", custom_id, {}
+    body = line.get("body")
+    if not isinstance(body, dict):
+        return f"line {number}: body must be an object", custom_id, {}
+    try:
+        request = REQUEST_SCHEMAS[job_endpoint].model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        return f"line {number}: body.{'.'.join(map(str, first['loc']))}: {first['msg']}", custom_id, {}
+    if request.stream:
+        return f"line {number}: stream is not supported in a batch", custom_id, {}
+    if request.model not in served:
+        return f"line {number}: the model {request.model!r} does not exist", custom_id, {}
+    return None, custom_id, body
+
+
+@app.task(name="inferq.batch.stop", ignore_result=True)
+def stop(batch_id: str) -> None:
+    """Cancel (or expire) a batch: lines not started never run; running ones are aborted; finished ones stay."""
+    jobs, batches, _ = _stores()
+    batch = batches.get(batch_id)
+    if batch is None or batch.status != "cancelling":
+        return
+    for job_id in batches.job_ids(batch_id):
+        before = jobs.get(job_id)
+        if before is None or before.status in TERMINAL:
+            continue
+        if jobs.request_cancel(job_id) == "cancelled" and before.status == "queued":
+            # Ended here, not by a worker: count the line here.
+            on_job_finished(jobs, jobs.get(job_id))
+    batch = batches.get(batch_id)
+    if batch is not None and batch.total and batch.done >= batch.total:
+        send("inferq.batch.finalize", batch_id)
+
+
+@app.task(name="inferq.batch.finalize", ignore_result=True)
+def finalize(batch_id: str) -> None:
+    """Write the output and error files and end the batch: completed, cancelled or expired."""
+    _, batches, files = _stores()
+    previous = batches.set_status(batch_id, "finalizing")
+    if previous is None:
+        return  # someone else finalizes, or it is not time yet
+    batch = batches.get(batch_id)
+    outputs = {}
+    for part, name in (("out", "output"), ("err", "error")):
+        if batches.r.llen(batches.key(batch_id, part)):
+            written = files.write_lines(batch.owner, f"{batch_id}_{name}.jsonl", f"batch_{name}",
+                                        batches.iter_lines(batch_id, part))
+            outputs[f"{name}_file_id"] = written.id
+    batches.update(batch_id, **outputs)
+    final = "expired" if batch.expiring else ("cancelled" if previous == "cancelling" else "completed")
+    batches.set_status(batch_id, final)
+    log.info("batch %s %s", batch_id, final)
+    _notify(batches, batch_id, final)
+
+
+def _notify(batches: BatchStore, batch_id: str, status: str) -> None:
+    batch = batches.get(batch_id)
+    if batch is not None and batch.webhook:
+        enqueue_batch_event(batch_id, batch.webhook, status, batch.public())
+
+
+def check_expiry(batches: BatchStore, batch: Batch, celery=None) -> Batch:
+    """Past its window, an unfinished batch expires: stopped like a cancel, unfinished lines reported expired."""
+    if batch.status in ("validating", "in_progress") and batch.expires_at and time.time() > batch.expires_at:
+        batches.update(batch.id, expiring="1")
+        if batches.set_status(batch.id, "cancelling"):
+            send("inferq.batch.stop", batch.id, celery)
+        batch = batches.get(batch.id) or batch
+    return batch
