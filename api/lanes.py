@@ -6,22 +6,25 @@ worker announces `bulk_slots`, its max_num_seqs less a reserve kept for interact
 lines never stands in the broker between an interactive request and a worker, and never fills the engine's
 running batch: interactive requests always find a free thread and a free sequence slot.
 
-Keys: {p}:bulk:{model}:pending (list of job ids, FIFO across batches), {p}:bulk:{model}:inflight (set of job ids).
+Keys: {p}:bulk:{model}:pending (list of job ids, FIFO across batches), {p}:bulk:{model}:inflight (sorted set of
+job ids, score = when the line left the pending list).
 """
 from __future__ import annotations
 
+import time
+
 from api.store import JobStore
 
-# KEYS: pending list, in-flight set. ARGV: capacity, job key prefix. Moves queued jobs from pending to in flight
-# while there is capacity; jobs cancelled while pending are dropped. Returns the ids to send.
+# KEYS: pending list, in-flight set. ARGV: capacity, job key prefix, now. Moves queued jobs from pending to in
+# flight while there is capacity; jobs cancelled while pending are dropped. Returns the ids to send.
 _PUMP_LUA = """
 local capacity = tonumber(ARGV[1])
 local sent = {}
-while redis.call('SCARD', KEYS[2]) < capacity do
+while redis.call('ZCARD', KEYS[2]) < capacity do
   local id = redis.call('LPOP', KEYS[1])
   if not id then break end
   if redis.call('HGET', ARGV[2] .. id, 'status') == 'queued' then
-    redis.call('SADD', KEYS[2], id)
+    redis.call('ZADD', KEYS[2], ARGV[3], id)
     table.insert(sent, id)
   end
 end
@@ -45,15 +48,21 @@ class BulkLane:
         return sum(int(w.get("bulk_slots", 0)) for w in self.store.workers(self.model))
 
     def pump(self, send) -> int:
-        """Send pending lines while the workers have bulk capacity; `send(job_id)` enqueues one. Returns how many."""
-        sent = self._pump(keys=[self._pending, self._inflight], args=[self.capacity(), f"{self.store.prefix}:job:"])
+        """Send pending lines while the workers have bulk capacity; `send(job_id)` enqueues one. Returns how many.
+        A process that dies between moving and sending leaves lines in flight unsent: see `unsent_since`."""
+        sent = self._pump(keys=[self._pending, self._inflight],
+                          args=[self.capacity(), f"{self.store.prefix}:job:", repr(time.time())])
         for job_id in sent:
             send(job_id)
         return len(sent)
 
     def release(self, job_id: str) -> bool:
         """A line ended; its slot is free. False if it was never in flight (e.g. cancelled while pending)."""
-        return bool(self.store.r.srem(self._inflight, job_id))
+        return bool(self.store.r.zrem(self._inflight, job_id))
+
+    def in_flight(self, older_than_s: float = 0.0) -> list[str]:
+        """Lines in flight, or only those that left the pending list more than `older_than_s` ago."""
+        return self.store.r.zrangebyscore(self._inflight, "-inf", time.time() - older_than_s)
 
     def pending(self) -> int:
         return self.store.r.llen(self._pending)

@@ -7,11 +7,17 @@ Keys (all under `{p}:` = the configured prefix):
   {p}:job:{id}:done             pub/sub channel; the terminal status is published there when the job ends
   {p}:idem:{owner}:{key}        idempotency key -> job id (TTL = retention)
   {p}:owner:{owner}:jobs        sorted set of the owner's job ids, score = created_at
-  {p}:queued:{model}            sorted set of queued job ids of one model (queue depth), score = created_at
+  {p}:queued:{model}            sorted set of queued interactive job ids of one model (queue depth), score =
+                                created_at; bulk (batch) jobs wait in the bulk lane instead (api/lanes.py)
+  {p}:leases:{model}            set of worker ids that may hold leases (recovery looks for dead ones here)
+  {p}:leases:{model}:{wid}      set of the job ids running on that worker
   {p}:cancel                    pub/sub channel; job ids whose cancellation was requested while running
   {p}:worker:{model}:{wid}      string, JSON of a live worker's info, TTL = its heartbeat lease
   {p}:workers:{model}           sorted set of that model's worker ids, score = lease expiry (unix seconds)
   {p}:models                    set of model names ever announced
+
+Every message that asks a worker to run a job carries the job's `dispatch` number; sending again (after a
+worker died) increments it, so a worker runs a job only from its newest message and never twice at once.
 
 Status transitions are Lua scripts, so that racing writers (cancel vs finish, duplicate deliveries) have exactly
 one winner and a terminal status is never overwritten. Sync redis-py: callers are FastAPI sync endpoints and
@@ -58,13 +64,33 @@ if ARGV[4] == '1' then
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+if KEYS[3] ~= '-' then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
 return {1, ARGV[1]}
 """
-# KEYS: job, queued set. ARGV: now, id. Returns the record (flat HGETALL) or nil when terminal/missing.
+# KEYS: job. ARGV: "first" (never sent yet) or "again" (sent before). A queued job's next dispatch number, or nil.
+_DISPATCH_LUA = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return nil end
+local sent = tonumber(redis.call('HGET', KEYS[1], 'dispatch') or '0') > 0
+if (ARGV[1] == 'first') == sent then return nil end
+return redis.call('HINCRBY', KEYS[1], 'dispatch', 1)
+"""
+# KEYS: job, queued set. ARGV: id. A job whose worker died: running -> queued, with a new dispatch number (or nil).
+_REQUEUE_LUA = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return nil end
+redis.call('HSET', KEYS[1], 'status', 'queued')
+if redis.call('HGET', KEYS[1], 'bulk') ~= '1' then
+  redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'created_at'), ARGV[1])
+end
+return redis.call('HINCRBY', KEYS[1], 'dispatch', 1)
+"""
+# KEYS: job, queued set, the worker's lease set, lease index. ARGV: now, id, dispatch, worker id.
+# queued -> running and leased to the worker in one step (a lease-less running job could never be recovered).
+# Returns the record (flat HGETALL), or nil when the job is not queued or the message is not its newest.
 _MARK_RUNNING_LUA = """
-local st = redis.call('HGET', KEYS[1], 'status')
-if st ~= 'queued' and st ~= 'running' then return nil end
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return nil end
+if (redis.call('HGET', KEYS[1], 'dispatch') or '0') ~= ARGV[3] then return nil end
+redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('SADD', KEYS[4], ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if redis.call('HGET', KEYS[1], 'started_at') == '' then redis.call('HSET', KEYS[1], 'started_at', ARGV[1]) end
 redis.call('HSET', KEYS[1], 'status', 'running')
@@ -129,6 +155,8 @@ class Job:
     first_token_at: float | None = None
     finished_at: float | None = None
     attempts: int = 0
+    dispatch: int = 0  # number of the newest message sent for this job (0 = not sent yet)
+    bulk: bool = False  # a batch line: waits in the bulk lane, not in the queued set
     result: dict | None = None
     usage: dict | None = None
     error: dict | None = None
@@ -145,6 +173,7 @@ class Job:
         out = {"id": self.id, "owner": self.owner, "model": self.model, "endpoint": self.endpoint,
                "request": _dump(self.request), "status": self.status, "priority": str(int(self.priority)),
                "metadata": _dump(self.metadata or {}), "attempts": str(int(self.attempts)),
+               "dispatch": str(int(self.dispatch)), "bulk": "1" if self.bulk else "0",
                "cancel_requested": "1" if self.cancel_requested else "0"}
         out.update({name: _dump(getattr(self, name)) for name in _JSON_OR_NONE})
         out.update({name: "" if getattr(self, name) is None else repr(getattr(self, name)) for name in _TIMES})
@@ -158,7 +187,8 @@ class Job:
         return cls(id=f["id"], owner=f.get("owner", ""), model=f.get("model", ""), endpoint=f.get("endpoint", ""),
                    request=_load(f.get("request")) or {}, status=f.get("status", "queued"),
                    priority=int(f.get("priority") or 0), metadata=_load(f.get("metadata")) or {},
-                   attempts=int(f.get("attempts") or 0), cancel_requested=f.get("cancel_requested") == "1",
+                   attempts=int(f.get("attempts") or 0), dispatch=int(f.get("dispatch") or 0),
+                   bulk=f.get("bulk") == "1", cancel_requested=f.get("cancel_requested") == "1",
                    **{name: _load(f.get(name)) for name in _JSON_OR_NONE},
                    **{name: float(f[name]) if f.get(name) else None for name in _TIMES})
 
@@ -187,6 +217,8 @@ class JobStore:
         self.retention_seconds = int(retention_seconds)
         self._create = self.r.register_script(_CREATE_LUA)
         self._mark_running = self.r.register_script(_MARK_RUNNING_LUA)
+        self._dispatch = self.r.register_script(_DISPATCH_LUA)
+        self._requeue = self.r.register_script(_REQUEUE_LUA)
         self._first_token = self.r.register_script(_FIRST_TOKEN_LUA)
         self._finish = self.r.register_script(_FINISH_LUA)
         self._cancel = self.r.register_script(_CANCEL_LUA)
@@ -216,24 +248,32 @@ class JobStore:
     def _queued_key(self, model: str) -> str:
         return f"{self.prefix}:queued:{model}"
 
+    def lease_key(self, model: str, worker_id: str) -> str:
+        return f"{self.prefix}:leases:{model}:{worker_id}"
+
+    def lease_index(self, model: str) -> str:
+        return f"{self.prefix}:leases:{model}"
+
     def _model_of(self, job_id: str) -> str | None:
         # The model never changes after create, so reading it outside the scripts is race-free.
         return self.r.hget(self.job_key(job_id), "model")
 
     # ---- jobs -------------------------------------------------------------------------------------------------
     def create(self, *, owner: str, model: str, endpoint: str, request: dict, priority: int = 0,
-               metadata: dict | None = None, webhook: dict | None = None,
-               idempotency_key: str | None = None) -> tuple[Job, bool]:
-        """Store a new queued job; with an idempotency key already used by this owner, return that job instead."""
+               metadata: dict | None = None, webhook: dict | None = None, idempotency_key: str | None = None,
+               bulk: bool = False) -> tuple[Job, bool]:
+        """Store a new queued job; with an idempotency key already used by this owner, return that job instead.
+        `bulk` jobs (batch lines) are not counted in the model's queue depth: the bulk lane holds them."""
         if endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {sorted(ENDPOINTS)}, got {endpoint!r}")
         idem_key = f"{self.prefix}:idem:{owner}:{idempotency_key}" if idempotency_key else ""
         for _ in range(2):
             job = Job(id=f"job_{uuid.uuid4().hex}", owner=owner, model=model, endpoint=endpoint, request=request,
                       status="queued", priority=int(priority), metadata=metadata or {}, webhook=webhook,
-                      created_at=time.time())
+                      created_at=time.time(), bulk=bulk)
+            queued_key = "-" if bulk else self._queued_key(model)
             created, job_id = self._create(
-                keys=[self.job_key(job.id), self._owner_key(owner), self._queued_key(model), idem_key or "-"],
+                keys=[self.job_key(job.id), self._owner_key(owner), queued_key, idem_key or "-"],
                 args=[job.id, repr(job.created_at), self.retention_seconds, "1" if idem_key else "0",
                       *[part for pair in job.to_fields().items() for part in pair]],
             )
@@ -300,18 +340,37 @@ class JobStore:
             self.r.zrem(key, *gone)
 
     def queue_depth(self, model: str) -> int:
-        """Jobs of `model` still queued (not yet picked up by a worker)."""
+        """Interactive jobs of `model` still queued (not yet picked up by a worker)."""
         return int(self.r.zcard(self._queued_key(model)))
 
+    def queued_ids(self, model: str) -> list[str]:
+        return self.r.zrange(self._queued_key(model), 0, -1)
+
     # ---- transitions ------------------------------------------------------------------------------------------
-    def mark_running(self, job_id: str) -> Job | None:
-        """queued|running -> running (attempts += 1); None when the job is terminal or gone (skip it).
-        A redelivered job may come back with `cancel_requested` already set: the caller should honour it."""
+    def dispatch(self, job_id: str, *, again: bool = False) -> int | None:
+        """The number to put in a new message for a queued job: its first (`again=False`, None if one was sent
+        already) or a replacement (`again=True`, None if none was sent): older messages become stale."""
+        number = self._dispatch(keys=[self.job_key(job_id)], args=["again" if again else "first"])
+        return None if number is None else int(number)
+
+    def requeue(self, job_id: str) -> int | None:
+        """A running job whose worker died goes back to queued; returns the number for its new message."""
         model = self._model_of(job_id)
         if model is None:
             return None
-        fields = self._mark_running(keys=[self.job_key(job_id), self._queued_key(model)],
-                                    args=[repr(time.time()), job_id])
+        number = self._requeue(keys=[self.job_key(job_id), self._queued_key(model)], args=[job_id])
+        return None if number is None else int(number)
+
+    def mark_running(self, job_id: str, dispatch: int, worker_id: str) -> Job | None:
+        """queued -> running (attempts += 1), leased to `worker_id`; None when the job is not queued (running,
+        ended or gone) or `dispatch` is not the number of its newest message: skip it then.
+        A job run again after a worker died may carry `cancel_requested`: the caller should honour it."""
+        model = self._model_of(job_id)
+        if model is None:
+            return None
+        fields = self._mark_running(keys=[self.job_key(job_id), self._queued_key(model),
+                                          self.lease_key(model, worker_id), self.lease_index(model)],
+                                    args=[repr(time.time()), job_id, str(int(dispatch)), worker_id])
         if not fields:
             return None
         return Job.from_fields(dict(zip(fields[::2], fields[1::2])))

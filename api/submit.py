@@ -9,7 +9,7 @@ from api.deps import APIError
 from api.schemas import ENDPOINTS, SamplingFields
 from api.settings import Settings
 from api.store import Job, JobStore
-from worker.celery_app import GENERATE_TASK, queue_for
+from worker.celery_app import enqueue
 
 
 def validate_body(endpoint: str, body: dict[str, Any]) -> SamplingFields:
@@ -50,5 +50,5 @@ def submit(store: JobStore, settings: Settings, celery, owner: str, endpoint: st
                                 priority=priority, metadata=metadata, webhook=webhook,
                                 idempotency_key=idempotency_key)
     if created:
-        celery.send_task(GENERATE_TASK, args=[job.id], queue=queue_for(request.model))
+        enqueue(store, job.id, request.model, celery=celery)
     return job, created

@@ -156,3 +156,18 @@ def test_command_line_submit_wait_results(service, tmp_path):
     cancelled = subprocess.run([*cli, "cancel", batch_id], env=env, capture_output=True, text=True, timeout=60)
     assert cancelled.returncode != 0 and "cannot be cancelled" in cancelled.stderr
 
+
+
+def test_worker_killed_mid_batch_loses_and_repeats_nothing(oai, service):
+    lines = [line(f"k{i}", f"line {i}", max_tokens=120, ignore_eos=True) for i in range(40)]
+    batch = oai.batches.create(input_file_id=upload(oai, lines), endpoint="/v1/completions", completion_window="24h")
+    deadline = time.monotonic() + 120
+    while oai.batches.retrieve(batch.id).request_counts.completed < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    service.kill_worker()
+    service.start_worker(max_num_seqs=32)
+    done = wait_for(oai, batch.id, timeout=240)
+    assert done.status == "completed" and done.request_counts.completed == 40 and done.request_counts.failed == 0
+    outputs = read_lines(oai, done.output_file_id)
+    assert sorted(o["custom_id"] for o in outputs) == sorted(x["custom_id"] for x in lines)  # each line once

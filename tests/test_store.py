@@ -112,24 +112,38 @@ def test_list_newest_first_with_cursor_and_status(store: JobStore) -> None:
     assert store.list("alice", after="job_unknown") == ([], False)
 
 
+def take(store: JobStore, job_id: str, worker_id: str = "w1"):
+    """What a worker does: take the job's newest message and mark it running."""
+    return store.mark_running(job_id, store.dispatch(job_id) or 0, worker_id)
+
+
 def test_run_then_finish_once(store: JobStore) -> None:
     job = new_job(store)
-    running = store.mark_running(job.id)
+    assert store.dispatch(job.id) == 1 and store.dispatch(job.id) is None  # one first message only
+    assert store.mark_running(job.id, 0, "w1") is None  # not a message ever sent
+    running = store.mark_running(job.id, 1, "w1")
     assert running is not None and running.status == "running" and running.attempts == 1
     assert running.started_at is not None and store.queue_depth("demo") == 0
+    assert store.r.smembers(store.lease_key("demo", "w1")) == {job.id}
+    assert store.mark_running(job.id, 1, "w2") is None  # a duplicate message while it runs is skipped
+    assert store.dispatch(job.id, again=True) is None  # running: nothing to replace
     store.mark_first_token(job.id)
     first = store.get(job.id).first_token_at
     store.mark_first_token(job.id)
     assert first is not None and store.get(job.id).first_token_at == first
-    # A redelivery while running counts another attempt but keeps the first start time.
-    again = store.mark_running(job.id)
+    # Its worker died: queued again under a new number; the old message is stale, the new one runs it.
+    assert store.requeue(job.id) == 2
+    assert store.get(job.id).status == "queued" and store.queue_depth("demo") == 1
+    assert store.mark_running(job.id, 1, "w2") is None
+    again = store.mark_running(job.id, 2, "w2")
     assert again.attempts == 2 and again.started_at == running.started_at
     assert store.finish(job.id, "succeeded", result={"text": "hi"}, usage={"completion_tokens": 1})
     assert not store.finish(job.id, "failed", error={"message": "late"})
     final = store.get(job.id)
     assert final.status == "succeeded" and final.result == {"text": "hi"} and final.error is None
     assert final.finished_at is not None
-    assert store.mark_running(job.id) is None  # a redelivery of a finished job is skipped
+    assert store.mark_running(job.id, 2, "w2") is None  # a redelivery of a finished job is skipped
+    assert store.requeue(job.id) is None and store.dispatch(job.id, again=True) is None
     assert store.request_cancel(job.id) == "succeeded"  # terminal: unchanged
     assert store.get(job.id).status == "succeeded"
     with pytest.raises(ValueError):
@@ -140,7 +154,7 @@ def test_cancel_queued(store: JobStore) -> None:
     job = new_job(store)
     assert store.request_cancel(job.id) == "cancelled"
     assert store.get(job.id).status == "cancelled" and store.queue_depth("demo") == 0
-    assert store.mark_running(job.id) is None
+    assert take(store, job.id) is None
     assert not store.finish(job.id, "succeeded")
     assert store.request_cancel(job.id) == "cancelled"
     assert store.request_cancel("job_nope") == "not_found"
@@ -150,7 +164,7 @@ def test_cancel_queued(store: JobStore) -> None:
 
 def test_cancel_running_publishes(store: JobStore) -> None:
     job = new_job(store)
-    store.mark_running(job.id)
+    take(store, job.id)
     pubsub = store.r.pubsub()
     pubsub.subscribe(store.cancel_channel)
     assert pubsub.get_message(timeout=1.0)["type"] == "subscribe"
@@ -168,7 +182,7 @@ def test_finish_vs_cancel_race_has_one_winner(store: JobStore) -> None:
         jobs = [new_job(store) for _ in range(20)]
         if not queued:
             for job in jobs:
-                store.mark_running(job.id)
+                take(store, job.id)
         finish_won: dict[str, bool] = {}
         cancel_said: dict[str, str] = {}
         barrier = threading.Barrier(40)
@@ -214,7 +228,7 @@ def test_stream_round_trip(store: JobStore) -> None:
 
 def test_wait_for_terminal(store: JobStore) -> None:
     job = new_job(store)
-    store.mark_running(job.id)
+    take(store, job.id)
     start = time.monotonic()
     waited = store.wait_for_terminal(job.id, timeout_s=0.3)
     assert waited.status == "running" and 0.25 < time.monotonic() - start < 1.0
@@ -252,7 +266,7 @@ def test_worker_registry_expires(store: JobStore) -> None:
 def test_retention_ttl_on_finished_jobs(store: JobStore) -> None:
     job = new_job(store)
     assert store.r.ttl(store.job_key(job.id)) == -1  # unfinished jobs never expire
-    store.mark_running(job.id)
+    take(store, job.id)
     store.append_stream(job.id, {"type": "token", "text": "a"})
     store.finish(job.id, "failed", error={"message": "boom"})
     assert 590 <= store.r.ttl(store.job_key(job.id)) <= 600
@@ -281,3 +295,9 @@ def test_start_redis_stop_leaves_no_process(tmp_path) -> None:
         with pytest.raises(RuntimeError, match="Address already in use"):
             start_redis(port=other.port)  # must not mistake the running server for its own
     assert other.process.poll() is not None and not other.data_dir.exists()
+
+
+def test_bulk_jobs_do_not_count_in_queue_depth(store: JobStore) -> None:
+    new_job(store, bulk=True)
+    interactive = new_job(store)
+    assert store.queue_depth("demo") == 1 and store.queued_ids("demo") == [interactive.id]

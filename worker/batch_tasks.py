@@ -15,7 +15,7 @@ from api.lanes import BulkLane
 from api.schemas import ENDPOINTS as REQUEST_SCHEMAS
 from api.settings import get_settings
 from api.store import TERMINAL, Job, JobStore
-from worker.celery_app import GENERATE_TASK, app, queue_for
+from worker.celery_app import app, enqueue
 from worker.webhooks import enqueue_batch_event
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,23 @@ def send(task: str, batch_id: str, celery=None) -> None:
 
 def pump(store: JobStore, model: str, celery=None) -> int:
     """Send the model's pending batch lines that its workers have room for."""
-    return BulkLane(store, model).pump(
-        lambda job_id: (celery or app).send_task(GENERATE_TASK, args=[job_id], queue=queue_for(model)))
+    return BulkLane(store, model).pump(lambda job_id: enqueue(store, job_id, model, celery=celery))
+
+
+def repair_lane(store: JobStore, model: str, grace_s: float = 2.0) -> None:
+    """Undo what a process that died half-way left in the bulk lane (every step here is idempotent): lines
+    moved in flight but never sent are sent (if the mover still lives and sends too, only one first message
+    wins: see JobStore.dispatch); lines that ended but were never counted are counted."""
+    lane = BulkLane(store, model)
+    for job_id in lane.in_flight(older_than_s=grace_s):
+        job = store.get(job_id)
+        if job is None:
+            lane.release(job_id)
+        elif job.status in TERMINAL:
+            on_job_finished(store, job)
+        elif job.dispatch == 0:
+            log.warning("batch line %s was never sent: sending it", job_id)
+            enqueue(store, job_id, model)
 
 
 def on_job_finished(store: JobStore, job: Job) -> None:
@@ -85,7 +100,7 @@ def expand(batch_id: str) -> None:
             batches.record_line(batch_id, f"line-{number}", error_line(custom_id, "invalid_request", problem), False)
             continue
         job, _ = jobs.create(owner=batch.owner, model=body["model"], endpoint=job_endpoint, request=body,
-                             priority=BATCH_PRIORITY,
+                             priority=BATCH_PRIORITY, bulk=True,
                              metadata={"batch_id": batch_id, "custom_id": custom_id, "line": str(number)})
         batches.add_job(batch_id, job.id)
         pending.setdefault(body["model"], []).append(job.id)

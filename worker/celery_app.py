@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from api.settings import Settings, get_settings
+from api.store import JobStore
 
 GENERATE_TASK = "inferq.generate"
 
@@ -12,6 +13,20 @@ GENERATE_TASK = "inferq.generate"
 def queue_for(model: str) -> str:
     """One queue per served model: every worker of that model consumes it."""
     return f"inferq.generate.{model}"
+
+
+def enqueue(store: JobStore, job_id: str, model: str, *, again: bool = False, celery: Celery | None = None) -> bool:
+    """Send a queued job to its model's queue with the next dispatch number: its first message, or with
+    `again` a replacement for one that may be lost (the older message is then skipped). False if not sent."""
+    dispatch = store.dispatch(job_id, again=again)
+    if dispatch is None:
+        return False
+    send_job(job_id, dispatch, model, celery)
+    return True
+
+
+def send_job(job_id: str, dispatch: int, model: str, celery: Celery | None = None) -> None:
+    (celery or app).send_task(GENERATE_TASK, args=[job_id, dispatch], queue=queue_for(model))
 
 
 def create_app(settings: Settings | None = None) -> Celery:

@@ -1,11 +1,16 @@
-"""Put the jobs of a dead worker back in the queue.
+"""Run again what a dead worker left behind.
 
-Celery's Redis transport redelivers an unacknowledged message only after the visibility timeout, and that timeout
-must outlast the longest job (hours), or long jobs would run twice. So a worker killed mid-job would leave its jobs
-"running" for hours. Instead each worker keeps the ids of its running jobs in a lease set next to its heartbeat;
-once a worker's heartbeat has expired, any live worker of the same model claims its lease set and re-enqueues the
-jobs that are not finished. When the old message finally comes back, its job is terminal and the task skips it,
-so no job runs to completion twice.
+Celery's Redis transport gives an unacknowledged message back only after the visibility timeout, and that timeout
+must outlast the longest job (hours), or long jobs would run twice. Worse, a worker killed just after taking a
+message off the queue, before recording it as unacknowledged, loses that message for good. So inferq does not
+rely on redelivery:
+- a worker leases each job it runs (`JobStore.mark_running` adds it to the worker's lease set);
+- once a worker's heartbeat has expired, one live worker of the same model claims its lease set: finished jobs
+  are settled, unfinished ones are queued again;
+- and since the dead worker may have held messages it had not started, every queued job of the model that was
+  sent before gets a replacement message.
+Each replacement carries a new dispatch number, so the older message of the same job (if it still exists, or
+comes back after the visibility timeout) is skipped: no job runs twice.
 """
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ from collections.abc import Callable
 
 import redis
 
+from api.lanes import BulkLane
 from api.store import TERMINAL, Job, JobStore
+from worker.celery_app import enqueue, send_job
 
 log = logging.getLogger(__name__)
 
@@ -25,44 +32,55 @@ class JobLeases:
         self.store = store
         self.model = model
         self.worker_id = worker_id
-        self._index = f"{store.prefix}:leases:{model}"  # worker ids that hold (or held) leases
+        self._index = store.lease_index(model)
 
-    def _leases(self, worker_id: str) -> str:
-        return f"{self.store.prefix}:leases:{self.model}:{worker_id}"
-
-    def hold(self, job_id: str) -> None:
-        pipe = self.store.r.pipeline(transaction=True)
-        pipe.sadd(self._index, self.worker_id)
-        pipe.sadd(self._leases(self.worker_id), job_id)
-        pipe.execute()
+    def join(self) -> None:
+        """Enter the index of lease holders (every heartbeat), so that this worker is recovered if it dies."""
+        self.store.r.sadd(self._index, self.worker_id)
 
     def release(self, job_id: str) -> None:
-        self.store.r.srem(self._leases(self.worker_id), job_id)
+        self.store.r.srem(self.store.lease_key(self.model, self.worker_id), job_id)
 
-    def recover(self, enqueue: Callable[[str], None], settle: Callable[[Job], None]) -> list[str]:
-        """Re-enqueue the unfinished jobs of workers whose heartbeat expired; returns their ids. Jobs they had
-        finished are passed to `settle`: the dead worker may have died between finishing and recording them."""
+    def recover(self, settle: Callable[[Job], None]) -> list[str]:
+        """Recover every worker of this model whose heartbeat expired; returns the ids of the jobs sent again.
+        Jobs a dead worker had finished are passed to `settle`: it may have died before recording them."""
         r = self.store.r
         live = {w["worker_id"] for w in self.store.workers(self.model)} | {self.worker_id}
-        recovered: list[str] = []
+        resent: list[str] = []
         for worker_id in r.smembers(self._index) - live:
-            # RENAME is atomic: of several live workers recovering at once, exactly one gets each dead lease set.
-            claim = f"{self.store.prefix}:leases:claimed:{uuid.uuid4().hex}"
-            try:
-                r.rename(self._leases(worker_id), claim)
-            except redis.ResponseError:  # no such key: nothing held, or another worker claimed it
-                r.srem(self._index, worker_id)
+            if not r.srem(self._index, worker_id):
+                continue  # another live worker is recovering this one
+            resent += self._requeue_leases(worker_id, settle)
+            resent += self._replace_sent_messages()
+        return resent
+
+    def _requeue_leases(self, worker_id: str, settle: Callable[[Job], None]) -> list[str]:
+        claim = f"{self.store.prefix}:leases:claimed:{uuid.uuid4().hex}"
+        try:
+            self.store.r.rename(self.store.lease_key(self.model, worker_id), claim)
+        except redis.ResponseError:  # no such key: it ran nothing
+            return []
+        requeued = []
+        for job_id in self.store.r.smembers(claim):
+            job = self.store.get(job_id)
+            if job is None:
                 continue
-            r.srem(self._index, worker_id)
-            for job_id in r.smembers(claim):
-                job = self.store.get(job_id)
-                if job is None:
-                    continue
-                if job.status in TERMINAL:
-                    settle(job)
-                else:
-                    log.warning("worker %s died during job %s: queueing it again", worker_id, job_id)
-                    enqueue(job_id)
-                    recovered.append(job_id)
-            r.delete(claim)
-        return recovered
+            if job.status in TERMINAL:
+                settle(job)
+                continue
+            dispatch = self.store.requeue(job_id)
+            if dispatch is not None:
+                log.warning("worker %s died during job %s: queueing it again", worker_id, job_id)
+                send_job(job_id, dispatch, self.model)
+                requeued.append(job_id)
+        self.store.r.delete(claim)
+        return requeued
+
+    def _replace_sent_messages(self) -> list[str]:
+        """Queued jobs whose message may have died with the worker get a new one (the old one, if alive, is
+        skipped as stale). Interactive jobs keep their order among themselves: oldest first."""
+        candidates = self.store.queued_ids(self.model) + BulkLane(self.store, self.model).in_flight()
+        replaced = [job_id for job_id in candidates if enqueue(self.store, job_id, self.model, again=True)]
+        if replaced:
+            log.warning("sent %d queued job(s) of %s again after a worker died", len(replaced), self.model)
+        return replaced

@@ -13,8 +13,7 @@ from api.store import JobStore
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
-from worker.batch_tasks import on_job_finished, pump
-from worker.celery_app import GENERATE_TASK, app, queue_for
+from worker.batch_tasks import on_job_finished, pump, repair_lane
 from worker.recovery import JobLeases
 
 log = logging.getLogger(__name__)
@@ -42,17 +41,10 @@ class WorkerRuntime:
         max_num_seqs = self.engine.engine.config.max_num_seqs
         return max(1, max_num_seqs - max(1, max_num_seqs // 4))
 
-    def begin(self, job_id: str) -> None:
-        """The job runs here now: leased (so it is recovered if this process dies) and cancellable."""
-        self.leases.hold(job_id)
-        self.active.add(job_id)
-
     def end(self, job_id: str) -> None:
+        """The job ran here and its outcome is recorded: no longer cancellable here, nor leased."""
         self.active.discard(job_id)
         self.leases.release(job_id)
-
-    def _requeue(self, job_id: str) -> None:
-        app.send_task(GENERATE_TASK, args=[job_id], queue=queue_for(self.model_name))
 
     @property
     def tokenizer(self):
@@ -78,7 +70,9 @@ class WorkerRuntime:
         while not self._stop.is_set():
             try:
                 self.store.announce_worker(self.worker_id, self.announcement(), ttl_s=int(period * 3) + 1)
-                self.leases.recover(self._requeue, lambda job: on_job_finished(self.store, job))
+                self.leases.join()
+                self.leases.recover(lambda job: on_job_finished(self.store, job))
+                repair_lane(self.store, self.model_name)
                 pump(self.store, self.model_name)  # capacity may have grown: this worker is (newly) alive
             except Exception:  # noqa: BLE001 - Redis may blip; the next beat retries
                 log.warning("heartbeat failed", exc_info=True)

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import logging
 
-from celery.signals import task_received
-
 from api.metrics import record_finished
 from api.schemas import ENDPOINTS, ChatCompletionRequest, CompletionRequest, error_body
 from api.store import Job, JobStore
@@ -18,26 +16,17 @@ from worker.webhooks import enqueue_event
 log = logging.getLogger(__name__)
 
 
-@task_received.connect
-def _lease_on_receipt(request=None, **_) -> None:
-    """Lease a job as soon as this worker reserves its message, before a thread starts it: if the process dies
-    with the message reserved but not started, the broker would give it back only after the visibility timeout
-    (hours); the lease lets a live worker queue the job again at once."""
-    if request is not None and request.name == GENERATE_TASK:
-        get_runtime().leases.hold(request.args[0])
-
-
 @app.task(name=GENERATE_TASK)
-def generate(job_id: str) -> None:
+def generate(job_id: str, dispatch: int) -> None:
     runtime = get_runtime()
-    # Leased from receipt to the end, result recorded included: if this process dies, a live worker re-runs the
-    # job or, if it already finished, settles what the dead one had not recorded yet.
+    # Leased from here to the end, result recorded included: if this process dies, a live worker re-runs the
+    # job or, if it already finished, settles what the dead one had not recorded yet (worker/recovery.py).
+    job = runtime.store.mark_running(job_id, dispatch, runtime.worker_id)
+    if job is None:
+        log.info("job %s: message %d is not its newest, or the job runs or ended; skipping it", job_id, dispatch)
+        return
+    runtime.active.add(job_id)
     try:
-        job = runtime.store.mark_running(job_id)
-        if job is None:
-            log.info("job %s is already finished or cancelled; not running it", job_id)
-            return
-        runtime.begin(job_id)
         _run(runtime, job)
     finally:
         runtime.end(job_id)
