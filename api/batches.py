@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, fields
 
 from api.store import JobStore
 
+BATCH_ID_PREFIX = "batch_"
+
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}
 BATCH_PRIORITY = -10
 _WINDOW = re.compile(r"^(\d+)([smh])$")
@@ -75,6 +77,8 @@ class Batch:
     output_file_id: str | None = None
     error_file_id: str | None = None
     webhook: str | None = None
+    # Outcome of each batch webhook event, as job webhooks keep theirs: {"completed": {"status", "attempts", ...}}
+    webhook_deliveries: dict | None = None
     expiring: bool = False
     created_at: int | None = None
     expires_at: int | None = None
@@ -97,6 +101,8 @@ class Batch:
                 "errors": {"object": "list", "data": self.errors} if self.errors else None,
                 "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
                 "metadata": self.metadata or None}
+        if self.webhook:
+            body["webhook_deliveries"] = self.webhook_deliveries or {}
         return body | {name: getattr(self, name) for name in _TIMES}
 
     @classmethod
@@ -110,7 +116,7 @@ class Batch:
                 continue
             if item.name in _TIMES or item.name in _COUNTS:
                 values[item.name] = int(float(raw))
-            elif item.name in ("metadata", "errors"):
+            elif item.name in ("metadata", "errors", "webhook_deliveries"):
                 values[item.name] = json.loads(raw)
             elif item.name == "expiring":
                 values[item.name] = raw == "1"
@@ -136,7 +142,7 @@ class BatchStore:
     def create(self, owner: str, endpoint: str, input_file_id: str, completion_window: str,
                metadata: dict | None, webhook: str | None = None) -> Batch:
         now = int(time.time())
-        batch = Batch(id=f"batch_{uuid.uuid4().hex}", owner=owner, endpoint=endpoint, input_file_id=input_file_id,
+        batch = Batch(id=f"{BATCH_ID_PREFIX}{uuid.uuid4().hex}", owner=owner, endpoint=endpoint, input_file_id=input_file_id,
                       completion_window=completion_window, metadata=metadata or {}, created_at=now,
                       expires_at=now + parse_window(completion_window), webhook=webhook)
         record = {"id": batch.id, "owner": owner, "endpoint": endpoint, "input_file_id": input_file_id,

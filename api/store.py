@@ -410,13 +410,14 @@ class JobStore:
         return self.r.hget(self.job_key(job_id), "cancel_requested") == "1"
 
     def record_webhook(self, job_id: str, event: str, status: str, attempts: int, last_error: str | None = None,
-                       **extra: Any) -> bool:
-        """Record how the webhook of `event` ended ("delivered" or "failed") in the job's `webhook_deliveries`;
-        False if the job is gone (expired). `extra` (e.g. webhook_id, status_code) is stored alongside."""
+                       *, key: str | None = None, **extra: Any) -> bool:
+        """Record how the webhook of `event` ended ("delivered" or "failed") in the job's `webhook_deliveries`
+        (or in the hash at `key`, e.g. a batch's); False if it is gone (expired). `extra` (e.g. webhook_id,
+        status_code) is stored alongside."""
         if status not in ("delivered", "failed"):
             raise ValueError(f"webhook delivery status must be delivered or failed, got {status!r}")
         outcome = {"status": status, "attempts": int(attempts), "last_error": last_error, "at": time.time(), **extra}
-        return bool(self._record_webhook(keys=[self.job_key(job_id)], args=[event, _dump(outcome)]))
+        return bool(self._record_webhook(keys=[key or self.job_key(job_id)], args=[event, _dump(outcome)]))
 
     # ---- token streams ----------------------------------------------------------------------------------------
     def append_stream(self, job_id: str, event: dict) -> None:

@@ -328,3 +328,23 @@ def test_private_targets_are_refused_at_submission(client, url):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == "webhook" and error["type"] == "invalid_request_error"
+
+
+def test_batch_webhook_is_signed_retried_and_recorded(client, receiver):
+    url = receiver.url("batch", 500, 200)
+    lines = "\n".join(json.dumps({"custom_id": f"b{i}", "method": "POST", "url": "/v1/completions",
+                                  "body": {**JOB, "max_tokens": 2}}) for i in range(3))
+    upload = client.post("/v1/files", data={"purpose": "batch"}, files={"file": ("in.jsonl", lines.encode())})
+    created = client.post("/v1/batches", json={"input_file_id": upload.json()["id"], "endpoint": "/v1/completions",
+                                               "completion_window": "24h", "webhook": url}).json()
+    tries = receiver.wait_for(url, 2)
+    assert {t.headers["webhook-id"] for t in tries} == {f"{created['id']}:completed"}
+    event = verified(tries[-1])
+    assert event["type"] == "batch.completed" and event["data"]["id"] == created["id"]
+    assert event["data"]["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+    deadline = time.monotonic() + 30
+    while not (batch := client.get(f"/v1/batches/{created['id']}").json())["webhook_deliveries"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert batch["webhook_deliveries"]["completed"]["status"] == "delivered"
+    assert batch["webhook_deliveries"]["completed"]["attempts"] == 2

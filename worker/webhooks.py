@@ -26,6 +26,7 @@ from functools import lru_cache
 import httpx
 from celery import Task
 
+from api.batches import BATCH_ID_PREFIX, BatchStore
 from api.settings import Settings, get_settings
 from api.store import Job, JobStore
 from api.webhook_targets import WebhookTargetError, check_target
@@ -163,6 +164,13 @@ def _store() -> JobStore:
                              retention_seconds=settings.result_retention_seconds)
 
 
+def _record(subject_id: str, event: str, status: str, attempts: int, last_error: str | None, **extra) -> None:
+    """Keep the outcome on the job or batch the event was about (its id tells which)."""
+    store = _store()
+    key = BatchStore(store).key(subject_id) if subject_id.startswith(BATCH_ID_PREFIX) else None
+    store.record_webhook(subject_id, event, status, attempts, last_error, key=key, **extra)
+
+
 @app.task(bind=True, name=WEBHOOK_TASK, queue=WEBHOOK_QUEUE, ignore_result=True)
 def deliver_webhook(self: Task, job_id: str, event: str, webhook_id: str, url: str, body: str) -> None:
     """Deliver one event; on failure schedule the next attempt, or record the failure after the last one."""
@@ -172,16 +180,16 @@ def deliver_webhook(self: Task, job_id: str, event: str, webhook_id: str, url: s
         status = post_once(url, webhook_id, body, settings)
     except WebhookTargetError as exc:  # a refusal does not get better by retrying
         log.warning("webhook %s refused: %s", webhook_id, exc)
-        _store().record_webhook(job_id, event, "failed", attempt, str(exc), webhook_id=webhook_id)
+        _record(job_id, event, "failed", attempt, str(exc), webhook_id=webhook_id)
         return
     except DeliveryError as exc:
         if attempt >= settings.webhook_max_attempts:
             log.warning("webhook %s failed after %d attempts: %s", webhook_id, attempt, exc)
-            _store().record_webhook(job_id, event, "failed", attempt, str(exc), webhook_id=webhook_id)
+            _record(job_id, event, "failed", attempt, str(exc), webhook_id=webhook_id)
             return
         delay = backoff_seconds(attempt, settings.webhook_backoff_seconds)
         log.info("webhook %s: attempt %d failed (%s); retrying in %.2f s", webhook_id, attempt, exc, delay)
         # Same args on the retry: same webhook id, same body. max_retries=None: the attempt count is ours.
         raise self.retry(countdown=delay, max_retries=None, exc=exc)
     log.info("webhook %s delivered (HTTP %d, attempt %d)", webhook_id, status, attempt)
-    _store().record_webhook(job_id, event, "delivered", attempt, None, webhook_id=webhook_id, status_code=status)
+    _record(job_id, event, "delivered", attempt, None, webhook_id=webhook_id, status_code=status)
