@@ -2,7 +2,7 @@
 architecture and engine setting, our engine on the GPU against transformers' greedy decoding on the CPU (float32),
 then bfloat16 greedy agreement against the float32 reference. Prints a table.
 
-    python bench/gpu_parity.py [--device cuda]
+    python bench/gpu_parity.py [--device cuda] [--attention-backend auto|torch|triton] [--enforce-eager]
 """
 from __future__ import annotations
 
@@ -26,10 +26,13 @@ from tests.test_parity import ENGINE_SETTINGS, NUM_REQUESTS, run_staggered, work
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--enforce-eager", action="store_true")
     args = parser.parse_args()
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    print(f"device: {name}, torch {torch.__version__}")
+    print(f"device: {name}, torch {torch.__version__}, attention {args.attention_backend}, "
+          f"{'eager' if args.enforce_eager else 'decode graphs where supported'}")
     rows = []
     requests = workload()
     for arch in ARCHITECTURES:
@@ -37,7 +40,8 @@ def main() -> None:
             model = write_checkpoint(Path(directory), arch)
             references = [greedy_reference(model, prompt, max_tokens) for prompt, max_tokens, _ in requests]
             for setting, options in [*ENGINE_SETTINGS.items(), ("bfloat16", {"dtype": "bfloat16"})]:
-                options = {"num_kv_blocks": 512, "dtype": "float32", **options}
+                options = {"num_kv_blocks": 512, "dtype": "float32", "attention_backend": args.attention_backend,
+                           "enforce_eager": args.enforce_eager, **options}
                 start = time.perf_counter()
                 engine = LLMEngine(EngineConfig(model=directory, device=str(device), skip_tokenizer_init=True,
                                                 **options))

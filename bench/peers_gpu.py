@@ -16,8 +16,9 @@ PROFILE_STEPS decode steps at PROFILE_BATCH.
 
 Env: PEERS (comma list of inferq, transformers_cb, transformers_cb_graphs, transformers_cb_compiled,
 hf_static_b64; default inferq,transformers_cb,hf_static_b64; inferq always runs first, the peers after it in the
-order given), MICRO (default 1,8,64), MICRO_CTX (512), PROFILE_BATCH (comma list, default 64; empty or 0 skips;
-the last one's table is printed), PROFILE_STEPS (10), GPU_UTIL (0.85), OUT (directory for full outputs).
+order given), MICRO (default 1,8,64,256), MICRO_CTX (512), PROFILE_BATCH (comma list, default 64; empty or 0 skips;
+the last one's table is printed), PROFILE_STEPS (10), GPU_UTIL (0.85), OUT (directory for full outputs),
+INFERQ_ATTENTION (auto | torch | triton), INFERQ_EAGER=1 (no decode graphs).
 BENCH_DEVICE=cpu with the `tiny` shape is a smoke test of the script itself, not a benchmark.
 """
 import gc, json, os, random, statistics, sys, tempfile, time
@@ -129,7 +130,9 @@ def load_inferq(model_dir, max_num_seqs=256):
     from engine.llm import LLM
     t0 = time.perf_counter()
     llm = LLM(model_dir, skip_tokenizer_init=True, device=DEV, dtype="bfloat16", max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=8192, gpu_memory_utilization=float(os.environ.get("GPU_UTIL", "0.85")))
+              max_num_batched_tokens=8192, gpu_memory_utilization=float(os.environ.get("GPU_UTIL", "0.85")),
+              attention_backend=os.environ.get("INFERQ_ATTENTION", "auto"),
+              enforce_eager=os.environ.get("INFERQ_EAGER") == "1")
     stats = llm.engine.stats()
     print(f"inferq loaded in {time.perf_counter()-t0:.1f}s: {stats['num_kv_blocks']} KV blocks of "
           f"{llm.engine.config.block_size} tokens, max_model_len {llm.engine.max_model_len}", flush=True)
@@ -271,7 +274,7 @@ def main():
     shape = sys.argv[1] if len(sys.argv) > 1 else "llama2-7b"
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 256
     chosen = [s for s in os.environ.get("PEERS", "inferq,transformers_cb,hf_static_b64").split(",") if s]
-    micro_batches = [int(b) for b in os.environ.get("MICRO", "1,8,64").split(",") if b]
+    micro_batches = [int(b) for b in os.environ.get("MICRO", "1,8,64,256").split(",") if b]
     micro_ctx = int(os.environ.get("MICRO_CTX", "512"))
     prof_batches = [int(b) for b in os.environ.get("PROFILE_BATCH", "64").split(",") if b and int(b) > 0]
     prof_steps = int(os.environ.get("PROFILE_STEPS", "10"))

@@ -14,6 +14,7 @@ import torch
 from engine.attention import select_backend
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.decode_graphs import DecodeGraphs, graph_batch_sizes, graphs_supported
 from engine.detokenizer import IncrementalDetokenizer
 from engine.device import resolve_device, resolve_dtype, use_device
 from engine.kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for_budget
@@ -66,8 +67,13 @@ class LLMEngine:
         self.max_model_len = self._max_model_len(num_blocks * config.block_size)
         block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, allocate_kv_cache(spec, num_blocks, self.device),
-                                  select_backend(config.attention_backend, self.device), config.block_size, self.device)
+        backend = select_backend(config.attention_backend, self.device)
+        kv_caches = allocate_kv_cache(spec, num_blocks, self.device)
+        self.runner = ModelRunner(self.model, kv_caches, backend, config.block_size, self.device)
+        if not config.enforce_eager and graphs_supported(self.device, backend):
+            self.runner.graphs = DecodeGraphs(self.model, kv_caches, backend, self.device,
+                                              max_blocks_per_seq=-(-self.max_model_len // config.block_size))
+            self.runner.graphs.capture(graph_batch_sizes(config.max_num_seqs))
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
         self._groups: dict[str, _Group] = {}
         self._arrivals = itertools.count()

@@ -91,6 +91,7 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype):
     if missing:
         raise ValueError(f"{path}: weights missing from the checkpoint: {missing[:8]}"
                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    model.fuse_projections()
     model.to(device)  # moves the buffers (rotary frequencies, computed on the CPU); weights are there already
     model.eval().requires_grad_(False)
     log.info("loaded %s (%s) on %s as %s", path, cls.__name__, device, dtype)

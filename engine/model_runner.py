@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata
+from engine.decode_graphs import DecodeGraphs
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 
 
@@ -15,6 +16,7 @@ class ModelRunner:
         self.backend = backend
         self.block_size = block_size
         self.device = device
+        self.graphs: DecodeGraphs | None = None  # set by the engine where graph capture is possible
 
     def order(self, out: SchedulerOutput) -> list[ScheduledChunk]:
         """Decodes first (one batch for the attention backend), then prefill chunks; logits come back in this order."""
@@ -26,6 +28,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """chunks in `order()` order -> logits [number of chunks with sample=True, vocab] in float32."""
+        if self.graphs is not None and all(_is_decode(c) for c in chunks) and self.graphs.fits(len(chunks)):
+            return self._replay(chunks)
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -63,6 +67,19 @@ class ModelRunner:
         )
         hidden = self.model(tensor(input_ids), tensor(positions), self.kv_caches, meta, self.backend)
         return self.model.compute_logits(hidden[tensor(sample_rows)]).float()
+
+
+    def _replay(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        bs = self.block_size
+        positions = [c.start for c in chunks]
+        tables = [c.request.block_ids[:p // bs + 1] for c, p in zip(chunks, positions)]
+        logits = self.graphs.run(token_ids=[c.request.token_ids[c.start] for c in chunks], positions=positions,
+                                 slots=[t[-1] * bs + p % bs for t, p in zip(tables, positions)],
+                                 block_tables=tables, context_lens=[p + 1 for p in positions])
+        if all(c.sample for c in chunks):
+            return logits
+        # A one-token chunk in the middle of a chunked prompt samples nothing.
+        return logits[torch.tensor([i for i, c in enumerate(chunks) if c.sample], device=self.device)]
 
 
 def _is_decode(chunk: ScheduledChunk) -> bool:

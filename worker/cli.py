@@ -38,6 +38,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-kv-blocks", type=int)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--attention-backend", default="auto", help="auto | torch | triton")
+    parser.add_argument("--enforce-eager", action="store_true", help="never replay decode steps from device graphs")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -45,7 +47,8 @@ def engine_options(args: argparse.Namespace) -> dict:
     return dict(model=str(model), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-                gpu_memory_utilization=args.gpu_memory_utilization)
+                gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
+                enforce_eager=args.enforce_eager)
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:

@@ -27,6 +27,10 @@ class AttentionMetadata:
 
 
 class AttentionBackend(ABC):
+    # True when a decode-only forward needs no host data (decode_context_lens_host unused, no syncs), so that it
+    # can be captured in a device graph and replayed with padded rows (slot -1, context length 0).
+    supports_graphs: bool = False
+
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,

@@ -1,0 +1,104 @@
+"""Decode steps replayed from captured device graphs, one graph per batch size.
+
+A decode step of a small batch launches hundreds of small kernels; launching them from Python costs more than
+running them. A captured graph replays the whole forward pass (embedding to logits) with one launch. Graphs need
+fixed shapes and fixed addresses, so the inputs live in static buffers sized for the largest batch; a step of n
+requests runs the graph of the smallest captured size >= n, with the rows past n padded (cache slot -1: nothing is
+written; context length 0: nothing is read). The attention backend must therefore need no host data in a decode
+step (`AttentionBackend.supports_graphs`).
+
+CUDA graphs only for now: torch has no graph capture for the other accelerators we support.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from engine.attention import AttentionBackend, AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every 16 up to max_num_seqs (and max_num_seqs itself): padding wastes at most 15 rows."""
+    sizes = {s for s in (1, 2, 4, 8) if s <= max_num_seqs}
+    sizes.update(range(16, max_num_seqs + 1, 16))
+    sizes.add(max_num_seqs)
+    return sorted(sizes)
+
+
+def graphs_supported(device: torch.device, backend: AttentionBackend) -> bool:
+    return device.type == "cuda" and backend.supports_graphs
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 backend: AttentionBackend, device: torch.device, max_blocks_per_seq: int) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.backend = backend
+        self.device = device
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._sizes: list[int] = []
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._sizes[-1] if self._sizes else 0
+
+    @torch.inference_mode()
+    def capture(self, sizes: list[int]) -> None:
+        start = time.perf_counter()
+        largest = max(sizes)
+        zeros = lambda *shape, dtype=torch.int32: torch.zeros(shape, dtype=dtype, device=self.device)  # noqa: E731
+        self._input_ids = zeros(largest, dtype=torch.long)
+        self._positions = zeros(largest, dtype=torch.long)
+        self._slots = torch.full((largest,), -1, dtype=torch.long, device=self.device)
+        self._tables = zeros(largest, self.max_blocks_per_seq)
+        self._context_lens = zeros(largest)
+        pool = None
+        for size in sorted(sizes, reverse=True):  # largest first: the smaller graphs reuse its memory pool
+            for _ in range(2):  # compile and autotune every kernel before capture
+                self._forward(size)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(size)
+            pool = graph.pool()
+            self._graphs[size] = (graph, logits)
+        self._sizes = sorted(sizes)
+        log.info("captured decode graphs for %d batch sizes up to %d in %.1f s", len(sizes), largest,
+                 time.perf_counter() - start)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        meta = AttentionMetadata(slot_mapping=self._slots[:size], decode_block_tables=self._tables[:size],
+                                 decode_context_lens=self._context_lens[:size],
+                                 decode_context_lens_host=[0] * size, prefills=[])
+        hidden = self.model(self._input_ids[:size], self._positions[:size], self.kv_caches, meta, self.backend)
+        return self.model.compute_logits(hidden).float()
+
+    def fits(self, num_decodes: int) -> bool:
+        return 0 < num_decodes <= self.max_batch_size
+
+    @torch.inference_mode()
+    def run(self, token_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
+            context_lens: list[int]) -> torch.Tensor:
+        """One decode step of n = len(token_ids) requests -> logits [n, vocab] (float32; valid until the next run)."""
+        n = len(token_ids)
+        size = next(s for s in self._sizes if s >= n)
+        graph, logits = self._graphs[size]
+        width = max(len(t) for t in block_tables)
+        host = torch.tensor([token_ids, positions, slots, context_lens], dtype=torch.long)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+        self._input_ids[:n].copy_(host[0], non_blocking=True)
+        self._positions[:n].copy_(host[1], non_blocking=True)
+        self._slots[:n].copy_(host[2], non_blocking=True)
+        self._context_lens[:n].copy_(host[3], non_blocking=True)
+        # Columns past `width` keep stale block ids: the kernels never read past a row's context length.
+        self._tables[:n, :width].copy_(tables, non_blocking=True)
+        self._slots[n:size].fill_(-1)
+        self._context_lens[n:size].zero_()
+        graph.replay()
+        return logits[:n]
