@@ -20,6 +20,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_bytes: int = 1 << 30
     attention_backend: str = "auto"
+    # Run every step eagerly; otherwise decode steps replay captured device graphs where the device and the
+    # attention backend allow it (CUDA with the Triton backend).
+    enforce_eager: bool = False
     seed: int = 0
     # Tokenizer directory when it differs from the model directory.
     tokenizer: str | None = None
