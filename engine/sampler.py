@@ -51,6 +51,10 @@ class Sampler:
             return []
         device = logits.device
         params = [r.params for r in rows]
+        if all(p.greedy and p.logprobs is None and not _uses_penalties(p) for p in params) and not any(
+                r.suppressed_token_ids for r in rows):
+            # Plain greedy batch (the common case of benchmarks and batch jobs): argmax, nothing else.
+            return [SampledToken(token_id, None, None) for token_id in logits.argmax(dim=-1).tolist()]
 
         # 1. Log-probs of the raw model output, before penalties/temperature/truncation: vLLM v1's default
         # ("raw_logprobs"). Computed only when some row asks. [num_rows, vocab] float32.
