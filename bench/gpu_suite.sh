@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every GPU measurement of docs/PERFORMANCE.md, stage by stage; logs go to $OUT (default ./gpu-results).
+#   bash bench/gpu_suite.sh kernels parity tinyllama lanes llama7b
+# Stages: kernels (Triton attention against the torch backend, and its timings), parity (float32 token-exact and
+# bfloat16 agreement against transformers), tinyllama / llama7b (W256 against the peers, decode-step micro
+# benchmark), lanes (interactive TTFT while a batch runs; needs the service's Python packages).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 OUT
+for stage in "$@"; do
+  echo "=== $stage $(date -u +%FT%TZ)"
+  case $stage in
+    kernels) python3 bench/attention_check.py 2>&1 | tee "$OUT/kernels.txt" ;;
+    parity) python3 bench/gpu_parity.py --device cuda 2>&1 | tee "$OUT/parity.txt" ;;
+    tinyllama) PEERS=${PEERS:-inferq,transformers_cb,hf_static_b64} python3 bench/peers_gpu.py tinyllama-1.1b 2>&1 \
+      | tee "$OUT/tinyllama.txt" ;;
+    llama7b) PEERS=${PEERS:-inferq,transformers_cb_graphs,hf_static_b64} python3 bench/peers_gpu.py llama2-7b 2>&1 \
+      | tee "$OUT/llama7b.txt" ;;
+    lanes) python3 -m worker.cli demo-model /tmp/inferq-100m --size 100m >/dev/null &&
+      python3 bench/lanes_ttft.py --model /tmp/inferq-100m --device cuda --max-num-seqs 64 --batch-max-tokens 128 \
+        2>&1 | tee "$OUT/lanes.txt" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
