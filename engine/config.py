@@ -42,5 +42,5 @@ class EngineConfig:
                 positive(name)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        if self.attention_backend not in ("auto", "torch"):
-            raise ValueError(f"attention_backend must be auto or torch, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")

@@ -1,10 +1,17 @@
 """Shared fixtures."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter (tests/test_triton_attention.py). Triton fixes the
+# mode when it is first imported, and torch._dynamo (which transformers loads) imports it: decide before any test.
+if not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,30 @@
+"""Attention over the paged cache with Triton kernels: the torch backend's semantics at GPU speed (CUDA or Intel XPU).
+
+A decode-only step (no prefill chunks) launches a fixed sequence of kernels whose shapes come from tensor shapes
+alone: no host/device synchronisation and no branch on data, so the step can be captured in a CUDA graph (warm the
+kernels up once before capturing: the first call compiles them).
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.attention.triton_kernels import paged_decode, paged_prefill, store_kv
+
+
+class TritonAttentionBackend(AttentionBackend):
+    supports_graphs = True
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                scale: float, sliding_window: int | None) -> torch.Tensor:
+        k_cache, v_cache = kv_cache
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        num_decodes = meta.decode_block_tables.shape[0]
+        if num_decodes:
+            paged_decode(q[:num_decodes], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                         scale, sliding_window, out=out[:num_decodes])
+        if meta.prefills:
+            paged_prefill(q, k_cache, v_cache, meta.prefills, scale, sliding_window, out=out)
+        return out
