@@ -227,7 +227,9 @@ def _online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale, USE_DOT: tl.
     return m_new, l_i, acc * alpha[:, None] + weighted
 
 
-@triton.jit
+# Integer arguments that vary from step to step are not specialised on (Triton would otherwise compile a variant
+# for each of "equals 1", "divisible by 16" and "other": a ~0.5 s stall the first time each one shows up).
+@triton.jit(do_not_specialize=["window", "num_splits", "table_stride_seq"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
                          split_out_ptr, split_lse_ptr, qk_scale, window, num_heads, num_splits,
                          q_stride_seq, q_stride_head, cache_stride_block, cache_stride_slot, cache_stride_head,
@@ -286,7 +288,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
                  result.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(split_out_ptr, split_lse_ptr, out_ptr, num_heads, num_splits,
                           out_stride_seq, out_stride_head,
                           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
@@ -310,7 +312,7 @@ def _decode_reduce_kernel(split_out_ptr, split_lse_ptr, out_ptr, num_heads, num_
              result.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "table_stride_chunk"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, chunk_info_ptr, tile_info_ptr,
                     qk_scale, window,
                     q_stride_token, q_stride_head, cache_stride_block, cache_stride_slot, cache_stride_head,

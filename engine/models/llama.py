@@ -68,7 +68,7 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # a copy when fused: backends want it packed
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = rope.apply(q, k, cos_sin)
         out = backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(num_tokens, -1))
