@@ -170,11 +170,13 @@ class LLMEngine:
             group.sent_text[index] += delta
             sent = group.sent_tokens[index]
             group.sent_tokens[index] = request.num_output_tokens
+            # Copies only once finished: copying every step would cost O(length) per token (see CompletionOutput).
+            tokens, logprobs = request.output_token_ids, request.logprobs
             completions.append(CompletionOutput(
-                index=index, text=group.sent_text[index], token_ids=list(request.output_token_ids),
-                delta_text=delta, delta_token_ids=request.output_token_ids[sent:],
+                index=index, text=group.sent_text[index], token_ids=list(tokens) if finished else tokens,
+                delta_text=delta, delta_token_ids=tokens[sent:],
                 finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
-                logprobs=list(request.logprobs) if request.logprobs is not None else None))
+                logprobs=list(logprobs) if finished and logprobs is not None else logprobs))
         return RequestOutput(group.request_id, group.prompt_token_ids, completions, group.finished,
                              sum(r.num_preemptions for r in group.choices))
 

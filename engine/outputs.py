@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class CompletionOutput:
+    """One choice. Until it is finished, `token_ids` and `logprobs` are the engine's live lists (they grow with
+    later steps: copy them to keep a snapshot); a finished output owns its copies."""
+
     index: int
     text: str
     token_ids: list[int]
