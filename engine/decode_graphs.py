@@ -7,7 +7,8 @@ requests runs the graph of the smallest captured size >= n, with the rows past n
 written; context length 0: nothing is read). The attention backend must therefore need no host data in a decode
 step (`AttentionBackend.supports_graphs`).
 
-CUDA graphs only for now: torch has no graph capture for the other accelerators we support.
+CUDA graphs on NVIDIA cards; XPU graphs on Intel cards where the installed torch has them (torch.xpu.XPUGraph,
+same interface; that path has not run on Intel hardware yet). Off on the CPU.
 """
 from __future__ import annotations
 
@@ -29,8 +30,12 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sorted(sizes)
 
 
+_GRAPH_CLASSES = {"cuda": "CUDAGraph", "xpu": "XPUGraph"}
+
+
 def graphs_supported(device: torch.device, backend: AttentionBackend) -> bool:
-    return device.type == "cuda" and backend.supports_graphs
+    module = getattr(torch, device.type, None)
+    return backend.supports_graphs and hasattr(module, _GRAPH_CLASSES.get(device.type, "-"))
 
 
 class DecodeGraphs:
@@ -41,7 +46,9 @@ class DecodeGraphs:
         self.backend = backend
         self.device = device
         self.max_blocks_per_seq = max_blocks_per_seq
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # torch.cuda or torch.xpu: the same graph interface (Graph class, graph() capture context, synchronize).
+        self._api = getattr(torch, device.type)
+        self._graphs: dict[int, tuple[object, torch.Tensor]] = {}
         self._sizes: list[int] = []
 
     @property
@@ -62,9 +69,9 @@ class DecodeGraphs:
         for size in sorted(sizes, reverse=True):  # largest first: the smaller graphs reuse its memory pool
             for _ in range(2):  # compile and autotune every kernel before capture
                 self._forward(size)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            self._api.synchronize(self.device)
+            graph = getattr(self._api, _GRAPH_CLASSES[self.device.type])()
+            with self._api.graph(graph, pool=pool):
                 logits = self._forward(size)
             pool = graph.pool()
             self._graphs[size] = (graph, logits)

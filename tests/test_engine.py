@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from engine.config import EngineConfig
@@ -260,3 +261,13 @@ def test_penalties_run_in_a_mixed_batch(tiny):
     penalised, plain = llm.generate([[5, 6, 7], [5, 6, 7]], params)
     assert len(penalised.outputs[0].token_ids) == len(plain.outputs[0].token_ids) == 16
     assert penalised.outputs[0].token_ids != plain.outputs[0].token_ids
+
+
+def test_decode_graph_sizes_and_devices():
+    from engine.attention import select_backend
+    from engine.decode_graphs import graph_batch_sizes, graphs_supported
+
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert graph_batch_sizes(256)[-3:] == [224, 240, 256]
+    assert not graphs_supported(torch.device("cpu"), select_backend("torch", torch.device("cpu")))
