@@ -22,12 +22,20 @@ _END = object()
 
 
 class RequestStream:
-    """The outputs of one request, in order; iteration ends after the finished one."""
+    """The outputs of one request, in order; iteration ends after the finished one. A stream that is not
+    `incremental` gets only the first output and the finished one: its reader wakes twice, not once per token."""
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, incremental: bool = True) -> None:
         self.request_id = request_id
+        self.incremental = incremental
         self._queue: queue.Queue = queue.Queue()
+        self._sent_any = False
         self.final: RequestOutput | None = None
+
+    def _wants(self, output: RequestOutput) -> bool:
+        wanted = self.incremental or output.finished or not self._sent_any
+        self._sent_any = True
+        return wanted
 
     def _put(self, item: RequestOutput | BaseException) -> None:
         self._queue.put(item)
@@ -72,9 +80,10 @@ class AsyncEngine:
         self._thread.join(timeout=30)
 
     def submit(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-               priority: int = 0) -> RequestStream:
-        """Queue a request; ValueError (raised here) if the engine rejects it."""
-        stream = RequestStream(request_id)
+               priority: int = 0, incremental: bool = True) -> RequestStream:
+        """Queue a request; ValueError (raised here) if the engine rejects it. With `incremental=False` the stream
+        carries only the first and the finished output (for callers that do not stream tokens)."""
+        stream = RequestStream(request_id, incremental)
 
         def add() -> None:
             self.engine.add_request(request_id, prompt, params, priority)
@@ -114,7 +123,8 @@ class AsyncEngine:
                 stream = self._streams.get(output.request_id)
                 if stream is None:
                     continue
-                stream._put(output)
+                if stream._wants(output):
+                    stream._put(output)
                 if output.finished:
                     del self._streams[output.request_id]
 

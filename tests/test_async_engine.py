@@ -62,3 +62,12 @@ def test_abort_ends_the_stream_and_frees_blocks(setup):
     assert final.outputs[0].finish_reason == "abort" and len(final.outputs[0].token_ids) < 400
     stats = engine.stats()
     assert stats["num_free_kv_blocks"] == stats["num_kv_blocks"]
+
+
+def test_a_stream_that_is_not_incremental_gets_the_first_and_the_last_output(setup):
+    engine, model = setup
+    stream = engine.submit("quiet", [5, 6, 7], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                           incremental=False)
+    outputs = list(stream)
+    assert len(outputs) == 2 and outputs[0].outputs[0].delta_token_ids and outputs[-1].finished
+    assert outputs[-1].outputs[0].token_ids == greedy_reference(model, [5, 6, 7], 12)

@@ -44,7 +44,9 @@ def _run(runtime: WorkerRuntime, job: Job) -> None:
         params = SamplingParams(**body.sampling_kwargs())
         prompt_ids = _prompt_ids(runtime, body)
         _check_context(runtime, len(prompt_ids), params.max_tokens)
-        stream = runtime.engine.submit(job_id, prompt_ids, params, job.priority)
+        # Batch lines stream no tokens (their result goes to the batch's output file): with hundreds of them in the
+        # engine, per-token wake-ups and Redis writes would slow the interactive requests beside them.
+        stream = runtime.engine.submit(job_id, prompt_ids, params, job.priority, incremental=not job.bulk)
     except ValueError as exc:
         _finish(store, job_id, "failed", error=error_body(str(exc))["error"] | {"status_code": 400})
         return
@@ -58,7 +60,7 @@ def _run(runtime: WorkerRuntime, job: Job) -> None:
         if first_token and any(c.delta_token_ids for c in output.outputs):
             store.mark_first_token(job_id)
             first_token = False
-        if deltas:
+        if deltas and not job.bulk:
             store.append_stream(job_id, {"type": "delta", "choices": deltas})
 
     final = stream.final
