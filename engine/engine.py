@@ -79,6 +79,8 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self._pending: list[RequestOutput] = []
         self.last_step_batch_size = 0  # requests that computed tokens in the last step (for metrics)
+        if self.device.type != "cpu":
+            self._warm_up()
 
     # ---- requests in and out ----
 
@@ -181,6 +183,16 @@ class LLMEngine:
                              sum(r.num_preemptions for r in group.choices))
 
     # ---- helpers ----
+
+    def _warm_up(self) -> None:
+        """One short request through every step kind, so that kernels compile now rather than during the first
+        requests (a Triton kernel's first launch takes ~0.5 s)."""
+        request_id = "inferq-warm-up"
+        self.add_request(request_id, [0] * min(32, self.max_model_len - 3),
+                         SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+        while request_id in self._groups:
+            self.step()
+        self._pending.clear()
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

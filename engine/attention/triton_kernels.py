@@ -94,7 +94,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if split:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             split_out, split_lse, out, num_heads, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=triton.next_power_of_2(num_splits))
+            # One compiled variant whatever the split count (a new count mid-run would stall ~0.5 s compiling).
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=_DECODE_MAX_SPLITS)
     return out
 
 
