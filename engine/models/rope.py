@@ -1,4 +1,5 @@
-"""Rotary position embedding with the scaling variants of Llama 2 and 3 (linear, llama3, yarn)."""
+"""Rotary position embedding with the scaling variants of Llama 2 and 3 (linear, llama3, yarn): the frequencies and
+their cos/sin per position; engine/fused_ops.apply_rotary rotates q and k with them."""
 from __future__ import annotations
 
 import torch
@@ -39,19 +40,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [num_tokens] -> cos, sin [num_tokens, 1, head_dim], in float32 then cast, as the reference does."""
+        """positions [num_tokens] -> cos, sin [num_tokens, 1, head_dim], in float32 then cast, as the reference does.
+        Once per forward pass, shared by all layers. The second half of head_dim repeats the first (the rotary
+        kernel reads only the first)."""
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)
         sin = (emb.sin() * self.attention_scaling).to(dtype)
         return cos[:, None, :], sin[:, None, :]
-
-    @staticmethod
-    def apply(q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]):
-        cos, sin = cos_sin
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
