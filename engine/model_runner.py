@@ -54,16 +54,18 @@ class ModelRunner:
             if chunk.sample:
                 sample_rows.append(len(input_ids) - 1)
 
-        def tensor(values) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=self.device)
+        def tensor(values, dtype=torch.long) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
 
         width = max((len(t) for t in decode_tables), default=0)
         meta = AttentionMetadata(
             slot_mapping=tensor(slots),
-            decode_block_tables=tensor([t + [0] * (width - len(t)) for t in decode_tables]).view(len(decode_tables), width),
-            decode_context_lens=tensor(decode_lens),
+            # int32 as in the captured decode graphs: kernels compile per argument dtype.
+            decode_block_tables=tensor([t + [0] * (width - len(t)) for t in decode_tables], torch.int32).view(
+                len(decode_tables), width),
+            decode_context_lens=tensor(decode_lens, torch.int32),
             decode_context_lens_host=decode_lens,
-            prefills=[(first, n, ctx, tensor(table)) for first, n, ctx, table in prefill_spans],
+            prefills=[(first, n, ctx, tensor(table, torch.int32)) for first, n, ctx, table in prefill_spans],
         )
         hidden = self.model(tensor(input_ids), tensor(positions), self.kv_caches, meta, self.backend)
         return self.model.compute_logits(hidden[tensor(sample_rows)]).float()
