@@ -5,6 +5,7 @@ samples, detokenizes, and returns the outputs of the requests that advanced.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 from dataclasses import dataclass
@@ -81,6 +82,9 @@ class LLMEngine:
         self.last_step_batch_size = 0  # requests that computed tokens in the last step (for metrics)
         if self.device.type != "cpu":
             self._warm_up()
+            # Everything alive now (model, caches, graphs, libraries) lives as long as the process: keep it out of
+            # the garbage collector's full passes, which otherwise stall a step ~0.2 s now and then.
+            gc.freeze()
 
     # ---- requests in and out ----
 
