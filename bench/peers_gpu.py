@@ -209,11 +209,31 @@ def decode_micro(engine, batches, ctx, steps=30, warm=5):
             engine.step()
             sync(); times.append(time.perf_counter() - s)
         ms = 1e3 * statistics.median(times)
+        replay_ms = _graph_replay_ms(engine, b)
         rows.append({"batch": b, "context": f"{ctx}..{ctx + warm + steps}", "median_step_ms": ms,
-                     "min_step_ms": 1e3 * min(times), "max_step_ms": 1e3 * max(times), "tok_s": b / (ms / 1e3)})
-        print(f"micro batch {b}: {ms:.2f} ms/step, {b/(ms/1e3):.0f} tok/s", flush=True)
+                     "min_step_ms": 1e3 * min(times), "max_step_ms": 1e3 * max(times), "tok_s": b / (ms / 1e3),
+                     "graph_replay_ms": replay_ms})
+        print(f"micro batch {b}: {ms:.2f} ms/step, {b/(ms/1e3):.0f} tok/s, graph replay alone "
+              f"{replay_ms:.2f} ms" if replay_ms else f"micro batch {b}: {ms:.2f} ms/step", flush=True)
         _drain(engine, ids)
     return rows
+
+
+def _graph_replay_ms(engine, batch, reps=30):
+    """GPU time of the decode graph of this batch size replayed back to back (the step minus all host work);
+    None without graphs."""
+    graphs = engine.runner.graphs
+    if graphs is None or DEV != "cuda" or not graphs.fits(batch):
+        return None
+    graph, _ = graphs._graphs[next(s for s in graphs._sizes if s >= batch)]
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def _classify(fe):
@@ -372,9 +392,10 @@ def main():
         print(json.dumps(prof_summary, indent=1))
     if micro:
         print("-- inferq decode step (median of 30) --")
-        print("| batch | context | ms/step | tok/s |")
+        print("| batch | context | ms/step | tok/s | graph replay alone, ms |")
         for m in micro:
-            print(f"| {m['batch']} | {m['context']} | {m['median_step_ms']:.2f} | {m['tok_s']:.0f} |")
+            replay = f"{m['graph_replay_ms']:.2f}" if m.get("graph_replay_ms") else "-"
+            print(f"| {m['batch']} | {m['context']} | {m['median_step_ms']:.2f} | {m['tok_s']:.0f} | {replay} |")
     ok = [k for k in chosen if k in results]
     print("-- W256 --")
     print("| system | out tokens | s | out tok/s | fraction of floor | " + " | ".join(f"x {k}" for k in ok) + " |")
