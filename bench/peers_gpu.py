@@ -162,7 +162,7 @@ def run_inferq(llm, reqs, log):
     outs = llm.generate([p for p, _ in reqs], params)
     sync()
     dt = time.perf_counter() - t0
-    engine.step = real_step
+    del engine.step  # back to the class's method (keeping a bound method on the instance would be a cycle)
     useful = sum(len(o.outputs[0].token_ids) for o in outs)
     assert useful == sum(m for _, m in reqs), (useful, sum(m for _, m in reqs))
     full = [t for t, b in steps if b == max(b for _, b in steps)]
@@ -200,6 +200,10 @@ def _drain(engine, ids):
 def decode_micro(engine, batches, ctx, steps=30, warm=5):
     rows = []
     for b in batches:
+        block = engine.config.block_size
+        if b * -(-(ctx + warm + steps + 1) // block) > engine.stats()["num_kv_blocks"]:
+            print(f"micro batch {b}: skipped, {b} requests of {ctx}+ tokens do not fit the KV cache", flush=True)
+            continue
         ids = _fill_decoding(engine, b, ctx, "mb")
         for _ in range(warm):
             engine.step()
@@ -364,6 +368,7 @@ def main():
                 print(f"profile batch {prof_batch}: {json.dumps(prof_summary)}", flush=True)
                 save()
             del llm
+            gc.unfreeze()  # the engine froze the heap at start (engine/engine.py): let the collector reach it again
             gc.collect()
             if DEV == "cuda":
                 torch.cuda.empty_cache()

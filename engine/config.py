@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# --load-in-low-bit formats (engine/low_bit.py); here so that the command line can offer them without torch.
+LOW_BIT_FORMATS = ("sym_int4", "asym_int4", "sym_int8", "fp8", "fp16", "bf16")
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -20,6 +23,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_bytes: int = 1 << 30
     attention_backend: str = "auto"
+    # Weights below 16 bits (engine/low_bit.py): sym_int4, asym_int4, sym_int8, fp8, fp16 or bf16; None keeps the
+    # checkpoint's precision (in `dtype`).
+    load_in_low_bit: str | None = None
     # Run every step eagerly; otherwise decode steps replay captured device graphs where the device and the
     # attention backend allow it (CUDA with the Triton backend).
     enforce_eager: bool = False
@@ -42,5 +48,8 @@ class EngineConfig:
                 positive(name)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.load_in_low_bit is not None and self.load_in_low_bit not in LOW_BIT_FORMATS:
+            raise ValueError(f"load_in_low_bit must be one of {', '.join(LOW_BIT_FORMATS)}, "
+                             f"got {self.load_in_low_bit!r}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")

@@ -42,9 +42,9 @@ LLAMA2_CHAT_TEMPLATE = (
 
 DEMO_SIZES: dict[str, dict] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=176),
+                 intermediate_size=192),
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
-                  intermediate_size=688),
+                  intermediate_size=704),
     # ~85M parameters in the layers; ~100M in all with a vocabulary of ~8000.
     "100m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
                  intermediate_size=2048),

@@ -20,12 +20,13 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.device import resolve_device, resolve_dtype, use_device
 from engine.kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for_budget
 from engine.loader import eos_token_ids, load_config, load_model, load_tokenizer
+from engine.low_bit import compute_dtype
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler, SamplingRow
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledChunk, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ class LLMEngine:
         use_device(self.device)
         hf_config = load_config(config.model)
         self.dtype = resolve_dtype(config.dtype, _checkpoint_dtype(hf_config), self.device)
-        self.model, self.hf_config = load_model(config.model, self.device, self.dtype)
+        if config.load_in_low_bit:
+            self.dtype = compute_dtype(config.load_in_low_bit, self.device, self.dtype, config.dtype != "auto")
+        self.model, self.hf_config = load_model(config.model, self.device, self.dtype, config.load_in_low_bit)
         self.tokenizer = (None if config.skip_tokenizer_init
                           else load_tokenizer(config.tokenizer or config.model))
         self.eos_token_ids = eos_token_ids(config.model, hf_config)
@@ -185,6 +188,22 @@ class LLMEngine:
                 logprobs=list(logprobs) if finished and logprobs is not None else logprobs))
         return RequestOutput(group.request_id, group.prompt_token_ids, completions, group.finished,
                              sum(r.num_preemptions for r in group.choices))
+
+    @torch.inference_mode()
+    def prompt_logits(self, prompt: str | list[int]) -> torch.Tensor:
+        """The logits of the token after `prompt` ([vocab], float32), from one prefill outside any batch: what
+        accuracy checks compare across weight formats of one checkpoint. Only on an idle engine."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("prompt_logits needs an idle engine")
+        ids = self._prompt_ids(prompt)
+        request = Request("inferq-prompt-logits", ids, SamplingParams(max_tokens=1), max_tokens=1, arrival=-1)
+        block_manager = self.scheduler.block_manager
+        if not block_manager.allocate(request.block_ids, len(ids)):
+            raise ValueError(f"a prompt of {len(ids)} tokens does not fit the free KV cache")
+        try:
+            return self.runner.execute([ScheduledChunk(request, 0, len(ids), sample=True)])[0]
+        finally:
+            block_manager.free(request.block_ids)
 
     # ---- helpers ----
 

@@ -1,7 +1,9 @@
 """Hugging Face checkpoint directory -> our model on a device, plus its tokenizer and generation defaults.
 
 The model is built on the meta device (no memory), then every tensor from the safetensors files is copied to the
-target device in the target dtype and assigned by name: peak memory is the model once, never a second copy.
+target device in the target dtype and assigned by name: peak memory is the model once, never a second copy. Each
+decoder layer is finished as soon as its last tensor arrives: its projections fused and, with a low-bit format,
+quantized, so a low-bit model never holds more than a layer or two in 16 bits.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from engine.low_bit import quantize_linears
 from engine.models import model_class
 
 log = logging.getLogger(__name__)
@@ -57,15 +60,18 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype):
+def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, low_bit: str | None = None):
     """Returns (model, hf_config). ValueError for an unknown architecture and for missing, unexpected or
-    mis-shaped weights, naming the tensors."""
+    mis-shaped weights, naming the tensors. `low_bit`: a format of engine/low_bit.py for the decoder layers'
+    projections."""
     path = check_model_dir(model_dir)
     config = load_config(path)
     cls = model_class(config.architectures)
     with torch.device("meta"):
         model = cls(config)
     expected = dict(model.named_parameters())
+    layers = model.model.layers
+    unfinished = {i: {n for n in expected if _layer_index(n) == i} for i in range(len(layers))}
     loaded: set[str] = set()
     unexpected: list[str] = []
     for file in safetensors_files(path):
@@ -85,17 +91,34 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype):
                                      f"the config implies {want}")
                 _assign(model, name, tensor.to(device=device, dtype=dtype))
                 loaded.add(name)
+                index = _layer_index(name)
+                if index is not None:
+                    unfinished[index].discard(name)
+                    if not unfinished[index]:
+                        _finish_layer(layers[index], low_bit)
     if unexpected:
         raise ValueError(f"{path}: weights the {cls.__name__} architecture does not have: {sorted(unexpected)[:8]}")
     missing = sorted(set(expected) - loaded)
     if missing:
         raise ValueError(f"{path}: weights missing from the checkpoint: {missing[:8]}"
                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-    model.fuse_projections()
     model.to(device)  # moves the buffers (rotary frequencies, computed on the CPU); weights are there already
     model.eval().requires_grad_(False)
-    log.info("loaded %s (%s) on %s as %s", path, cls.__name__, device, dtype)
+    log.info("loaded %s (%s) on %s as %s%s", path, cls.__name__, device, dtype,
+             f", decoder projections in {low_bit}" if low_bit else "")
     return model, config
+
+
+def _layer_index(name: str) -> int | None:
+    """The decoder layer a parameter belongs to (names are model.layers.<i>.…), None outside the layers."""
+    parts = name.split(".", 3)
+    return int(parts[2]) if parts[:2] == ["model", "layers"] else None
+
+
+def _finish_layer(layer: nn.Module, low_bit: str | None) -> None:
+    layer.fuse()
+    if low_bit:
+        quantize_linears(layer, low_bit)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

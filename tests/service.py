@@ -50,9 +50,9 @@ class Service:
         return subprocess.Popen([sys.executable, "-m", "worker.cli", "--log-level", "INFO", *args], env=self.env,
                                 stdout=log, stderr=subprocess.STDOUT)
 
-    def start_worker(self, max_num_seqs: int = 8, device: str = "cpu") -> None:
+    def start_worker(self, max_num_seqs: int = 8, device: str = "cpu", extra_args: tuple[str, ...] = ()) -> None:
         self.worker = self._spawn("worker", "worker", "--model", str(self.model_dir), "--served-model-name", MODEL,
-                                  "--device", device, "--max-num-seqs", str(max_num_seqs))
+                                  "--device", device, "--max-num-seqs", str(max_num_seqs), *extra_args)
         self._wait(lambda: bool(self.store.workers(MODEL)), "the worker to announce itself", self.worker)
 
     def start_webhook_worker(self) -> None:

@@ -106,8 +106,8 @@ def test_weights_are_seeded_and_scaled():
     assert not torch.equal(a["lm_head.weight"], random_llama_weights(config, seed=2)["lm_head.weight"])
     assert a["model.layers.0.self_attn.q_proj.weight"].shape == (64, 64)
     assert a["model.layers.0.self_attn.k_proj.weight"].shape == (32, 64)  # 2 kv heads of 16
-    assert a["model.layers.0.mlp.down_proj.weight"].shape == (64, 176)
-    assert abs(a["model.layers.0.mlp.down_proj.weight"].std().item() - 176 ** -0.5) < 0.01
+    assert a["model.layers.0.mlp.down_proj.weight"].shape == (64, 192)
+    assert abs(a["model.layers.0.mlp.down_proj.weight"].std().item() - 192 ** -0.5) < 0.01
     assert torch.equal(a["model.norm.weight"], torch.ones(64))
     with pytest.raises(ValueError, match="size"):
         llama_config("huge", vocab_size=320)

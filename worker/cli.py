@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from engine.config import LOW_BIT_FORMATS
+
 
 def default_model_dir() -> Path:
     """The embedded default model: the demo checkpoint, written on first use."""
@@ -40,6 +42,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--attention-backend", default="auto", help="auto | torch | triton")
     parser.add_argument("--enforce-eager", action="store_true", help="never replay decode steps from device graphs")
+    parser.add_argument("--load-in-low-bit", choices=LOW_BIT_FORMATS,
+                        help="weight format, applied while the checkpoint loads: "
+                             "sym_int4 | asym_int4 | sym_int8 | fp8 (e4m3) | fp16 | bf16")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -48,7 +53,7 @@ def engine_options(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                 gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
-                enforce_eager=args.enforce_eager)
+                enforce_eager=args.enforce_eager, load_in_low_bit=args.load_in_low_bit)
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
@@ -145,6 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker_cmd = [*base, "worker", "--model", str(model), "--served-model-name", name, "--device", args.device,
                       "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
                       "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+        if args.load_in_low_bit:
+            worker_cmd += ["--load-in-low-bit", args.load_in_low_bit]
         # Own sessions, so a Ctrl-C reaches only this process, which then stops the children before Redis.
         children = [subprocess.Popen(worker_cmd, env=env, start_new_session=True),
                     subprocess.Popen([*base, "api", "--host", args.host, "--port", str(args.port)], env=env,

@@ -102,7 +102,8 @@ def start_runtime(config: EngineConfig, model_name: str, settings: Settings, ext
     global _runtime
     llm_engine = LLMEngine(config)
     info = {"model": model_name, "max_model_len": llm_engine.max_model_len, "device": str(llm_engine.device),
-            "dtype": str(llm_engine.dtype).removeprefix("torch."), **extra_info}
+            "dtype": str(llm_engine.dtype).removeprefix("torch."), "load_in_low_bit": config.load_in_low_bit,
+            **extra_info}
     _runtime = WorkerRuntime(AsyncEngine(llm_engine).start(), JobStore.from_url(
         settings.redis_url, prefix=settings.key_prefix, retention_seconds=settings.result_retention_seconds),
         settings, model_name, info)

@@ -25,7 +25,10 @@ def list_models(store: StoreDep, _: OwnerDep) -> dict:
     for name, workers in sorted(store.models().items()):
         if workers:
             data.append({"id": name, "object": "model", "created": 0, "owned_by": "inferq",
-                         "max_model_len": min(int(w.get("max_model_len", 0)) for w in workers)})
+                         "max_model_len": min(int(w.get("max_model_len", 0)) for w in workers),
+                         # The weight formats its workers run (--load-in-low-bit); empty: the checkpoint's own.
+                         "load_in_low_bit": sorted({w["load_in_low_bit"] for w in workers
+                                                    if w.get("load_in_low_bit")})})
     return {"object": "list", "data": data}
 
 

@@ -52,7 +52,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
-        self.qkv_proj: nn.Linear | None = None  # set by fuse(), which the loader calls before any forward
+        self.qkv_proj: nn.Linear | None = None  # set by fuse(), which the loader calls
 
     def fuse(self) -> None:
         self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
@@ -79,7 +79,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
-        self.gate_up_proj: nn.Linear | None = None  # set by fuse(), which the loader calls before any forward
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse(), which the loader calls
 
     def fuse(self) -> None:
         self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
@@ -97,6 +97,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def fuse(self) -> None:
+        """Once the layer's checkpoint tensors are in (they name q/k/v and gate/up apart): one GEMM for q, k and
+        v, one for gate and up. Peak memory grows by the projections while each is concatenated."""
+        self.self_attn.fuse()
+        self.mlp.fuse()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
@@ -141,13 +147,6 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.rope = RotaryEmbedding(config, head_dim)
-
-    def fuse_projections(self) -> None:
-        """After loading (the checkpoint names q/k/v and gate/up apart): one GEMM for q, k and v, one for gate
-        and up. Peak memory grows by one layer's projections while each is concatenated."""
-        for layer in self.model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
 
     @staticmethod
     def sliding_window(config, layer_idx: int) -> int | None:
