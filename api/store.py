@@ -343,8 +343,19 @@ class JobStore:
         """Interactive jobs of `model` still queued (not yet picked up by a worker)."""
         return int(self.r.zcard(self._queued_key(model)))
 
-    def queued_ids(self, model: str) -> list[str]:
-        return self.r.zrange(self._queued_key(model), 0, -1)
+    def queued_ids(self, model: str, older_than_s: float = 0.0) -> list[str]:
+        """Queued interactive jobs of `model`, oldest first; with `older_than_s`, only those created that long ago."""
+        if not older_than_s:
+            return self.r.zrange(self._queued_key(model), 0, -1)
+        return self.r.zrangebyscore(self._queued_key(model), "-inf", time.time() - older_than_s)
+
+    def never_sent(self, job_ids: list[str]) -> list[str]:
+        """Those of `job_ids` still queued that no message was ever sent for (dispatch number 0)."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(self.job_key(job_id), "status", "dispatch")
+        return [job_id for job_id, (status, dispatch) in zip(job_ids, pipe.execute())
+                if status == "queued" and not int(dispatch or 0)]
 
     # ---- transitions ------------------------------------------------------------------------------------------
     def dispatch(self, job_id: str, *, again: bool = False) -> int | None:

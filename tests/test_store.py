@@ -301,3 +301,14 @@ def test_bulk_jobs_do_not_count_in_queue_depth(store: JobStore) -> None:
     new_job(store, bulk=True)
     interactive = new_job(store)
     assert store.queue_depth("demo") == 1 and store.queued_ids("demo") == [interactive.id]
+
+
+def test_never_sent_finds_queued_jobs_without_a_message(store: JobStore) -> None:
+    sent, orphan, cancelled = new_job(store), new_job(store), new_job(store)
+    assert store.dispatch(sent.id) == 1
+    store.request_cancel(cancelled.id)
+    assert store.queued_ids("demo") == [sent.id, orphan.id]
+    assert store.never_sent([sent.id, orphan.id, cancelled.id]) == [orphan.id]
+    assert store.queued_ids("demo", older_than_s=60) == []  # all just created
+    time.sleep(0.05)
+    assert store.queued_ids("demo", older_than_s=0.01) == [sent.id, orphan.id]

@@ -59,3 +59,20 @@ def test_worker_killed_mid_job_loses_nothing(redis_url, demo_model_dir, tmp_path
         assert fresh["choices"][0]["text"] == jobs[0]["result"]["choices"][0]["text"]
     finally:
         service.stop()
+
+
+def test_job_recorded_by_an_api_that_died_before_sending_it_still_runs(redis_url, demo_model_dir, tmp_path):
+    """The first half of a submission (the job recorded in Redis) without the second (its message sent): what an
+    API process killed between the two leaves behind. A worker's heartbeat sends it."""
+    service = Service(redis_url, demo_model_dir, tmp_path)
+    try:
+        service.start_worker()
+        body = {**LONG, "max_tokens": 8, "prompt": "orphan:"}
+        job, created = service.store.create(owner="o", model=MODEL, endpoint="completions", request=body)
+        assert created and service.store.get(job.id).dispatch == 0
+        finished = service.store.wait_for_terminal(job.id, timeout_s=60)
+        assert finished is not None and finished.status == "succeeded"
+        assert (finished.attempts, finished.dispatch) == (1, 1)
+        assert finished.usage["completion_tokens"] == 8
+    finally:
+        service.stop()

@@ -11,6 +11,8 @@ rely on redelivery:
   sent before gets a replacement message.
 Each replacement carries a new dispatch number, so the older message of the same job (if it still exists, or
 comes back after the visibility timeout) is skipped: no job runs twice.
+
+The API can die too, between recording a job and sending its first message: `send_never_sent` sends it instead.
 """
 from __future__ import annotations
 
@@ -84,3 +86,14 @@ class JobLeases:
         if replaced:
             log.warning("sent %d queued job(s) of %s again after a worker died", len(replaced), self.model)
         return replaced
+
+
+def send_never_sent(store: JobStore, model: str, grace_s: float = 2.0) -> list[str]:
+    """Send the first message of every interactive job of `model` queued over `grace_s` ago with none sent (its
+    API process died right after recording it). If that process still lives and sends too, only one first
+    message wins (JobStore.dispatch)."""
+    sent = [job_id for job_id in store.never_sent(store.queued_ids(model, older_than_s=grace_s))
+            if enqueue(store, job_id, model)]
+    if sent:
+        log.warning("sent %d queued job(s) of %s that had no message (their API process died?)", len(sent), model)
+    return sent

@@ -14,7 +14,7 @@ from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from worker.batch_tasks import on_job_finished, pump, repair_lane
-from worker.recovery import JobLeases
+from worker.recovery import JobLeases, send_never_sent
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class WorkerRuntime:
                 self.leases.join()
                 self.leases.recover(lambda job: on_job_finished(self.store, job))
                 repair_lane(self.store, self.model_name)
+                send_never_sent(self.store, self.model_name)
                 pump(self.store, self.model_name)  # capacity may have grown: this worker is (newly) alive
             except Exception:  # noqa: BLE001 - Redis may blip; the next beat retries
                 log.warning("heartbeat failed", exc_info=True)
