@@ -22,20 +22,12 @@ _END = object()
 
 
 class RequestStream:
-    """The outputs of one request, in order; iteration ends after the finished one. A stream that is not
-    `incremental` gets only the first output and the finished one: its reader wakes twice, not once per token."""
+    """The outputs of one request, in order; iteration ends after the finished one."""
 
-    def __init__(self, request_id: str, incremental: bool = True) -> None:
+    def __init__(self, request_id: str) -> None:
         self.request_id = request_id
-        self.incremental = incremental
         self._queue: queue.Queue = queue.Queue()
-        self._sent_any = False
         self.final: RequestOutput | None = None
-
-    def _wants(self, output: RequestOutput) -> bool:
-        wanted = self.incremental or output.finished or not self._sent_any
-        self._sent_any = True
-        return wanted
 
     def _put(self, item: RequestOutput | BaseException) -> None:
         self._queue.put(item)
@@ -82,11 +74,12 @@ class AsyncEngine:
     def submit(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                priority: int = 0, incremental: bool = True) -> RequestStream:
         """Queue a request; ValueError (raised here) if the engine rejects it. With `incremental=False` the stream
-        carries only the first and the finished output (for callers that do not stream tokens)."""
-        stream = RequestStream(request_id, incremental)
+        carries only the first and the finished output (for callers that do not stream tokens): its reader wakes
+        twice, not once per token, and the engine builds no outputs in between."""
+        stream = RequestStream(request_id)
 
         def add() -> None:
-            self.engine.add_request(request_id, prompt, params, priority)
+            self.engine.add_request(request_id, prompt, params, priority, stream=incremental)
             self._streams[request_id] = stream
 
         self._call(add)
@@ -123,8 +116,7 @@ class AsyncEngine:
                 stream = self._streams.get(output.request_id)
                 if stream is None:
                     continue
-                if stream._wants(output):
-                    stream._put(output)
+                stream._put(output)
                 if output.finished:
                     del self._streams[output.request_id]
 

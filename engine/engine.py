@@ -5,6 +5,7 @@ samples, detokenizes, and returns the outputs of the requests that advanced.
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import itertools
 import logging
@@ -30,6 +31,10 @@ from engine.scheduler import ScheduledChunk, Scheduler
 
 log = logging.getLogger(__name__)
 
+# Engines freeze the heap (see LLMEngine.__init__); at exit it is handed back, so that the interpreter's last
+# collection frees it (native extensions such as Triton's report whatever was never freed).
+atexit.register(gc.unfreeze)
+
 
 @dataclass(slots=True, eq=False)
 class _Group:
@@ -40,6 +45,8 @@ class _Group:
     choices: list[Request]
     sent_tokens: list[int]
     sent_text: list[str]
+    # Whether the caller wants an output after every step; otherwise only after its first token and at its end.
+    stream: bool = True
 
     @property
     def finished(self) -> bool:
@@ -85,15 +92,19 @@ class LLMEngine:
         self.last_step_batch_size = 0  # requests that computed tokens in the last step (for metrics)
         if self.device.type != "cpu":
             self._warm_up()
-            # Everything alive now (model, caches, graphs, libraries) lives as long as the process: keep it out of
-            # the garbage collector's full passes, which otherwise stall a step ~0.2 s now and then.
-            gc.freeze()
+        # Everything alive now (model, caches, graphs, libraries) lives as long as the process: keep it out of the
+        # garbage collector's full passes, which otherwise stall a GPU step ~0.2 s now and then and cost a CPU step
+        # at batch 256 ~40% of its time (the outputs of each step are many small objects: collections run often).
+        gc.freeze()
 
     # ---- requests in and out ----
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    priority: int = 0) -> None:
-        """Queue a prompt (text or token ids). ValueError for a bad request; the engine state is then unchanged."""
+                    priority: int = 0, stream: bool = True) -> None:
+        """Queue a prompt (text or token ids). ValueError for a bad request; the engine state is then unchanged.
+        With `stream=False`, step() returns this request's output only after its first token and once finished
+        (the later one carries everything): building an output for every request at every step is a large part
+        of a big batch's host time, wasted on callers that only want results."""
         params = params or SamplingParams()
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -112,7 +123,7 @@ class LLMEngine:
                 detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
             choices.append(Request(f"{request_id}/{index}", prompt_ids, params, max_tokens, arrival, priority,
                                    self.eos_token_ids, generator, detokenizer))
-        self._groups[request_id] = _Group(request_id, prompt_ids, choices, [0] * params.n, [""] * params.n)
+        self._groups[request_id] = _Group(request_id, prompt_ids, choices, [0] * params.n, [""] * params.n, stream)
         for request in choices:
             self.scheduler.add(request)
 
@@ -151,8 +162,10 @@ class LLMEngine:
             group_id = request.request_id.rpartition("/")[0]
             advanced[group_id] = self._groups[group_id]
         for group_id, group in advanced.items():
-            outputs.append(self._output(group))
-            if group.finished:
+            finished = group.finished
+            if group.stream or finished or not any(group.sent_tokens):
+                outputs.append(self._output(group))
+            if finished:
                 del self._groups[group_id]
         return outputs
 

@@ -38,7 +38,7 @@ class LLM:
         request_ids = [str(next(self._ids)) for _ in prompts]
         try:
             for request_id, prompt, p, prio in zip(request_ids, prompts, params_list, priorities):
-                self.engine.add_request(request_id, prompt, p, prio)
+                self.engine.add_request(request_id, prompt, p, prio, stream=False)
         except ValueError:
             for request_id in request_ids:
                 self.engine.abort_request(request_id)
