@@ -22,6 +22,7 @@ from engine.config import EngineConfig
 from engine.llm import LLM
 from engine.low_bit import Int8Linear, int4_groups, quantize_linears, weight_bytes
 from engine.sampling_params import SamplingParams
+from tests.checkpoints import ARCHITECTURES, write_checkpoint
 from tests.service import MODEL, Service
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "def main():", "In the beginning"]
@@ -165,3 +166,34 @@ def test_worker_with_a_format_the_device_lacks_exits_at_start_up(redis_url, demo
         assert not service.store.workers(MODEL)
     finally:
         service.stop()
+
+
+@pytest.mark.parametrize("fmt", ["sym_int4", "asym_int4", "sym_int8"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_computes_with_exactly_the_quantized_weights(arch, fmt, tmp_path):
+    """Oracle: transformers on the same checkpoint with each decoder projection replaced by its dequantized
+    weights (the format's stated scheme, recomputed here per projection, unfused). Biases (Qwen2's q/k/v), tied
+    heads, GQA and sliding windows all pass through; fusing q/k/v and gate/up before quantizing changes nothing,
+    since groups and scales never span two output rows."""
+    reference = write_checkpoint(tmp_path, arch)
+    for layer in reference.model.layers:
+        for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                       layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            linear.weight.data = dequantized(linear.weight.data, fmt)
+    prompt = [5, 17, 42, 9, 100, 3]
+    with torch.inference_mode():
+        expected = reference(torch.tensor([prompt])).logits[0, -1]
+    llm = LLM(str(tmp_path), device="cpu", skip_tokenizer_init=True, load_in_low_bit=fmt)
+    assert relative_error(llm.engine.prompt_logits(prompt), expected) < 1e-4
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 5
+
+
+def dequantized(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    n, k = weight.shape
+    if fmt == "sym_int8":
+        scale = weight.abs().amax(dim=1, keepdim=True) / 127
+        return torch.round(weight / scale).clamp(-127, 127) * scale
+    group = next(g for g in (128, 64, 32) if k % g == 0)
+    q, scale, zero_point = int4_groups(weight, group, symmetric=fmt == "sym_int4")
+    return ((q.reshape(n, k // group, group) - zero_point[..., None]) * scale[..., None]).reshape(n, k)
