@@ -18,8 +18,6 @@ from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
-_END = object()
-
 
 class RequestStream:
     """The outputs of one request, in order; iteration ends after the finished one."""
