@@ -22,7 +22,7 @@ from engine.device import resolve_device  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams  # noqa: E402
-from tests.checkpoints import ARCHITECTURES, greedy_reference, write_checkpoint  # noqa: E402
+from tests.checkpoints import ARCHITECTURES, common_prefix, greedy_reference, write_checkpoint  # noqa: E402
 from tests.test_parity import ENGINE_SETTINGS, NUM_REQUESTS, run_staggered, workload  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def main() -> None:
                 results, _, preemptions = run_staggered(engine, requests)
                 exact = sum(results[str(i)] == references[i] for i in range(NUM_REQUESTS))
                 tokens = sum(len(r) for r in references)
-                agree = sum(_common_prefix(results[str(i)], references[i]) for i in range(NUM_REQUESTS))
+                agree = sum(common_prefix(results[str(i)], references[i]) for i in range(NUM_REQUESTS))
                 stats = engine.stats()
                 rows.append((arch, setting, f"{exact}/{NUM_REQUESTS}", f"{agree / tokens:.3f}", preemptions,
                              stats["num_free_kv_blocks"] == stats["num_kv_blocks"], f"{time.perf_counter() - start:.1f}"))
@@ -87,15 +87,6 @@ def _logprob_error(directory: str, device, args, prompts: list[list[int]]) -> tu
         same_top += max(ref, key=ref.get) == max(low, key=low.get)
     return f"{max(errors):.4f}", f"{sum(errors) / len(errors):.4f}", f"{same_top}/{len(prompts)}"
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """Tokens that agree before the first divergence (after it, greedy continuations legitimately differ)."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from peers_gpu import SHAPES, decode_micro  # noqa: E402
+from tests.checkpoints import common_prefix  # noqa: E402
 
 FORMATS = ("bf16", "fp16", "sym_int4", "asym_int4", "sym_int8", "fp8")
 CARD_16GB = 16 * 2**30
@@ -56,7 +57,7 @@ def load_footprint(directory: str, fmt: str) -> dict:
     """Load the weights alone (no KV cache): their bytes and the peak allocated while loading; int4 under a 16 GiB
     cap on the process's GPU memory."""
     from engine.device import resolve_dtype
-    from engine.loader import load_model
+    from engine.loader import load_config, load_model
     from engine.low_bit import compute_dtype, weight_bytes
 
     device = torch.device("cuda", 0)
@@ -71,7 +72,7 @@ def load_footprint(directory: str, fmt: str) -> dict:
         torch.cuda.set_per_process_memory_fraction(CARD_16GB / total)
     try:
         start = time.perf_counter()
-        model, _ = load_model(directory, device, dtype, fmt)
+        model = load_model(directory, load_config(directory), device, dtype, fmt)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     finally:
@@ -94,26 +95,22 @@ def projection_error(directory: str, layer) -> float:
 
     from engine.loader import safetensors_files
 
-    def checkpoint(*names: str) -> torch.Tensor:
-        parts = []
-        for name in names:
-            for file in safetensors_files(Path(directory)):
-                with safe_open(file, framework="pt", device="cuda") as f:
-                    if f"model.layers.0.{name}.weight" in f.keys():
-                        parts.append(f.get_tensor(f"model.layers.0.{name}.weight"))
-        return torch.cat(parts)
-
     projections = [(layer.self_attn.qkv_proj, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                    (layer.self_attn.o_proj, ("self_attn.o_proj",)),
                    (layer.mlp.gate_up_proj, ("mlp.gate_proj", "mlp.up_proj")),
                    (layer.mlp.down_proj, ("mlp.down_proj",))]
+    wanted = {f"model.layers.0.{name}.weight" for _, names in projections for name in names}
+    weights = {}
+    for file in safetensors_files(Path(directory)):
+        with safe_open(file, framework="pt", device="cuda") as f:
+            weights |= {key: f.get_tensor(key) for key in f.keys() if key in wanted}
     generator = torch.Generator("cuda").manual_seed(0)
+    dtype = layer.input_layernorm.weight.dtype
     errors = []
     for module, names in projections:
-        weight = checkpoint(*names)
+        weight = torch.cat([weights[f"model.layers.0.{name}.weight"] for name in names])
         for rows in (1, 64):
             x = torch.randn(rows, weight.shape[1], device="cuda", generator=generator)
-            dtype = layer.input_layernorm.weight.dtype
             y = module(x.to(dtype)).float()
             reference = x.to(torch.bfloat16).float() @ weight.float().t()
             errors.append(((y - reference).norm() / reference.norm()).item())
@@ -173,7 +170,7 @@ def main() -> None:
                 errors = [((a - b).norm() / b.norm()).item() for a, b in zip(logits, ref_logits)]
                 row["logits_rel_err_mean"] = statistics.mean(errors)
                 row["logits_rel_err_max"] = max(errors)
-                row["greedy_agreement"] = sum(_common_prefix(a, b) for a, b in zip(greedy, ref_greedy)) / (
+                row["greedy_agreement"] = sum(common_prefix(a, b) for a, b in zip(greedy, ref_greedy)) / (
                     GREEDY_TOKENS * len(ref_greedy))
                 row["same_first_token"] = sum(a[0] == b[0] for a, b in zip(greedy, ref_greedy)) / len(ref_greedy)
             except Exception as exc:  # report and go on to the next format
@@ -202,14 +199,6 @@ def main() -> None:
               f"{r['logits_rel_err_mean']:.4f} / "
               f"{r['logits_rel_err_max']:.4f} | {r['greedy_agreement']:.3f} | {r['same_first_token']:.2f} |")
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 if __name__ == "__main__":

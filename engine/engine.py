@@ -58,11 +58,11 @@ class LLMEngine:
         self.config = config
         self.device = resolve_device(config.device)
         use_device(self.device)
-        hf_config = load_config(config.model)
+        self.hf_config = hf_config = load_config(config.model)
         self.dtype = resolve_dtype(config.dtype, _checkpoint_dtype(hf_config), self.device)
         if config.load_in_low_bit:
             self.dtype = compute_dtype(config.load_in_low_bit, self.device, self.dtype, config.dtype != "auto")
-        self.model, self.hf_config = load_model(config.model, self.device, self.dtype, config.load_in_low_bit)
+        self.model = load_model(config.model, hf_config, self.device, self.dtype, config.load_in_low_bit)
         self.tokenizer = (None if config.skip_tokenizer_init
                           else load_tokenizer(config.tokenizer or config.model))
         self.eos_token_ids = eos_token_ids(config.model, hf_config)

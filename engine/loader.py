@@ -60,12 +60,12 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, low_bit: str | None = None):
-    """Returns (model, hf_config). ValueError for an unknown architecture and for missing, unexpected or
+def load_model(model_dir: str | Path, config, device: torch.device, dtype: torch.dtype,
+               low_bit: str | None = None) -> nn.Module:
+    """The model of `config` (load_config's) with the directory's weights. ValueError for missing, unexpected or
     mis-shaped weights, naming the tensors. `low_bit`: a format of engine/low_bit.py for the decoder layers'
     projections."""
     path = check_model_dir(model_dir)
-    config = load_config(path)
     cls = model_class(config.architectures)
     with torch.device("meta"):
         model = cls(config)
@@ -106,7 +106,7 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
     model.eval().requires_grad_(False)
     log.info("loaded %s (%s) on %s as %s%s", path, cls.__name__, device, dtype,
              f", decoder projections in {low_bit}" if low_bit else "")
-    return model, config
+    return model
 
 
 def _layer_index(name: str) -> int | None:

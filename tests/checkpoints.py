@@ -38,6 +38,16 @@ def write_checkpoint(directory: Path, arch: str, seed: int = 0, max_shard_size: 
     return model
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Tokens that agree before the first divergence (after it, greedy continuations legitimately differ)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @torch.inference_mode()
 def greedy_reference(model, prompt: list[int], max_tokens: int, eos: int | None = None) -> list[int]:
     """transformers' own greedy decoding of one unpadded prompt."""

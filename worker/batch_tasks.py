@@ -70,14 +70,13 @@ def on_job_finished(store: JobStore, job: Job) -> None:
         if batch is not None and batch.expiring:
             line = error_line(line["custom_id"], "batch_expired", "the batch expired before this request ran",
                               line["id"])
-    batches.record_line(batch_id, job.id, line, ok)
-    finalize_when_counted(batches, batch_id)
+    finalize_when_counted(batch_id, *batches.record_line(batch_id, job.id, line, ok))
 
 
-def finalize_when_counted(batches: BatchStore, batch_id: str) -> None:
-    """Once every line of the batch is counted (and its total known), write its files and end it."""
-    batch = batches.get(batch_id)
-    if batch is not None and batch.total and batch.done >= batch.total:
+def finalize_when_counted(batch_id: str, done: int, total: int) -> None:
+    """Once every line of the batch is counted (total is 0 until every line is queued), write its files and end
+    it."""
+    if total and done >= total:
         send("inferq.batch.finalize", batch_id)
 
 
@@ -121,7 +120,7 @@ def expand(batch_id: str) -> None:
         return
     batches.update(batch_id, total=total)
     batches.set_status(batch_id, "in_progress")
-    finalize_when_counted(batches, batch_id)
+    finalize_when_counted(batch_id, batches.get(batch_id).done, total)
 
 
 def _hand_over(jobs: JobStore, pending: dict[str, list[str]]) -> None:
@@ -179,7 +178,9 @@ def stop(batch_id: str) -> None:
         if jobs.request_cancel(job_id) == "cancelled" and before.status == "queued":
             # Ended here, not by a worker: count the line here.
             on_job_finished(jobs, jobs.get(job_id))
-    finalize_when_counted(batches, batch_id)
+    batch = batches.get(batch_id)
+    if batch is not None:
+        finalize_when_counted(batch_id, batch.done, batch.total)
 
 
 @app.task(name="inferq.batch.finalize", ignore_result=True)
