@@ -94,7 +94,8 @@ class LLMEngine:
             self._warm_up()
         # Everything alive now (model, caches, graphs, libraries) lives as long as the process: keep it out of the
         # garbage collector's full passes, which otherwise stall a GPU step ~0.2 s now and then and cost a CPU step
-        # at batch 256 ~35% of its time (the outputs of each step are many small objects: collections run often).
+        # at batch 256 about a third of its time (profiled on a 2-core VM, tiny demo model: each step makes many small
+        # objects, so collections run often).
         gc.freeze()
 
     # ---- requests in and out ----

@@ -271,3 +271,21 @@ def test_decode_graph_sizes_and_devices():
     assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
     assert graph_batch_sizes(256)[-3:] == [224, 240, 256]
     assert not graphs_supported(torch.device("cpu"), select_backend("torch", torch.device("cpu")))
+
+
+def test_a_request_that_does_not_stream_gets_its_first_and_its_final_output(tiny):
+    directory, model = tiny
+    engine = engine_for(directory)
+    engine.add_request("quiet", [5, 6, 7], SamplingParams(max_tokens=10, **GREEDY), stream=False)
+    engine.add_request("loud", [8, 9], SamplingParams(max_tokens=10, **GREEDY))
+    seen: dict[str, list] = {"quiet": [], "loud": []}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            seen[output.request_id].append(output.outputs[0])
+    assert len(seen["loud"]) == 10
+    first, final = seen["quiet"]
+    expected = greedy_reference(model, [5, 6, 7], 10)
+    assert first.delta_token_ids == expected[:1]
+    # The final output carries everything since the first: the skipped steps' tokens are not lost.
+    assert final.delta_token_ids == expected[1:] and final.token_ids == expected and final.finish_reason == "length"
+    assert_all_blocks_free(engine)
