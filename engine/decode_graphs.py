@@ -59,12 +59,16 @@ class DecodeGraphs:
     def capture(self, sizes: list[int]) -> None:
         start = time.perf_counter()
         largest = max(sizes)
-        zeros = lambda *shape, dtype=torch.int32: torch.zeros(shape, dtype=dtype, device=self.device)  # noqa: E731
-        self._input_ids = zeros(largest, dtype=torch.long)
-        self._positions = zeros(largest, dtype=torch.long)
-        self._slots = torch.full((largest,), -1, dtype=torch.long, device=self.device)
-        self._tables = zeros(largest, self.max_blocks_per_seq)
-        self._context_lens = zeros(largest)
+        # Per-token inputs in one device buffer (rows: token id, position, cache slot, context length) and the
+        # block tables in another, each filled by one host-to-device copy per step from a pinned twin.
+        self._inputs = torch.zeros((4, largest), dtype=torch.long, device=self.device)
+        self._tables = torch.zeros((largest, self.max_blocks_per_seq), dtype=torch.int32, device=self.device)
+        pin = self.device.type == "cuda"  # pinned memory is CUDA's; other devices copy from pageable memory
+        self._host_inputs = torch.zeros(self._inputs.shape, dtype=torch.long, pin_memory=pin)
+        self._host_tables = torch.zeros(self._tables.shape, dtype=torch.int32, pin_memory=pin)
+        self._copied = self._api.Event()  # after the last step's copies: the host buffers are reused only after it
+        self._input_ids, self._positions, self._slots, self._context_lens = self._inputs
+        self._slots.fill_(-1)
         pool = None
         for size in sorted(sizes, reverse=True):  # largest first: the smaller graphs reuse its memory pool
             for _ in range(2):  # compile and autotune every kernel before capture
@@ -97,15 +101,16 @@ class DecodeGraphs:
         size = next(s for s in self._sizes if s >= n)
         graph, logits = self._graphs[size]
         width = max(len(t) for t in block_tables)
-        host = torch.tensor([token_ids, positions, slots, context_lens], dtype=torch.long)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
-        self._input_ids[:n].copy_(host[0], non_blocking=True)
-        self._positions[:n].copy_(host[1], non_blocking=True)
-        self._slots[:n].copy_(host[2], non_blocking=True)
-        self._context_lens[:n].copy_(host[3], non_blocking=True)
+        self._copied.synchronize()
+        # Rows past n pad the graph's batch: slot -1 writes nothing, context length 0 reads nothing.
+        pad = size - n
+        self._host_inputs[:, :size] = torch.tensor(
+            [token_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad, context_lens + [0] * pad])
         # Columns past `width` keep stale block ids: the kernels never read past a row's context length.
-        self._tables[:n, :width].copy_(tables, non_blocking=True)
-        self._slots[n:size].fill_(-1)
-        self._context_lens[n:size].zero_()
+        self._host_tables[:n, :width] = torch.tensor([t + [0] * (width - len(t)) for t in block_tables],
+                                                     dtype=torch.int32)
+        self._inputs[:, :size].copy_(self._host_inputs[:, :size], non_blocking=True)
+        self._tables[:n].copy_(self._host_tables[:n], non_blocking=True)
+        self._copied.record()
         graph.replay()
         return logits[:n]

@@ -103,13 +103,13 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_token_stride, q_head_stride
     dim_mask = dims < HALF
     cos = tl.load(cos_ptr + token * cos_token_stride + dims, mask=dim_mask, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + token * sin_token_stride + dims, mask=dim_mask, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr + token * q_token_stride, q_head_stride, cos, sin, dims, dim_mask, NUM_HEADS, HALF, HEADS_PAD)
-    _rotate_heads(k_ptr + token * k_token_stride, k_head_stride, cos, sin, dims, dim_mask, NUM_KV_HEADS, HALF,
+    rotate_heads(q_ptr + token * q_token_stride, q_head_stride, cos, sin, dims, dim_mask, NUM_HEADS, HALF, HEADS_PAD)
+    rotate_heads(k_ptr + token * k_token_stride, k_head_stride, cos, sin, dims, dim_mask, NUM_KV_HEADS, HALF,
                   KV_HEADS_PAD)
 
 
 @triton.jit
-def _rotate_heads(token_ptr, head_stride, cos, sin, dims, dim_mask, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
+def rotate_heads(token_ptr, head_stride, cos, sin, dims, dim_mask, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
                   HEADS_PAD: tl.constexpr):
     """x * cos + rotate_half(x) * sin for all heads of one token, with rotate_half(x) = (-x2, x1): the first half
     becomes x1 * cos - x2 * sin, the second x2 * cos + x1 * sin."""
@@ -118,9 +118,17 @@ def _rotate_heads(token_ptr, head_stride, cos, sin, dims, dim_mask, NUM_HEADS: t
     first_ptrs = token_ptr + heads[:, None] * head_stride + dims[None, :]
     x1 = tl.load(first_ptrs, mask=mask, other=0.0)
     x2 = tl.load(first_ptrs + HALF, mask=mask, other=0.0)
+    x1_rot, x2_rot = rotate_halves(x1, x2, cos, sin)
+    tl.store(first_ptrs, x1_rot, mask=mask)
+    tl.store(first_ptrs + HALF, x2_rot, mask=mask)
+
+
+@triton.jit
+def rotate_halves(x1, x2, cos, sin):
+    """The two halves of rotated heads [heads, half] in float32, rounded to x1's dtype (as the reference rounds)."""
     x1_32, x2_32 = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(first_ptrs, (x1_32 * cos[None, :] - x2_32 * sin[None, :]).to(x1.dtype), mask=mask)
-    tl.store(first_ptrs + HALF, (x2_32 * cos[None, :] + x1_32 * sin[None, :]).to(x1.dtype), mask=mask)
+    return ((x1_32 * cos[None, :] - x2_32 * sin[None, :]).to(x1.dtype),
+            (x2_32 * cos[None, :] + x1_32 * sin[None, :]).to(x1.dtype))
 
 
 @triton.jit
@@ -139,3 +147,56 @@ def _silu_and_mul_kernel(gate_up_ptr, out_ptr, in_row_stride, out_row_stride, IN
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """The kernels index the last dim with stride 1; other strides are passed through."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+
+def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                silu_mul: bool = False) -> torch.Tensor:
+    """fused_ops.linear for one row: x [1, K] @ weight [N, K]ᵀ (+ bias) -> [1, N] in x's dtype. With silu_mul, x is
+    a gate_up row [1, 2K] and the input is silu(gate) * up, rounded to x's dtype as silu_and_mul_triton stores it.
+
+    Each program streams BLOCK_N whole weight rows in BLOCK_K-wide tiles; a 1024-wide tile of 2-byte weights keeps
+    enough loads in flight to run at the copy rate. Settings from a sweep on an H100 over the Llama-2-7B projections
+    (bench/gemv_tune.py): 4 rows a program, 8 for K > 8192; 2 warps for weights up to 16M elements, else 4."""
+    k = x.shape[1] // 2 if silu_mul else x.shape[1]
+    n = weight.shape[0]
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    block_n = 4 if k <= 8192 else 8
+    block_k = min(1024, triton.next_power_of_2(k))
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
+        num_warps=2 if n * k <= 1 << 24 else 4)
+    return out
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, w_row_stride,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SILU_MUL: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    # The last program's rows past N re-read row 0 instead of masking: unmasked loads vectorise.
+    w_ptrs = w_ptr + tl.where(row_ok, rows, 0).to(tl.int64)[:, None] * w_row_stride + tl.arange(0, BLOCK_K)[None, :]
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptr + start + ks).to(tl.float32)
+            w = tl.load(w_ptrs)
+            if SILU_MUL:
+                up = tl.load(x_ptr + K + start + ks).to(tl.float32)
+        else:
+            k_ok = start + ks < K
+            x = tl.load(x_ptr + start + ks, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+            if SILU_MUL:
+                up = tl.load(x_ptr + K + start + ks, mask=k_ok, other=0.0).to(tl.float32)
+        if SILU_MUL:
+            x = (x / (1.0 + tl.exp(-x)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+        w_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)

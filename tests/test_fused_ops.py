@@ -26,6 +26,15 @@ TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rto
               torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """For long dot products: the absolute tolerance scales with the largest output, since summation order alone
+    moves a float32 sum of thousands of terms by more than 1e-5."""
+    tolerance = TOLERANCES[expected.dtype]["rtol"]
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tolerance,
+                               atol=tolerance * expected.float().abs().max().item())
+
+
 def random(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=generator).to(device=DEVICE, dtype=dtype)
@@ -93,6 +102,39 @@ def test_apply_rotary_on_views_of_a_fused_qkv(num_heads: int, num_kv_heads: int,
     assert torch.equal(v, v_before)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_features,in_features", [(40, 64), (33, 100), (8, 1536), (130, 4096)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv(out_features: int, in_features: int, bias: bool, dtype: torch.dtype):
+    """One row through the GEMV against F.linear: K a multiple of the tile or not, N a multiple of the rows a
+    program takes or not."""
+    x, weight = random(1, in_features, dtype=dtype, seed=0), random(out_features, in_features, dtype=dtype, seed=1)
+    b = random(out_features, dtype=dtype, seed=2) if bias else None
+    assert_close_to_scale(fused_kernels.gemv_triton(x, weight, b), torch.nn.functional.linear(x, weight, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_features,inter", [(40, 64), (33, 100), (16, 11008)])
+def test_gemv_of_silu_and_mul(out_features: int, inter: int, dtype: torch.dtype):
+    """The down projection of one row with SiLU-and-mul in its input loads equals the two ops one after the other,
+    the intermediate rounded to the dtype in both."""
+    gate_up, weight = random(1, 2 * inter, dtype=dtype, seed=0) * 4, random(out_features, inter, dtype=dtype, seed=1)
+    expected = torch.nn.functional.linear(fused_ops.silu_and_mul_torch(gate_up), weight)
+    assert_close_to_scale(fused_kernels.gemv_triton(gate_up, weight, silu_mul=True), expected)
+
+
+def test_gemv_takes_only_single_rows_of_plain_float_weights(monkeypatch):
+    """Batches, int8 weights and mismatched dtypes keep their own paths; a GPU tensor is faked by routing every
+    device to the kernels."""
+    monkeypatch.setattr(fused_ops, "_triton_for", lambda x: fused_kernels)
+    weight = torch.randn(8, 16)
+    assert fused_ops._gemv_kernels_for(torch.randn(1, 16), weight) is fused_kernels
+    assert fused_ops._gemv_kernels_for(torch.randn(2, 16), weight) is None
+    assert fused_ops._gemv_kernels_for(torch.randn(1, 16), weight.to(torch.int8)) is None
+    assert fused_ops._gemv_kernels_for(torch.randn(1, 16, dtype=torch.float64), weight) is None
+    assert fused_ops._gemv_kernels_for(torch.randn(1, 16), weight.t().contiguous().t()) is None
+
+
 def test_empty_batches():
     x = torch.empty(0, 64, device=DEVICE)
     assert fused_kernels.rms_norm_triton(x, torch.ones(64, device=DEVICE), 1e-5).shape == (0, 64)
@@ -122,5 +164,9 @@ def test_engine_with_triton_kernels_matches_transformers(tmp_path, monkeypatch):
     prompts = [[5, 17, 300, 42, 8, 99, 123], [7], [400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411]]
     references = [greedy_reference(reference_model, prompt, 8) for prompt in prompts]
     llm = LLM(str(tmp_path), skip_tokenizer_init=True)
-    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    outputs = llm.generate(prompts, params)
     assert [output.outputs[0].token_ids for output in outputs] == references
+    # One request at a time: every decode step is a single row, so the projections run as GEMVs.
+    alone = [llm.generate([prompt], params)[0] for prompt in prompts]
+    assert [output.outputs[0].token_ids for output in alone] == references

@@ -204,6 +204,45 @@ def test_half_precision_matches_float32_reference(name: str, dtype: torch.dtype)
     check_case(CASES[name], dtype)
 
 
+ROTARY_CASES = ["decode-padded-graph-batch", "mixed-d80", "decode-gqa2-d96-bs8", "prefill-first-chunks"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if ON_GPU else []))
+@pytest.mark.parametrize("name", ROTARY_CASES)
+def test_rotary_fused_into_the_cache_write(name: str, dtype: torch.dtype) -> None:
+    """Given cos and sin, the triton backend rotates q and k in the kernel that writes the cache: the same cache
+    and output, bit for bit, as rotating first (fused_ops' Triton rotary) and passing no cos/sin; and close to the
+    torch backend, which rotates with torch first."""
+    from engine.fused_kernels import apply_rotary_triton
+
+    case = CASES[name]
+    reference, fused, real_rows = make_steps(case, dtype, DEVICE)
+    _, separate, _ = make_steps(case, dtype, DEVICE)
+    generator = torch.Generator().manual_seed(5)
+    positions = torch.randint(0, 4096, (fused.q.shape[0],), generator=generator).float()
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, case.head_dim, 2).float() / case.head_dim))
+    angles = positions[:, None] * inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)[:, None, :]
+    cos, sin = angles.cos().to(dtype).to(DEVICE), angles.sin().to(dtype).to(DEVICE)
+
+    backend = TritonAttentionBackend()
+    out = backend.forward(fused.q, fused.k, fused.v, fused.kv_cache, fused.meta, case.head_dim ** -0.5,
+                          case.sliding_window, (cos, sin))
+    separate.q, separate.k = apply_rotary_triton(separate.q, separate.k, cos, sin)
+    assert torch.equal(out, forward(backend, separate, case.sliding_window))
+    for cache, separate_cache in zip(fused.kv_cache, separate.kv_cache):
+        assert torch.equal(cache, separate_cache)
+
+    reference.q, reference.k, reference.v = reference.q.float(), reference.k.float(), reference.v.float()
+    reference.kv_cache = (reference.kv_cache[0].float(), reference.kv_cache[1].float())
+    expected = TorchAttentionBackend().forward(reference.q, reference.k, reference.v, reference.kv_cache,
+                                               reference.meta, case.head_dim ** -0.5, case.sliding_window,
+                                               (cos[real_rows].float(), sin[real_rows].float()))
+    torch.testing.assert_close(out[real_rows].float(), expected, **TOLERANCES[dtype])
+    for cache, expected_cache in zip(fused.kv_cache, reference.kv_cache):
+        torch.testing.assert_close(cache.float(), expected_cache, **TOLERANCES[dtype])
+
+
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 def test_decode_split_counts_agree(num_splits: int) -> None:
     """Any split count (the single-split kernel, uneven shares, more splits than tiles) gives the same answer."""

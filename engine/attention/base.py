@@ -34,6 +34,11 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
-                scale: float, sliding_window: int | None) -> torch.Tensor:
+                scale: float, sliding_window: int | None,
+                cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Store k, v ([num_tokens, num_kv_heads, head_dim]) in the cache, attend with q ([num_tokens, num_heads,
-        head_dim]) over each request's cached context, return [num_tokens, num_heads, head_dim]."""
+        head_dim]) over each request's cached context, return [num_tokens, num_heads, head_dim].
+
+        With cos_sin (RotaryEmbedding.cos_sin of the tokens' positions), q and k get the rotary embedding first
+        (fused_ops.apply_rotary): a backend may do it in the kernel that writes the cache. q and k may be changed
+        in place either way."""

@@ -8,10 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.fused_ops import apply_rotary
 
 
 class TorchAttentionBackend(AttentionBackend):
-    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale, sliding_window):
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale, sliding_window, cos_sin=None):
+        if cos_sin is not None:
+            q, k = apply_rotary(q, k, *cos_sin)
         k_cache, v_cache = kv_cache
         num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
-from engine.attention.triton_kernels import paged_decode, paged_prefill, store_kv
+from engine.attention.triton_kernels import paged_decode, paged_prefill, rotate_and_store_kv, store_kv
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -17,9 +17,13 @@ class TritonAttentionBackend(AttentionBackend):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
-                scale: float, sliding_window: int | None) -> torch.Tensor:
+                scale: float, sliding_window: int | None,
+                cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         k_cache, v_cache = kv_cache
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if cos_sin is None:
+            store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        else:  # one kernel instead of two: a decode step at batch 1 is a chain of ~300 short kernels
+            rotate_and_store_kv(q, k, v, *cos_sin, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         num_decodes = meta.decode_block_tables.shape[0]
         if num_decodes:

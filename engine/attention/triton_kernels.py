@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.fused_kernels import rotate_halves, rotate_heads
+
 _LOG2_E = 1.4426950408889634
 # Running maximum before any key is seen. Finite, so a query row whose keys are all masked (padding rows, empty
 # splits, rows before the sliding window) gives exp2(-inf - _NO_MAX) = 0 instead of exp2(-inf + inf) = NaN.
@@ -48,6 +50,29 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim), BLOCK_SIZE=k_cache.shape[1])
+
+
+def rotate_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """fused_ops.apply_rotary and store_kv in one launch: rotates q in place and writes the rotated k, and v, to the
+    cache (k itself is left as it was). Same roundings as the two ops one after the other."""
+    num_tokens, num_heads, head_dim = q.shape
+    if num_tokens == 0:
+        return
+    if head_dim % 2:
+        raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
+    if cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        raise ValueError("rotary embedding needs cos and sin with a contiguous last dim")
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    _check_caches(k_cache, v_cache)
+    num_kv_heads, half = k.shape[1], head_dim // 2
+    _rotate_and_store_kv_kernel[(num_tokens,)](
+        q, k, v, cos, sin, k_cache, v_cache, slot_mapping,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, HEADS_PAD=triton.next_power_of_2(num_heads),
+        KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HALF_PAD=triton.next_power_of_2(half),
+        BLOCK_SIZE=k_cache.shape[1])
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -196,6 +221,39 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
         v = tl.load(v_ptr + token * v_stride_token + head * v_stride_head + dims, mask=mask)
         tl.store(k_cache_ptr + cache_offset, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_cache_ptr + cache_offset, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotate_and_store_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+                                q_stride_token, q_stride_head, k_stride_token, k_stride_head,
+                                v_stride_token, v_stride_head, cos_stride_token, sin_stride_token,
+                                cache_stride_block, cache_stride_slot, cache_stride_head,
+                                NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                                HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
+                                BLOCK_SIZE: tl.constexpr):
+    """One token: its query heads rotated in place, its key heads rotated into the cache, its value heads copied
+    there. Head dims are handled as two halves, the rotation's unit."""
+    token = tl.program_id(0).to(tl.int64)
+    dims = tl.arange(0, HALF_PAD)
+    dim_ok = dims < HALF
+    cos = tl.load(cos_ptr + token * cos_stride_token + dims, mask=dim_ok, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + token * sin_stride_token + dims, mask=dim_ok, other=0.0).to(tl.float32)
+    rotate_heads(q_ptr + token * q_stride_token, q_stride_head, cos, sin, dims, dim_ok, NUM_HEADS, HALF, HEADS_PAD)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot >= 0:  # negative: a padding row of a captured graph
+        heads = tl.arange(0, KV_HEADS_PAD)
+        mask = (heads < NUM_KV_HEADS)[:, None] & dim_ok[None, :]
+        cache_offsets = (slot // BLOCK_SIZE) * cache_stride_block + (slot % BLOCK_SIZE) * cache_stride_slot \
+            + heads[:, None] * cache_stride_head + dims[None, :]
+        k_ptrs = k_ptr + token * k_stride_token + heads[:, None] * k_stride_head + dims[None, :]
+        k1, k2 = tl.load(k_ptrs, mask=mask, other=0.0), tl.load(k_ptrs + HALF, mask=mask, other=0.0)
+        k1_rot, k2_rot = rotate_halves(k1, k2, cos, sin)
+        tl.store(k_cache_ptr + cache_offsets, k1_rot.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(k_cache_ptr + cache_offsets + HALF, k2_rot.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        v_ptrs = v_ptr + token * v_stride_token + heads[:, None] * v_stride_head + dims[None, :]
+        for half in tl.static_range(2):
+            value = tl.load(v_ptrs + half * HALF, mask=mask, other=0.0)
+            tl.store(v_cache_ptr + cache_offsets + half * HALF, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -5,11 +5,10 @@ Parameter names equal the Hugging Face checkpoint names, so loading is a name-fo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata
-from engine.fused_ops import apply_rotary, rms_norm, silu_and_mul
+from engine.fused_ops import linear, project, rms_norm, silu_and_mul_project
 from engine.models.rope import RotaryEmbedding
 
 
@@ -63,14 +62,13 @@ class Attention(nn.Module):
                 backend: AttentionBackend) -> torch.Tensor:
         num_tokens = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        # Views into the one qkv output; on a GPU the rotary kernel rotates q and k in place there.
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        # Views into the one qkv output; the backend rotates q and k (on a GPU in place there) as it stores k, v.
+        q, k, v = project(x, self.qkv_proj).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, *cos_sin)
-        out = backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
-        return self.o_proj(out.reshape(num_tokens, -1))
+        out = backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window, cos_sin)
+        return project(out.reshape(num_tokens, -1), self.o_proj)
 
 
 class MLP(nn.Module):
@@ -86,7 +84,7 @@ class MLP(nn.Module):
         del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return silu_and_mul_project(project(x, self.gate_up_proj), self.down_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -173,7 +171,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return linear(hidden, weight)
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

@@ -1,5 +1,6 @@
 """Rotary position embedding with the scaling variants of Llama 2 and 3 (linear, llama3, yarn): the frequencies and
-their cos/sin per position; engine/fused_ops.apply_rotary rotates q and k with them."""
+their cos/sin per position; the attention backend rotates q and k with them (engine/fused_ops.apply_rotary, or on a
+GPU the kernel that writes the KV cache)."""
 from __future__ import annotations
 
 import torch

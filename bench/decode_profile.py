@@ -1,0 +1,112 @@
+"""Where one decode step goes, on a GPU: the GPU time of each kernel of the decode graph (grouped by kernel name),
+the graph replayed back to back, the whole engine step, and the host functions that take the rest.
+
+    python bench/decode_profile.py [shape] [batch]        # default: llama2-7b 1 (the speed issue's batch-1 target)
+
+Prints the weights-over-bandwidth bound of the step for comparison; with $OUT set, writes the tables there too.
+"""
+from __future__ import annotations
+
+import cProfile
+import io
+import os
+import pstats
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from low_bit import write_checkpoint  # noqa: E402
+from peers_gpu import _fill_decoding, _graph_replay_ms, ceilings  # noqa: E402
+
+CONTEXT, STEPS = 512, 50
+
+
+def kernel_table(run, replays: int = 5) -> tuple[str, float, int]:
+    """GPU time per kernel name over `replays` calls of run()."""
+    from torch.profiler import ProfilerActivity, profile
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            run()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals[event.name[:90]]
+            entry[0] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+            entry[1] += 1
+    total_us = sum(us for us, _ in totals.values()) / replays
+    launches = sum(n for _, n in totals.values()) // replays
+    lines = ["| kernel | us per step | launches per step |", "|---|---|---|"]
+    for name, (us, n) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"| {name} | {us / replays:.1f} | {n // replays} |")
+    return "\n".join(lines), total_us, launches
+
+
+def host_profile(engine, steps: int) -> str:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        engine.step()
+    profiler.disable()
+    stream = io.StringIO()
+    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(25)
+    return stream.getvalue()
+
+
+def main() -> None:
+    from engine.llm import LLM
+    shape = sys.argv[1] if len(sys.argv) > 1 else "llama2-7b"
+    batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    bandwidth, _ = ceilings()
+    name = torch.cuda.get_device_name()
+    report = [f"device {name} torch {torch.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s"]
+    with tempfile.TemporaryDirectory() as model_dir:
+        write_checkpoint(model_dir, shape)
+        llm = LLM(model_dir, skip_tokenizer_init=True, device="cuda", dtype="bfloat16", max_num_seqs=64,
+                  gpu_memory_utilization=0.5)
+    engine = llm.engine
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    bound_ms = weight_bytes / bandwidth * 1e3
+    _fill_decoding(engine, batch, CONTEXT, "p")
+    for _ in range(5):
+        engine.step()
+    times = []
+    for _ in range(STEPS):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    step_ms = 1e3 * statistics.median(times)
+    replay_ms = _graph_replay_ms(engine, batch)
+    graphs = engine.runner.graphs
+    size = next(s for s in graphs._sizes if s >= batch)
+    report.append(f"{shape} batch {batch}, context ~{CONTEXT}: weights/bandwidth {bound_ms:.2f} ms; step "
+                  f"{step_ms:.2f} ms ({step_ms / bound_ms:.2f}x); graph replay {replay_ms:.2f} ms "
+                  f"({replay_ms / bound_ms:.2f}x)")
+    with torch.inference_mode():
+        for label, run in (("graph replay", graphs._graphs[size][0].replay), ("eager forward",
+                                                                            lambda: graphs._forward(size))):
+            table, kernel_us, launches = kernel_table(run)
+            report += [f"-- kernels of one {label}: {kernel_us / 1e3:.2f} ms in {launches} kernels --", table]
+    report += ["-- host, cProfile over 30 steps (sorted by own time) --", host_profile(engine, 30)]
+    text = "\n".join(report)
+    print(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], f"decode_profile_{shape}_b{batch}.txt").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    random.seed(0)
+    main()
