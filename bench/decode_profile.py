@@ -92,9 +92,16 @@ def main() -> None:
     replay_ms = _graph_replay_ms(engine, batch)
     graphs = engine.runner.graphs
     size = next(s for s in graphs._sizes if s >= batch)
+    synced = []
+    for _ in range(STEPS):  # each replay launched from an idle GPU, as a step's is: adds the launch latency
+        start = time.perf_counter()
+        graphs._graphs[size][0].replay()
+        torch.cuda.synchronize()
+        synced.append(time.perf_counter() - start)
     report.append(f"{shape} batch {batch}, context ~{CONTEXT}: weights/bandwidth {bound_ms:.2f} ms; step "
                   f"{step_ms:.2f} ms ({step_ms / bound_ms:.2f}x); graph replay {replay_ms:.2f} ms "
-                  f"({replay_ms / bound_ms:.2f}x)")
+                  f"({replay_ms / bound_ms:.2f}x) back to back, {1e3 * statistics.median(synced):.2f} ms launched "
+                  f"one at a time")
     with torch.inference_mode():
         for label, run in (("graph replay", graphs._graphs[size][0].replay), ("eager forward",
                                                                             lambda: graphs._forward(size))):
