@@ -1,9 +1,25 @@
-"""Sweep the batch-1 GEMV kernel's launch settings on the 7B projections against cuBLAS (cold L2)."""
+"""The single-row GEMV (engine/fused_kernels.py) against cuBLAS on the Llama-2-7B projections, over a sweep of
+launch settings: where gemv_triton's settings come from. Every weight is cycled through several copies, so the L2
+cache never holds it (as in a decode step, where each layer's weights are read once).
+
+    python bench/gemv_tune.py          # on a GPU; prints, per projection, cuBLAS and the 8 best settings
+"""
 import itertools, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch, torch.nn.functional as F
-from engine.fused_kernels import gemv_triton
+import triton
+from engine.fused_kernels import _gemv_kernel
+
+
+def gemv_triton(x, weight, silu_mul, block_n, block_k, num_warps, num_stages):
+    k = x.shape[1] // 2 if silu_mul else x.shape[1]
+    n = weight.shape[0]
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, weight, out, n, k, weight.stride(0), BLOCK_N=block_n,
+                                             BLOCK_K=block_k, EVEN_K=k % block_k == 0, HAS_BIAS=False,
+                                             SILU_MUL=silu_mul, num_warps=num_warps, num_stages=num_stages)
+    return out
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
           "lm_head": (32000, 4096)}
