@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from low_bit import write_checkpoint  # noqa: E402
-from peers_gpu import _fill_decoding, _graph_replay_ms, ceilings  # noqa: E402
+from peers_gpu import _fill_decoding, _graph_replay_ms, ceilings, step_time_ms  # noqa: E402
 
 CONTEXT, STEPS = 512, 50
 
@@ -54,8 +54,8 @@ def kernel_table(run, replays: int = 5) -> tuple[str, float, int]:
 
 
 def host_phases(engine, steps: int) -> str:
-    """Mean wall time per step of each phase of engine.step(), timed by wrapping the engine's parts (the sampler's
-    share includes waiting for the GPU), and cProfile's top functions by own time."""
+    """Mean wall time per step of each phase of engine.step(), timed by wrapping the engine's parts (_finish
+    includes waiting for the step's tokens), and cProfile's top functions by own time."""
     phases: dict[str, float] = defaultdict(float)
 
     def timed(name, fn):
@@ -67,18 +67,19 @@ def host_phases(engine, steps: int) -> str:
                 phases[name] += time.perf_counter() - start
         return wrapper
 
-    parts = [(engine.scheduler, "schedule"), (engine.scheduler, "update"), (engine.runner, "order"),
-             (engine.runner, "execute"), (engine.runner.graphs, "run"), (engine, "sampler"), (engine, "_accept"), (engine, "_output")]
+    parts = [(engine.scheduler, "schedule"), (engine.scheduler, "schedule_ahead"), (engine.scheduler, "update"),
+             (engine.runner, "order"), (engine.runner, "execute"), (engine.runner.graphs, "run"),
+             (engine.sampler, "launch"), (engine, "_finish"), (engine, "_accept"), (engine, "_output")]
     # Instance attributes (the sampler) are put back; wrapped methods are shadowed, then unshadowed.
     saved = [(owner, name, vars(owner).get(name)) for owner, name in parts]
     for owner, name in parts:
         setattr(owner, name, timed(name, getattr(owner, name)))
-    total = 0.0
+    torch.cuda.synchronize()
+    start = time.perf_counter()
     for _ in range(steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
         engine.step()
-        total += time.perf_counter() - start
+    torch.cuda.synchronize()
+    total = time.perf_counter() - start
     for owner, name, original in saved:
         if original is None:
             delattr(owner, name)
@@ -114,14 +115,7 @@ def main() -> None:
     _fill_decoding(engine, batch, CONTEXT, "p")
     for _ in range(5):
         engine.step()
-    times = []
-    for _ in range(STEPS):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        engine.step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    step_ms = 1e3 * statistics.median(times)
+    step_ms = step_time_ms(engine, STEPS)
     replay_ms = _graph_replay_ms(engine, batch)
     graphs = engine.runner.graphs
     size = next(s for s in graphs._sizes if s >= batch)

@@ -135,7 +135,7 @@ def measure(directory: str, fmt: str, shape: str) -> tuple[dict, list[torch.Tens
     params = SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
     greedy = [out.outputs[0].token_ids for out in llm.generate(asked, params)]
     micro = decode_micro(engine, list(BATCHES), CONTEXT)
-    row = {f"b{m['batch']}_ms": m["median_step_ms"] for m in micro}
+    row = {f"b{m['batch']}_ms": m["mean_step_ms"] for m in micro}
     row |= {f"b{m['batch']}_tok_s": m["tok_s"] for m in micro}
     del llm, engine
     gc.unfreeze()  # the engine froze the heap at start (engine/engine.py): let the collector reach it again

@@ -29,6 +29,9 @@ class EngineConfig:
     # Run every step eagerly; otherwise decode steps replay captured device graphs where the device and the
     # attention backend allow it (CUDA with the Triton backend).
     enforce_eager: bool = False
+    # Queue each decode step before the previous one's tokens reach the host, so that host work overlaps device
+    # work (as vLLM's async scheduling). None: on for accelerators, off on the CPU.
+    async_scheduling: bool | None = None
     seed: int = 0
     # Tokenizer directory when it differs from the model directory.
     tokenizer: str | None = None

@@ -94,10 +94,12 @@ class DecodeGraphs:
         return 0 < num_decodes <= self.max_batch_size
 
     @torch.inference_mode()
-    def run(self, token_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
-            context_lens: list[int]) -> torch.Tensor:
-        """One decode step of n = len(token_ids) requests -> logits [n, vocab] (float32; valid until the next run)."""
-        n = len(token_ids)
+    def run(self, token_ids: list[int] | torch.Tensor, positions: list[int], slots: list[int],
+            block_tables: list[list[int]], context_lens: list[int]) -> torch.Tensor:
+        """One decode step of n = len(positions) requests -> logits [n, vocab] (float32; valid until the next run).
+        token_ids: a list, or a tensor on the device (copied there, device to device)."""
+        n = len(positions)
+        on_device = isinstance(token_ids, torch.Tensor)
         size = next(s for s in self._sizes if s >= n)
         graph, logits = self._graphs[size]
         width = max(len(t) for t in block_tables)
@@ -105,12 +107,15 @@ class DecodeGraphs:
         # Rows past n pad the graph's batch: slot -1 writes nothing, context length 0 reads nothing.
         pad = size - n
         self._host_inputs[:, :size] = torch.tensor(
-            [token_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad, context_lens + [0] * pad])
+            [[0] * size if on_device else token_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad,
+             context_lens + [0] * pad])
         # Columns past `width` keep stale block ids: the kernels never read past a row's context length.
         self._host_tables[:n, :width] = torch.tensor([t + [0] * (width - len(t)) for t in block_tables],
                                                      dtype=torch.int32)
         self._inputs[:, :size].copy_(self._host_inputs[:, :size], non_blocking=True)
         self._tables[:n].copy_(self._host_tables[:n], non_blocking=True)
         self._copied.record()
+        if on_device:
+            self._input_ids[:n].copy_(token_ids)
         graph.replay()
         return logits[:n]

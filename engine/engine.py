@@ -25,15 +25,25 @@ from engine.low_bit import compute_dtype
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import Request, RequestStatus
-from engine.sampler import Sampler, SamplingRow
+from engine.sampler import PendingSample, Sampler, SamplingRow, uses_penalties
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledChunk, Scheduler
+from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
 # Engines freeze the heap (see LLMEngine.__init__); at exit it is handed back, so that the interpreter's last
 # collection frees it (native extensions such as Triton's report whatever was never freed).
 atexit.register(gc.unfreeze)
+
+
+@dataclass(slots=True, eq=False)
+class _LaunchedStep:
+    """A step whose forward pass and sampling are queued on the device; _finish reads its tokens."""
+
+    scheduled: SchedulerOutput
+    chunks: list[ScheduledChunk]  # in the order the runner ran them
+    sampling: list[Request]  # the requests that sample a token, in the order of the logits rows
+    pending: PendingSample | None
 
 
 @dataclass(slots=True, eq=False)
@@ -89,6 +99,11 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._arrivals = itertools.count()
         self._pending: list[RequestOutput] = []
+        # Async scheduling (see step()); off on the CPU, where nothing runs asynchronously: it would only hold
+        # each output back by one step.
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type != "cpu")
+        self._ahead: _LaunchedStep | None = None  # the step queued ahead, finished by the next step() call
         self.last_step_batch_size = 0  # requests that computed tokens in the last step (for metrics)
         if self.device.type != "cpu":
             self._warm_up()
@@ -139,26 +154,52 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._groups or self._pending)
+        return bool(self._groups or self._pending or self._ahead)
 
     # ---- one engine step ----
 
     def step(self) -> list[RequestOutput]:
+        """Run one step; the outputs of the requests it advanced (and of aborts since the last step).
+
+        With async scheduling, a step of decodes queues the next decode step on the device before reading its own
+        tokens, which then feed the next step on the device: the host's work of one step (reading tokens, stop
+        checks, outputs, scheduling, input preparation) overlaps the device's work on the next, instead of leaving
+        the device idle. The next call finishes that step. Greedy outputs are the same either way."""
         outputs, self._pending = self._pending, []
-        scheduled = self.scheduler.schedule()
-        self.last_step_batch_size = len(scheduled.chunks)
-        if not scheduled.chunks:
-            return outputs
-        chunks = self.runner.order(scheduled)
-        logits = self.runner.execute(chunks)
+        launched, self._ahead = self._ahead, None
+        if launched is None:
+            scheduled = self.scheduler.schedule()
+            if not scheduled.chunks:
+                self.last_step_batch_size = 0
+                return outputs
+            launched = self._launch(scheduled, self.runner.order(scheduled))
+        if self.async_scheduling and launched.pending is not None and not any(
+                uses_penalties(r.params) for r in launched.sampling):
+            ahead = self.scheduler.schedule_ahead(launched.chunks)
+            if ahead is not None:
+                self._ahead = self._launch(ahead, ahead.chunks, launched.pending.token_ids)
+        outputs += self._finish(launched)
+        return outputs
+
+    def _launch(self, scheduled: SchedulerOutput, chunks: list[ScheduledChunk],
+                input_ids: torch.Tensor | None = None) -> _LaunchedStep:
+        """Queue a step's forward pass and sampling on the device (chunks in the runner's order)."""
+        self.last_step_batch_size = len(chunks)
+        logits = self.runner.execute(chunks, input_ids)
         sampling = [c.request for c in chunks if c.sample]
         rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, r.suppressed_token_ids())
                 for r in sampling]
-        sampled = self.sampler(logits, rows) if rows else []
-        self.scheduler.update(scheduled)
+        return _LaunchedStep(scheduled, chunks, sampling, self.sampler.launch(logits, rows) if rows else None)
 
+    def _finish(self, launched: _LaunchedStep) -> list[RequestOutput]:
+        """Read a launched step's tokens, mark its KV computed, accept the tokens; the outputs to send."""
+        sampled = launched.pending.finish() if launched.pending is not None else []
+        self.scheduler.update(launched.scheduled)
+        outputs = []
         advanced: dict[str, _Group] = {}
-        for request, token in zip(sampling, sampled):
+        for request, token in zip(launched.sampling, sampled):
+            if request.status.finished:
+                continue  # ended while this step was queued (aborted, or stopped by the token before): dropped
             self._accept(request, token)
             group_id = request.request_id.rpartition("/")[0]
             advanced[group_id] = self._groups[group_id]
@@ -227,9 +268,8 @@ class LLMEngine:
         request_id = "inferq-warm-up"
         self.add_request(request_id, [0] * min(32, self.max_model_len - 3),
                          SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
-        while request_id in self._groups:
+        while self.has_unfinished_requests():
             self.step()
-        self._pending.clear()
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -26,12 +26,15 @@ class ModelRunner:
         return decodes + prefills
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """chunks in `order()` order -> logits [number of chunks with sample=True, vocab] in float32."""
+    def execute(self, chunks: list[ScheduledChunk], input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """chunks in `order()` order -> logits [number of chunks with sample=True, vocab] in float32.
+
+        input_ids: for a step of decodes only, their input tokens as a device tensor (the previous step's sampled
+        tokens, not yet on the host); by default each chunk's tokens are read from its request."""
         if self.graphs is not None and all(_is_decode(c) for c in chunks) and self.graphs.fits(len(chunks)):
-            return self._replay(chunks)
+            return self._replay(chunks, input_ids)
         bs = self.block_size
-        input_ids: list[int] = []
+        token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []
@@ -40,9 +43,10 @@ class ModelRunner:
         prefill_spans: list[tuple[int, int, int, list[int]]] = []
         for chunk in chunks:
             request = chunk.request
-            first = len(input_ids)
+            first = len(positions)
             end = chunk.start + chunk.num_tokens
-            input_ids.extend(request.token_ids[chunk.start:end])
+            if input_ids is None:
+                token_ids.extend(request.token_ids[chunk.start:end])
             positions.extend(range(chunk.start, end))
             table = request.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in range(chunk.start, end))
@@ -52,7 +56,7 @@ class ModelRunner:
             else:
                 prefill_spans.append((first, chunk.num_tokens, end, table[:-(-end // bs)]))
             if chunk.sample:
-                sample_rows.append(len(input_ids) - 1)
+                sample_rows.append(len(positions) - 1)
 
         def tensor(values, dtype=torch.long) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
@@ -67,15 +71,17 @@ class ModelRunner:
             decode_context_lens_host=decode_lens,
             prefills=[(first, n, ctx, tensor(table, torch.int32)) for first, n, ctx, table in prefill_spans],
         )
-        hidden = self.model(tensor(input_ids), tensor(positions), self.kv_caches, meta, self.backend)
+        if input_ids is None:
+            input_ids = tensor(token_ids)
+        hidden = self.model(input_ids, tensor(positions), self.kv_caches, meta, self.backend)
         return self.model.compute_logits(hidden[tensor(sample_rows)]).float()
 
-
-    def _replay(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def _replay(self, chunks: list[ScheduledChunk], input_ids: torch.Tensor | None) -> torch.Tensor:
         bs = self.block_size
         positions = [c.start for c in chunks]
         tables = [c.request.block_ids[:p // bs + 1] for c, p in zip(chunks, positions)]
-        logits = self.graphs.run(token_ids=[c.request.token_ids[c.start] for c in chunks], positions=positions,
+        token_ids = input_ids if input_ids is not None else [c.request.token_ids[c.start] for c in chunks]
+        logits = self.graphs.run(token_ids=token_ids, positions=positions,
                                  slots=[t[-1] * bs + p % bs for t, p in zip(tables, positions)],
                                  block_tables=tables, context_lens=[p + 1 for p in positions])
         if all(c.sample for c in chunks):

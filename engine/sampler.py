@@ -1,7 +1,8 @@
 """Logits [num_rows, vocab] -> one token per row: penalties, suppression, greedy or temperature/top-k/top-p/min-p.
 
 Everything is vectorised over the batch; the only per-row Python work is building small index tensors and drawing
-the noise of seeded rows from their own generators. One device->host transfer at the end.
+the noise of seeded rows from their own generators. One device->host transfer at the end, which `launch` only
+starts: the engine can queue more device work before `finish` waits for the tokens (engine.py, async scheduling).
 """
 from __future__ import annotations
 
@@ -35,8 +36,41 @@ class SampledToken:
     top_logprobs: dict[int, float] | None
 
 
-def _uses_penalties(p: SamplingParams) -> bool:
+def uses_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+class PendingSample:
+    """Tokens sampled on the device whose copy to the host is under way."""
+
+    def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor, params: list[SamplingParams],
+                 max_top: int) -> None:
+        self.token_ids = token_ids  # [num_rows] int64 on the device: what a next step can take as its input ids
+        self._params = params
+        self._max_top = max_top
+        # Non-blocking into pinned memory, then an event: finish() waits for this copy, not for work queued later.
+        self._host = packed.to("cpu", non_blocking=True)
+        self._copied = None
+        if packed.device.type != "cpu":
+            self._copied = getattr(torch, packed.device.type).Event()
+            self._copied.record()
+
+    def finish(self) -> list[SampledToken]:
+        if self._copied is not None:
+            self._copied.synchronize()
+        host = self._host.tolist()
+        if self._max_top < 0:  # greedy fast path: token ids alone
+            return [SampledToken(token_id, None, None) for token_id in host]
+        out: list[SampledToken] = []
+        max_top = self._max_top
+        for p, line in zip(self._params, host):
+            token_id = int(line[0])
+            if p.logprobs is None:
+                out.append(SampledToken(token_id, None, None))
+                continue
+            values, ids = line[2:2 + p.logprobs], line[2 + max_top:2 + max_top + p.logprobs]
+            out.append(SampledToken(token_id, line[1], {int(t): v for t, v in zip(ids, values)}))
+        return out
 
 
 class Sampler:
@@ -45,16 +79,19 @@ class Sampler:
         self.generator = generator
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
+        return self.launch(logits, rows).finish() if rows else []
+
+    def launch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> PendingSample:
+        """Queue the sampling of one token per row on the logits' device and the copy of the result to the host."""
         num_rows, vocab = logits.shape
         assert num_rows == len(rows), f"{num_rows} logits rows for {len(rows)} sampling rows"
-        if not rows:
-            return []
         device = logits.device
         params = [r.params for r in rows]
-        if all(p.greedy and p.logprobs is None and not _uses_penalties(p) for p in params) and not any(
+        if all(p.greedy and p.logprobs is None and not uses_penalties(p) for p in params) and not any(
                 r.suppressed_token_ids for r in rows):
             # Plain greedy batch (the common case of benchmarks and batch jobs): argmax, nothing else.
-            return [SampledToken(token_id, None, None) for token_id in logits.argmax(dim=-1).tolist()]
+            tokens = logits.argmax(dim=-1)
+            return PendingSample(tokens, tokens, params, max_top=-1)
 
         # 1. Log-probs of the raw model output, before penalties/temperature/truncation: vLLM v1's default
         # ("raw_logprobs"). Computed only when some row asks. [num_rows, vocab] float32.
@@ -79,7 +116,7 @@ class Sampler:
         greedy = table[:, 7] > 0  # [num_rows]
 
         # 2. Penalties, skipped entirely when no row uses them.
-        if any(_uses_penalties(p) for p in params):
+        if any(uses_penalties(p) for p in params):
             self._apply_penalties(x, rows, repetition, frequency, presence)
 
         # 3. Suppressed tokens (ids outside the vocab are ignored: nothing to suppress there).
@@ -130,17 +167,7 @@ class Sampler:
             if max_top > 0:
                 top_values, top_ids = raw_logprobs.topk(max_top, dim=-1)  # [num_rows, max_top] each, descending
                 columns += [top_values.double(), top_ids.double()]
-        host = torch.cat(columns, dim=1).tolist()
-
-        out: list[SampledToken] = []
-        for p, line in zip(params, host):
-            token_id = int(line[0])
-            if p.logprobs is None:
-                out.append(SampledToken(token_id, None, None))
-                continue
-            values, ids = line[2:2 + p.logprobs], line[2 + max_top:2 + max_top + p.logprobs]
-            out.append(SampledToken(token_id, line[1], {int(t): v for t, v in zip(ids, values)}))
-        return out
+        return PendingSample(tokens, torch.cat(columns, dim=1), params, max_top)
 
     @staticmethod
     def _apply_penalties(x: torch.Tensor, rows: list[SamplingRow], repetition: torch.Tensor,

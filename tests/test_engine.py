@@ -289,3 +289,86 @@ def test_a_request_that_does_not_stream_gets_its_first_and_its_final_output(tiny
     # The final output carries everything since the first: the skipped steps' tokens are not lost.
     assert final.delta_token_ids == expected[1:] and final.token_ids == expected and final.finish_reason == "length"
     assert_all_blocks_free(engine)
+
+
+# ---- async scheduling: the next decode step is queued before this step's tokens are read ----
+
+def count_steps_ahead(engine: LLMEngine) -> list[int]:
+    """Counts (in a one-element list) the steps run on input ids that had not reached the host."""
+    calls = [0]
+    execute = engine.runner.execute
+
+    def counting(chunks, input_ids=None):
+        calls[0] += input_ids is not None
+        return execute(chunks, input_ids)
+
+    engine.runner.execute = counting
+    return calls
+
+
+def test_async_scheduling_gives_the_same_outputs(tiny):
+    """Greedy (against transformers), seeded sampling, logprobs, n > 1, stop tokens, min_tokens, penalties (which
+    keep their steps in step) and different lengths in one staggered batch: identical with and without async
+    scheduling, streamed token by token with each token sent once, and most decode steps really queued ahead."""
+    directory, model = tiny
+    stop_token = greedy_reference(model, [5, 6, 7], 20)[6]
+    work = [([5, 6, 7], SamplingParams(max_tokens=20, **GREEDY)),
+            ([5, 6, 7], SamplingParams(max_tokens=20, stop_token_ids=[stop_token], temperature=0)),
+            ([5, 6, 7], SamplingParams(max_tokens=20, min_tokens=8, stop_token_ids=[stop_token], temperature=0)),
+            ([9] * 30, SamplingParams(n=2, temperature=0.8, top_p=0.9, seed=3, max_tokens=15, ignore_eos=True)),
+            ([11, 12], SamplingParams(max_tokens=9, logprobs=2, **GREEDY)),
+            ([13, 14, 15], SamplingParams(max_tokens=5, repetition_penalty=1.2, **GREEDY)),
+            ([16] * 7, SamplingParams(max_tokens=3, **GREEDY))]
+
+    def run(async_scheduling: bool) -> tuple[dict, int]:
+        engine = engine_for(directory, async_scheduling=async_scheduling, max_num_batched_tokens=16)
+        ahead = count_steps_ahead(engine)
+        streamed: dict[str, list[int]] = {}
+        finished = {}
+        for step in range(60):
+            if step < len(work):  # one new request per step: admissions interleave with steps queued ahead
+                engine.add_request(str(step), *work[step])
+            for output in engine.step():
+                streamed.setdefault(output.request_id, []).extend(output.outputs[0].delta_token_ids)
+                if output.finished:
+                    finished[output.request_id] = [(c.token_ids, c.logprobs, c.finish_reason, c.stop_reason)
+                                                   for c in output.outputs]
+            if step >= len(work) and not engine.has_unfinished_requests():
+                break
+        for request_id, choices in finished.items():
+            if len(choices) == 1:
+                assert streamed[request_id] == choices[0][0], "each token streamed exactly once"
+        assert_all_blocks_free(engine)
+        return finished, ahead[0]
+
+    sync, sync_ahead = run(False)
+    overlapped, steps_ahead = run(True)
+    assert sync_ahead == 0 and steps_ahead >= 5
+    assert overlapped == sync
+    assert sync["0"][0][0] == greedy_reference(model, [5, 6, 7], 20)
+    assert sync["1"][0][2:] == ("stop", stop_token) and len(sync["1"][0][0]) == 7
+
+
+def test_abort_while_a_step_is_queued_ahead(tiny):
+    """An abort between steps, with the next step already queued: the request ends with the tokens it had, its
+    queued token is dropped, the others go on as before and every block comes back."""
+    directory, model = tiny
+    engine = engine_for(directory, async_scheduling=True)
+    engine.add_request("kept", [5, 6, 7], SamplingParams(max_tokens=12, **GREEDY))
+    engine.add_request("aborted", [8, 9], SamplingParams(max_tokens=12, **GREEDY))
+    sent = {"kept": [], "aborted": []}
+    while engine._ahead is None:
+        for output in engine.step():
+            sent[output.request_id] += output.outputs[0].delta_token_ids
+    assert engine.abort_request("aborted")
+    finished = drain(engine)
+    assert finished["aborted"].outputs[0].finish_reason == "abort"
+    assert finished["aborted"].outputs[0].token_ids == sent["aborted"] == greedy_reference(model, [8, 9], 12)[
+        :len(sent["aborted"])]
+    assert finished["kept"].outputs[0].token_ids == greedy_reference(model, [5, 6, 7], 12)
+    assert_all_blocks_free(engine)
+
+
+def test_async_scheduling_is_on_for_accelerators_only(tiny):
+    assert not engine_for(tiny[0]).async_scheduling
+    assert engine_for(tiny[0], async_scheduling=True).async_scheduling
