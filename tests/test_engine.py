@@ -370,5 +370,5 @@ def test_abort_while_a_step_is_queued_ahead(tiny):
 
 
 def test_async_scheduling_is_on_for_accelerators_only(tiny):
-    assert not engine_for(tiny[0]).async_scheduling
-    assert engine_for(tiny[0], async_scheduling=True).async_scheduling
+    assert not engine_for(tiny[0], device="cpu").async_scheduling
+    assert engine_for(tiny[0], device="cpu", async_scheduling=True).async_scheduling
