@@ -177,7 +177,11 @@ class LLMEngine:
                 uses_penalties(r.params) for r in launched.sampling):
             ahead = self.scheduler.schedule_ahead(launched.chunks)
             if ahead is not None:
-                self._ahead = self._launch(ahead, ahead.chunks, launched.pending.token_ids)
+                scheduled, rows = ahead
+                tokens = launched.pending.token_ids  # one row per chunk: every chunk of such a step samples
+                if len(rows) < len(launched.chunks):
+                    tokens = tokens[torch.tensor(rows, device=tokens.device)]
+                self._ahead = self._launch(scheduled, scheduled.chunks, tokens)
         outputs += self._finish(launched)
         return outputs
 

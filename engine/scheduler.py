@@ -79,24 +79,25 @@ class Scheduler:
             budget -= num_tokens
         return out
 
-    def schedule_ahead(self, chunks: list[ScheduledChunk]) -> SchedulerOutput | None:
+    def schedule_ahead(self, chunks: list[ScheduledChunk]) -> tuple[SchedulerOutput, list[int]] | None:
         """The step after the one of `chunks`, scheduled before that step's tokens are known (async scheduling,
-        engine.py): one more token for each request, in the same order, or None where that could differ from what
-        schedule() will do once they are. So only when those chunks decoded every running request, nobody waits
-        to be admitted, no request can reach max_tokens with the coming token (a stop token or string may still
-        end one: the engine then drops its extra token), none is still under min_tokens, and the next blocks come
-        without preempting anyone."""
+        engine.py): one more token for each request that its coming token does not bring to max_tokens, in the
+        same order, and their indices in `chunks`. None where that could differ from what schedule() will do
+        once the tokens are known: unless those chunks decoded every running request, nobody waits to be
+        admitted, none is still under min_tokens and the blocks come without preempting anyone. A stop token or
+        string may still end a request: the engine then drops its extra token."""
         if (self.waiting or len(chunks) != len(self.running)
                 or not all(c.num_tokens == 1 and c.sample and c.request.status == RequestStatus.RUNNING
-                           for c in chunks)):
+                           and c.request.num_output_tokens >= c.request.params.min_tokens for c in chunks)):
             return None
-        for chunk in chunks:
-            request = chunk.request
-            if (request.num_output_tokens + 1 >= request.max_tokens
-                    or request.num_output_tokens < request.params.min_tokens
-                    or not self.block_manager.allocate(request.block_ids, chunk.start + 2)):
+        rows = [i for i, c in enumerate(chunks) if c.request.num_output_tokens + 1 < c.request.max_tokens]
+        for i in rows:
+            if not self.block_manager.allocate(chunks[i].request.block_ids, chunks[i].start + 2):
                 return None  # blocks already taken by earlier requests are theirs next step anyway
-        return SchedulerOutput([ScheduledChunk(c.request, c.start + 1, 1, sample=True) for c in chunks])
+        if not rows:
+            return None
+        return SchedulerOutput([ScheduledChunk(chunks[i].request, chunks[i].start + 1, 1, sample=True)
+                                for i in rows]), rows
 
     def _allocate_or_preempt(self, request: Request, num_tokens: int, lower: list[Request],
                              out: SchedulerOutput) -> bool:

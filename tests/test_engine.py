@@ -24,6 +24,9 @@ def tiny(tmp_path_factory):
 
 
 def engine_for(directory, **options) -> LLMEngine:
+    # A fixed cache (8,192 tokens) rather than a share of free memory: on a GPU each test's engines then leave room
+    # for the next ones.
+    options.setdefault("num_kv_blocks", 512)
     return LLMEngine(EngineConfig(model=str(directory), skip_tokenizer_init=True, **options))
 
 
@@ -343,7 +346,7 @@ def test_async_scheduling_gives_the_same_outputs(tiny):
 
     sync, sync_ahead = run(False)
     overlapped, steps_ahead = run(True)
-    assert sync_ahead == 0 and steps_ahead >= 5
+    assert sync_ahead == 0 and steps_ahead >= 8
     assert overlapped == sync
     assert sync["0"][0][0] == greedy_reference(model, [5, 6, 7], 20)
     assert sync["1"][0][2:] == ("stop", stop_token) and len(sync["1"][0][0]) == 7
