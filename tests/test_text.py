@@ -75,6 +75,9 @@ def test_cli_demo_model_and_generate(tmp_path, llm):
     assert result.returncode == 0, result.stderr
     expected = llm.generate([PROMPTS[1]], SamplingParams(temperature=0.0, max_tokens=12))[0].outputs[0].text
     assert result.stdout == expected + "\n"
+    sync = run_cli("generate", "--model", str(tmp_path / "demo"), "--prompt", PROMPTS[1], "--max-tokens", "12",
+                   "--device", "cpu", "--no-async-scheduling")
+    assert sync.returncode == 0 and sync.stdout == result.stdout, sync.stderr
 
 
 def test_cli_reports_bad_input(tmp_path):

@@ -42,6 +42,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--attention-backend", default="auto", help="auto | torch | triton")
     parser.add_argument("--enforce-eager", action="store_true", help="never replay decode steps from device graphs")
+    parser.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false", default=None,
+                        help="read each step's tokens before queuing the next step (default: queue decode steps "
+                             "ahead on GPUs)")
     parser.add_argument("--load-in-low-bit", choices=LOW_BIT_FORMATS,
                         help="weight format, applied while the checkpoint loads: "
                              "sym_int4 | asym_int4 | sym_int8 | fp8 (e4m3) | fp16 | bf16")
@@ -53,7 +56,8 @@ def engine_options(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                 gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
-                enforce_eager=args.enforce_eager, load_in_low_bit=args.load_in_low_bit)
+                enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
+                load_in_low_bit=args.load_in_low_bit)
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
