@@ -82,10 +82,12 @@ class Scheduler:
     def schedule_ahead(self, chunks: list[ScheduledChunk]) -> tuple[SchedulerOutput, list[int]] | None:
         """The step after the one of `chunks`, scheduled before that step's tokens are known (async scheduling,
         engine.py): one more token for each request that its coming token does not bring to max_tokens, in the
-        same order, and their indices in `chunks`. None where that could differ from what schedule() will do
-        once the tokens are known: unless those chunks decoded every running request, nobody waits to be
-        admitted, none is still under min_tokens and the blocks come without preempting anyone. A stop token or
-        string may still end a request: the engine then drops its extra token."""
+        same order, and their indices in `chunks`.
+
+        None unless that is what schedule() would do once the tokens are known: the chunks decoded every running
+        request, nobody waits to be admitted, no request is still under min_tokens (its suppressed tokens depend
+        on the count) and the blocks come without preempting anyone. A stop token or string may still end a
+        request: the engine then drops its extra token."""
         if (self.waiting or len(chunks) != len(self.running)
                 or not all(c.num_tokens == 1 and c.sample and c.request.status == RequestStatus.RUNNING
                            and c.request.num_output_tokens >= c.request.params.min_tokens for c in chunks)):
