@@ -1,5 +1,5 @@
 """Triton kernels behind engine/fused_ops.py: RMSNorm with the residual add, rotary embedding of q and k together,
-and SiLU-and-mul, one launch each.
+SiLU-and-mul, one launch each, and the single-row GEMV (optionally with SiLU-and-mul on its input).
 
 Only portable Triton is used (no inline asm, no vendor intrinsics), so the kernels also build for Intel GPUs and run
 in Triton's CPU interpreter (tests). Arithmetic is float32; results are stored in the input dtype. Launch parameters
