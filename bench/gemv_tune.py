@@ -7,19 +7,10 @@ cache never holds it (as in a decode step, where each layer's weights are read o
 import itertools, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch, torch.nn.functional as F
-import triton
-from engine.fused_kernels import _gemv_kernel
-
-
-def gemv_triton(x, weight, silu_mul, block_n, block_k, num_warps, num_stages):
-    k = x.shape[1] // 2 if silu_mul else x.shape[1]
-    n = weight.shape[0]
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, weight, out, n, k, weight.stride(0), BLOCK_N=block_n,
-                                             BLOCK_K=block_k, EVEN_K=k % block_k == 0, HAS_BIAS=False,
-                                             SILU_MUL=silu_mul, num_warps=num_warps, num_stages=num_stages)
-    return out
+from engine.fused_kernels import launch_gemv
+from peers_gpu import ceilings
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
           "lm_head": (32000, 4096)}
@@ -41,12 +32,7 @@ def bench(fn_list, reps=20):
 
 
 def main():
-    bw_copy = None
-    x4 = torch.randint(0, 255, (2 << 30,), dtype=torch.uint8, device="cuda"); y4 = torch.empty_like(x4)
-    for _ in range(3): y4.copy_(x4)
-    torch.cuda.synchronize(); s, e = torch.cuda.Event(True), torch.cuda.Event(True)
-    s.record(); [y4.copy_(x4) for _ in range(5)]; e.record(); e.synchronize()
-    bw_copy = 2 * x4.numel() * 5 / (s.elapsed_time(e) / 1e3); del x4, y4
+    bw_copy, _ = ceilings()
     print(f"{torch.cuda.get_device_name()} copy {bw_copy/1e12:.2f} TB/s")
     configs = [c for c in itertools.product((4, 8, 16, 32), (128, 256, 512, 1024), (2, 4, 8), (1, 3))
                if c[0] * c[1] <= 16384 and c[0] * c[1] >= 1024]
@@ -63,10 +49,9 @@ def main():
         results = []
         for bn, bk, nw, ns in configs:
             try:
-                got = gemv_triton(x, ws[0], silu_mul=silu, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+                got = launch_gemv(x, ws[0], None, silu, bn, bk, nw, ns)
                 err = ((got.float() - want).abs().max() / want.abs().max()).item()
-                t = bench([lambda w=w: gemv_triton(x, w, silu_mul=silu, block_n=bn, block_k=bk, num_warps=nw,
-                                                    num_stages=ns) for w in ws])
+                t = bench([lambda w=w: launch_gemv(x, w, None, silu, bn, bk, nw, ns) for w in ws])
                 results.append((t, bn, bk, nw, ns, err))
             except Exception as exc:
                 print(name, bn, bk, nw, ns, "failed", type(exc).__name__, str(exc)[:100])

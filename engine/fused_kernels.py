@@ -101,11 +101,18 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_token_stride, q_head_stride
     token = tl.program_id(0).to(tl.int64)
     dims = tl.arange(0, HALF_PAD)
     dim_mask = dims < HALF
-    cos = tl.load(cos_ptr + token * cos_token_stride + dims, mask=dim_mask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + token * sin_token_stride + dims, mask=dim_mask, other=0.0).to(tl.float32)
+    cos, sin = load_cos_sin(cos_ptr, sin_ptr, token, cos_token_stride, sin_token_stride, dims, dim_mask)
     rotate_heads(q_ptr + token * q_token_stride, q_head_stride, cos, sin, dims, dim_mask, NUM_HEADS, HALF, HEADS_PAD)
     rotate_heads(k_ptr + token * k_token_stride, k_head_stride, cos, sin, dims, dim_mask, NUM_KV_HEADS, HALF,
                   KV_HEADS_PAD)
+
+
+@triton.jit
+def load_cos_sin(cos_ptr, sin_ptr, token, cos_token_stride, sin_token_stride, dims, dim_mask):
+    """The first halves of one token's cos and sin rows (the second halves repeat them), in float32."""
+    cos = tl.load(cos_ptr + token * cos_token_stride + dims, mask=dim_mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + token * sin_token_stride + dims, mask=dim_mask, other=0.0).to(tl.float32)
+    return cos, sin
 
 
 @triton.jit
@@ -159,14 +166,21 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     enough loads in flight to run at the copy rate. Settings from a sweep on an H100 over the Llama-2-7B projections
     (bench/gemv_tune.py): 4 rows a program, 8 for K > 8192; 2 warps for weights up to 16M elements, else 4."""
     k = x.shape[1] // 2 if silu_mul else x.shape[1]
+    return launch_gemv(x, weight, bias, silu_mul, block_n=4 if k <= 8192 else 8,
+                       block_k=min(1024, triton.next_power_of_2(k)),
+                       num_warps=2 if weight.shape[0] * k <= 1 << 24 else 4)
+
+
+def launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool, block_n: int,
+                block_k: int, num_warps: int, num_stages: int = 1) -> torch.Tensor:
+    """gemv_triton with explicit launch settings (bench/gemv_tune.py sweeps them)."""
+    k = x.shape[1] // 2 if silu_mul else x.shape[1]
     n = weight.shape[0]
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    block_n = 4 if k <= 8192 else 8
-    block_k = min(1024, triton.next_power_of_2(k))
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
-        num_warps=2 if n * k <= 1 << 24 else 4)
+        num_warps=num_warps, num_stages=num_stages)
     return out
 
 

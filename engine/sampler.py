@@ -46,6 +46,7 @@ class PendingSample:
     def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor, params: list[SamplingParams],
                  max_top: int) -> None:
         self.token_ids = token_ids  # [num_rows] int64 on the device: what a next step can take as its input ids
+        # packed: token_ids itself (plain greedy), or [num_rows, columns] of token id, log-prob, top values, top ids
         self._params = params
         self._max_top = max_top
         # Non-blocking into pinned memory, then an event: finish() waits for this copy, not for work queued later.
@@ -59,7 +60,7 @@ class PendingSample:
         if self._copied is not None:
             self._copied.synchronize()
         host = self._host.tolist()
-        if self._max_top < 0:  # greedy fast path: token ids alone
+        if self._host.dim() == 1:  # token ids alone
             return [SampledToken(token_id, None, None) for token_id in host]
         out: list[SampledToken] = []
         max_top = self._max_top
@@ -91,7 +92,7 @@ class Sampler:
                 r.suppressed_token_ids for r in rows):
             # Plain greedy batch (the common case of benchmarks and batch jobs): argmax, nothing else.
             tokens = logits.argmax(dim=-1)
-            return PendingSample(tokens, tokens, params, max_top=-1)
+            return PendingSample(tokens, tokens, params, max_top=0)
 
         # 1. Log-probs of the raw model output, before penalties/temperature/truncation: vLLM v1's default
         # ("raw_logprobs"). Computed only when some row asks. [num_rows, vocab] float32.

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.fused_kernels import rotate_halves, rotate_heads
+from engine.fused_kernels import load_cos_sin, rotate_halves, rotate_heads
 
 _LOG2_E = 1.4426950408889634
 # Running maximum before any key is seen. Finite, so a query row whose keys are all masked (padding rows, empty
@@ -236,8 +236,7 @@ def _rotate_and_store_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_p
     token = tl.program_id(0).to(tl.int64)
     dims = tl.arange(0, HALF_PAD)
     dim_ok = dims < HALF
-    cos = tl.load(cos_ptr + token * cos_stride_token + dims, mask=dim_ok, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + token * sin_stride_token + dims, mask=dim_ok, other=0.0).to(tl.float32)
+    cos, sin = load_cos_sin(cos_ptr, sin_ptr, token, cos_stride_token, sin_stride_token, dims, dim_ok)
     rotate_heads(q_ptr + token * q_stride_token, q_stride_head, cos, sin, dims, dim_ok, NUM_HEADS, HALF, HEADS_PAD)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:  # negative: a padding row of a captured graph
