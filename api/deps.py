@@ -1,4 +1,5 @@
-"""Request-scoped dependencies: settings, the job store, the Celery app, and the caller's identity."""
+"""Request-scoped dependencies: settings, the job store (sync, and its async readers), the Celery app, and the
+caller's identity."""
 from __future__ import annotations
 
 from typing import Annotated
@@ -6,7 +7,9 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 
 from api.settings import Settings
-from api.store import JobStore, owner_id
+from api.job_record import owner_id
+from api.store import JobStore
+from api.streams import AsyncStreams
 
 
 class APIError(HTTPException):
@@ -23,6 +26,10 @@ def get_settings(request: Request) -> Settings:
 
 def get_store(request: Request) -> JobStore:
     return request.app.state.store
+
+
+def get_streams(request: Request) -> AsyncStreams:
+    return request.app.state.streams
 
 
 def get_celery(request: Request):
@@ -43,5 +50,6 @@ def get_owner(request: Request, settings: Annotated[Settings, Depends(get_settin
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
+StreamsDep = Annotated[AsyncStreams, Depends(get_streams)]
 CeleryDep = Annotated[object, Depends(get_celery)]
 OwnerDep = Annotated[str, Depends(get_owner)]

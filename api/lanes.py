@@ -1,10 +1,14 @@
 """The bulk lane: batch lines reach the broker and the engine only as fast as workers have bulk capacity.
 
 Interactive jobs (completions, chat, /v1/jobs) are enqueued at once. Batch lines wait in a per-model pending list
-and are sent to the model's Celery queue only while fewer than the workers' bulk capacity are in flight (each
-worker announces `bulk_slots`, its max_num_seqs less a reserve kept for interactive work). So a batch of 50,000
-lines never stands in the broker between an interactive request and a worker, and never fills the engine's
-running batch: interactive requests always find a free thread and a free sequence slot.
+and are sent to the model's Celery queue only while fewer than the workers' bulk capacity are in flight. Each
+worker announces two capacities: `bulk_slots_idle` (its whole running batch plus a few waiting lines, so that the
+engine refills a slot the step it frees) for when no interactive work is around, and `bulk_slots` (its
+max_num_seqs less a reserve for interactive work) for when interactive jobs are queued or were submitted in the
+last seconds. The reserve is thus held back only while interactive work exists or arrives; a worker runs more
+Celery threads than bulk lines, so an interactive job always finds a thread, and the engine schedules it ahead of
+waiting lines (batch lines run at a lower priority). A batch of 50,000 lines never stands in the broker between an
+interactive request and a worker.
 
 Keys: {p}:bulk:{model}:pending (list of job ids, FIFO across batches), {p}:bulk:{model}:inflight (sorted set of
 job ids, score = when the line left the pending list).
@@ -45,7 +49,8 @@ class BulkLane:
             self.store.r.rpush(self._pending, *job_ids)
 
     def capacity(self) -> int:
-        return sum(int(w.get("bulk_slots", 0)) for w in self.store.workers(self.model))
+        field = "bulk_slots" if self.store.interactive_waiting(self.model) else "bulk_slots_idle"
+        return sum(int(w.get(field, w.get("bulk_slots", 0))) for w in self.store.registry.workers(self.model))
 
     def pump(self, send) -> int:
         """Send pending lines while the workers have bulk capacity; `send(job_id)` enqueues one. Returns how many.

@@ -1,28 +1,48 @@
-"""create_app(): the FastAPI front end. Never imports the engine or torch."""
+"""create_app(): the FastAPI front end. Never imports the engine, torch or the worker."""
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
+import redis
+import redis.asyncio as aredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse
 
+from api.celery_client import create_app as create_celery_app
 from api.files import FileStore
 from api.routes import batches, files, health, jobs, openai
 from api.schemas import error_body
 from api.settings import Settings, get_settings
 from api.store import JobStore
-from worker.celery_app import create_app as create_celery_app
+from api.streams import AsyncStreams
 
 MULTIPART_SLACK_BYTES = 64 * 1024  # form fields and part headers around an uploaded file
+API_REDIS_RETRIES = 3  # while Redis is away the API answers 503 at once rather than after a long retry
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="inferq", version="0.1.0")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Waits (long-polls, synchronous completions, streams) run on the event loop over redis.asyncio: a waiting
+        # client costs a socket, not one of the threadpool's 40 threads.
+        pool = aredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=settings.api_redis_connections,
+                                                      timeout=30, decode_responses=True)
+        client = aredis.Redis(connection_pool=pool)
+        app.state.streams = AsyncStreams(client, app.state.store.keys)
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
-    app.state.store = JobStore.from_url(settings.redis_url, prefix=settings.key_prefix,
-                                        retention_seconds=settings.result_retention_seconds)
-    app.state.files = FileStore.from_url(settings.redis_url, prefix=settings.key_prefix,
-                                         retention_seconds=settings.file_retention_seconds)
+    # The sync store serves the short calls (create, get, cancel), which run in the threadpool.
+    app.state.store = JobStore.from_url(settings.redis_url, max_connections=64, retries=API_REDIS_RETRIES,
+                                        prefix=settings.key_prefix, retention_seconds=settings.result_retention_seconds)
+    app.state.files = FileStore(app.state.store.r, settings.key_prefix, settings.file_retention_seconds)
     app.state.celery = create_celery_app(settings)
     for module in (health, openai, jobs, files, batches):
         app.include_router(module.router)
@@ -53,4 +73,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(error_body(f"{param}: {first['msg']}" if param else first["msg"], param=param),
                             status_code=400)
 
+    async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        return redis_down_response(exc)
+
+    for error in (redis.ConnectionError, redis.TimeoutError):  # redis.asyncio raises the same classes
+        app.add_exception_handler(error, redis_unavailable)
     return app
+
+
+def redis_down_response(exc: Exception) -> JSONResponse:
+    return JSONResponse(error_body(f"the job store is unavailable ({type(exc).__name__}); retry shortly",
+                                   type="service_unavailable", code="store_unavailable"),
+                        status_code=503, headers={"Retry-After": "2"})

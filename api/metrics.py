@@ -5,7 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from api.store import Job, JobStore
+from api.job_record import Job
+from api.store import JobStore
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -45,8 +46,8 @@ class _Collector:
 
     def collect(self):
         store = self.store
-        workers = store.workers()
-        models = sorted(set(store.known_models()) | store.r.smembers(f"{store.prefix}:metrics:models"))
+        workers = store.registry.workers()
+        models = sorted(set(store.registry.known_models()) | store.r.smembers(f"{store.prefix}:metrics:models"))
         jobs = GaugeMetricFamily("inferq_jobs", "Jobs queued or running now", labels=["model", "state"])
         finished = CounterMetricFamily("inferq_jobs_finished", "Jobs ended, by final status", labels=["model", "status"])
         tokens = CounterMetricFamily("inferq_generated_tokens", "Completion tokens generated", labels=["model"])

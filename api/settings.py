@@ -69,6 +69,14 @@ class Settings(BaseSettings):
             "`webhook-signature: v1,<base64 HMAC-SHA256(key, id.timestamp.body)>`. Empty = deliveries are not signed."
         ),
     )
+    job_max_attempts: int = Field(
+        3, gt=0, description="Runs of a job at most: a worker that dies or a task that fails queues it again until "
+                             "then; after the last run it fails with a server error.",
+    )
+    api_redis_connections: int = Field(
+        2048, gt=0, description="Redis connections of one API process at most (each waiting request or stream "
+                                "holds one while it waits); requests past it wait for a free one.",
+    )
     webhook_max_attempts: int = Field(5, gt=0, description="Delivery attempts per webhook before giving up.")
     webhook_backoff_seconds: float = Field(
         1.0, ge=0, description="Base delay between webhook attempts; doubled after each failure."

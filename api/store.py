@@ -1,70 +1,69 @@
-"""The job store: the one module that knows the Redis key layout.
+"""The job store: job records and their transitions, in Redis (keys: api/keys.py; records: api/job_record.py;
+event streams: api/streams.py; worker registry: api/registry.py).
 
-Keys (all under `{p}:` = the configured prefix):
-  {p}:job:{id}                  hash, the job record (fields: see `Job`); TTL = retention once terminal
-  {p}:job:{id}:stream           stream of token/progress events for SSE, each entry's JSON under "data";
-                                finish() and cancel-before-start append a final {"type": "end", "status": ...}
-  {p}:job:{id}:done             pub/sub channel; the terminal status is published there when the job ends
-  {p}:idem:{owner}:{key}        idempotency key -> job id (TTL = retention)
-  {p}:owner:{owner}:jobs        sorted set of the owner's job ids, score = created_at
-  {p}:queued:{model}            sorted set of queued interactive job ids of one model (queue depth), score =
-                                created_at; bulk (batch) jobs wait in the bulk lane instead (api/lanes.py)
-  {p}:leases:{model}            set of worker ids that may hold leases (recovery looks for dead ones here)
-  {p}:leases:{model}:{wid}      set of the job ids running on that worker
-  {p}:cancel                    pub/sub channel; job ids whose cancellation was requested while running
-  {p}:worker:{model}:{wid}      string, JSON of a live worker's info, TTL = its heartbeat lease
-  {p}:workers:{model}           sorted set of that model's worker ids, score = lease expiry (unix seconds)
-  {p}:models                    set of model names ever announced
-
-Every message that asks a worker to run a job carries the job's `dispatch` number; sending again (after a
-worker died) increments it, so a worker runs a job only from its newest message and never twice at once.
+Every message that asks a worker to run a job carries the job's `dispatch` number; sending again (after a worker
+died or a task failed) increments it, so a worker runs a job only from its newest message and never twice at once.
 
 Status transitions are Lua scripts, so that racing writers (cancel vs finish, duplicate deliveries) have exactly
-one winner and a terminal status is never overwritten. Sync redis-py: callers are FastAPI sync endpoints and
-Celery worker threads; one `redis.Redis` (thread-safe connection pool) is shared.
+one winner and a terminal status is never overwritten. Every script that ends a job also drops it from its worker's
+lease set and adds it to the `ended` set, so a job's aftermath (api/lifecycle.py) is found even if the process
+that ended it dies before doing it.
+
+Sync redis-py on a blocking connection pool sized to the caller's concurrency: a thread past the pool's size waits
+for a connection instead of failing (redis-py 8's plain pool raises past 100). Connection errors are retried with
+backoff, so a Redis restart is ridden out rather than failing every caller.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import uuid
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-ENDPOINTS = frozenset({"completions", "chat.completions"})
-STREAM_END = "end"  # "type" of the last event of every job's stream
-STREAM_MAXLEN = 100_000  # approximate cap per job stream: bounds memory if a job runs away
-_BLOCK_CHUNK_MS = 1000  # long waits are cut in blocking reads of this length (stays under any socket timeout)
-_TIMES = ("created_at", "started_at", "first_token_at", "finished_at")
-_JSON_OR_NONE = ("webhook", "result", "usage", "error", "webhook_deliveries")
+from api.job_record import ENDPOINTS, TERMINAL, Job, JobStatus, dump, owner_id  # noqa: F401 - owner_id re-exported
+from api.keys import Keys
+from api.registry import WorkerRegistry
+from api.streams import STREAM_MAXLEN
 
-# ---- Lua: every status change is one script, so concurrent writers see one consistent record ----------------
-# Common tail of "this job just became terminal": KEYS = job, stream, queued set; ARGV[1..] as noted per script.
+INTERACTIVE_TTL_S = 10  # the interactive reserve stays held this long after the last interactive submission
+SETTLE_GRACE_S = 10.0  # an ended job's aftermath is left to whoever ended it for this long, then a sweeper does it
+
+# ---- Lua ------------------------------------------------------------------------------------------------------
+# Every script that may end a job takes KEYS = job, stream, queued set and starts its ARGV with END_ARGS:
+# now, ttl, job id, done channel, stream maxlen, lease key prefix, ended set, settle-at.
 _END_LUA = """
-local function end_job(status, now, ttl, job_id, channel, end_event, maxlen)
-  redis.call('HSET', KEYS[1], 'status', status, 'finished_at', now)
-  redis.call('ZREM', KEYS[3], job_id)
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'data', end_event)
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-  redis.call('PUBLISH', channel, status)
+local function end_job(status)
+  local model = redis.call('HGET', KEYS[1], 'model')
+  local worker = redis.call('HGET', KEYS[1], 'worker')
+  redis.call('HSET', KEYS[1], 'status', status, 'finished_at', ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[3])
+  if worker and worker ~= '' then redis.call('SREM', ARGV[6] .. model .. ':' .. worker, ARGV[3]) end
+  redis.call('ZADD', ARGV[7], ARGV[8], ARGV[3])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'data', cjson.encode({type='end', status=status}))
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  redis.call('PUBLISH', ARGV[4], status)
 end
 local function is_terminal(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' end
 """
-# KEYS: job, owner index, queued set, idempotency key ("-" = none). ARGV: id, created, idem ttl, has idem, fields.
+# KEYS: job, owner index, queued set, idempotency key ("-" = none), interactive marker ("-" = bulk).
+# ARGV: id, created, idem ttl, has idem, marker ttl, fields...
 _CREATE_LUA = """
 if ARGV[4] == '1' then
   local existing = redis.call('GET', KEYS[4])
   if existing then return {0, existing} end
   redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[3])
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-if KEYS[3] ~= '-' then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
+if KEYS[3] ~= '-' then
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+  redis.call('SET', KEYS[5], '1', 'EX', ARGV[5])
+end
 return {1, ARGV[1]}
 """
 # KEYS: job. ARGV: "first" (never sent yet) or "again" (sent before). A queued job's next dispatch number, or nil.
@@ -74,14 +73,30 @@ local sent = tonumber(redis.call('HGET', KEYS[1], 'dispatch') or '0') > 0
 if (ARGV[1] == 'first') == sent then return nil end
 return redis.call('HINCRBY', KEYS[1], 'dispatch', 1)
 """
-# KEYS: job, queued set. ARGV: id. A job whose worker died: running -> queued, with a new dispatch number (or nil).
-_REQUEUE_LUA = """
+# KEYS: job, stream, queued set. ARGV: END_ARGS, error JSON, max attempts.
+# A running job that cannot go on where it is (its worker died, its task raised): queued again with a new dispatch
+# number, unless a cancel was asked for (it ends cancelled) or it has used its attempts (it ends failed).
+# Returns {outcome, dispatch} or nil when it is not running.
+_REQUEUE_LUA = _END_LUA + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return nil end
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'last_error', ARGV[9]) end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  end_job('cancelled')
+  return {'cancelled', 0}
+end
+if tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') >= tonumber(ARGV[10]) then
+  redis.call('HSET', KEYS[1], 'error', ARGV[9])
+  end_job('failed')
+  return {'failed', 0}
+end
+local model = redis.call('HGET', KEYS[1], 'model')
+local worker = redis.call('HGET', KEYS[1], 'worker')
+if worker and worker ~= '' then redis.call('SREM', ARGV[6] .. model .. ':' .. worker, ARGV[3]) end
 redis.call('HSET', KEYS[1], 'status', 'queued')
 if redis.call('HGET', KEYS[1], 'bulk') ~= '1' then
-  redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'created_at'), ARGV[1])
+  redis.call('ZADD', KEYS[3], redis.call('HGET', KEYS[1], 'created_at'), ARGV[3])
 end
-return redis.call('HINCRBY', KEYS[1], 'dispatch', 1)
+return {'queued', redis.call('HINCRBY', KEYS[1], 'dispatch', 1)}
 """
 # KEYS: job, queued set, the worker's lease set, lease index. ARGV: now, id, dispatch, worker id.
 # queued -> running and leased to the worker in one step (a lease-less running job could never be recovered).
@@ -93,7 +108,7 @@ redis.call('SADD', KEYS[3], ARGV[2])
 redis.call('SADD', KEYS[4], ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if redis.call('HGET', KEYS[1], 'started_at') == '' then redis.call('HSET', KEYS[1], 'started_at', ARGV[1]) end
-redis.call('HSET', KEYS[1], 'status', 'running')
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[2])
 return redis.call('HGETALL', KEYS[1])
 """
@@ -101,12 +116,12 @@ return redis.call('HGETALL', KEYS[1])
 _FIRST_TOKEN_LUA = """
 if redis.call('HGET', KEYS[1], 'first_token_at') == '' then redis.call('HSET', KEYS[1], 'first_token_at', ARGV[1]) end
 """
-# KEYS: job, stream, queued. ARGV: status, now, ttl, result, usage, error, id, done channel, end event, maxlen.
+# KEYS: job, stream, queued. ARGV: END_ARGS, status, result, usage, error.
 _FINISH_LUA = _END_LUA + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st or is_terminal(st) then return 0 end
-redis.call('HSET', KEYS[1], 'result', ARGV[4], 'usage', ARGV[5], 'error', ARGV[6])
-end_job(ARGV[1], ARGV[2], ARGV[3], ARGV[7], ARGV[8], ARGV[9], ARGV[10])
+redis.call('HSET', KEYS[1], 'result', ARGV[10], 'usage', ARGV[11], 'error', ARGV[12])
+end_job(ARGV[9])
 return 1
 """
 # KEYS: job. ARGV: event, its outcome (JSON). One script, so outcomes of two events landing at once both stay; and a
@@ -120,100 +135,49 @@ deliveries[ARGV[1]] = cjson.decode(ARGV[2])
 redis.call('HSET', KEYS[1], 'webhook_deliveries', cjson.encode(deliveries))
 return 1
 """
-# KEYS: job, stream, queued. ARGV: now, ttl, id, done channel, end event, maxlen, cancel channel.
+# KEYS: job, stream, queued. ARGV: END_ARGS, cancel channel.
 _CANCEL_LUA = _END_LUA + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'not_found' end
 if st == 'queued' then
-  end_job('cancelled', ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+  end_job('cancelled')
   return 'cancelled'
 end
 if st == 'running' then
   redis.call('HSET', KEYS[1], 'cancel_requested', '1')
-  redis.call('PUBLISH', ARGV[7], ARGV[3])
+  redis.call('PUBLISH', ARGV[9], ARGV[3])
   return 'cancelling'
 end
 return st
 """
+# KEYS: ended set. ARGV: now, grace, count. Ended jobs whose aftermath is due, each pushed back by `grace` (so two
+# sweepers do not take the same one at once).
+_CLAIM_ENDED_LUA = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[1] + ARGV[2], id) end
+return ids
+"""
 
 
-@dataclass(slots=True)
-class Job:
-    """One job record, decoded from its Redis hash."""
-
-    id: str
-    owner: str
-    model: str
-    endpoint: str
-    request: dict
-    status: str = "queued"
-    priority: int = 0
-    metadata: dict = field(default_factory=dict)
-    webhook: dict | None = None
-    created_at: float | None = None
-    started_at: float | None = None
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    attempts: int = 0
-    dispatch: int = 0  # number of the newest message sent for this job (0 = not sent yet)
-    bulk: bool = False  # a batch line: waits in the bulk lane, not in the queued set
-    result: dict | None = None
-    usage: dict | None = None
-    error: dict | None = None
-    cancel_requested: bool = False
-    # Webhook outcome per event: {"completed": {"status": "delivered"|"failed", "attempts", "last_error", ...}}
-    webhook_deliveries: dict | None = None
-
-    def public(self) -> dict:
-        """JSON-able view for API responses: every field but the owner hash."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "owner"}
-
-    def to_fields(self) -> dict[str, str]:
-        """The Redis hash fields ("" for None: hashes hold strings only)."""
-        out = {"id": self.id, "owner": self.owner, "model": self.model, "endpoint": self.endpoint,
-               "request": _dump(self.request), "status": self.status, "priority": str(int(self.priority)),
-               "metadata": _dump(self.metadata or {}), "attempts": str(int(self.attempts)),
-               "dispatch": str(int(self.dispatch)), "bulk": "1" if self.bulk else "0",
-               "cancel_requested": "1" if self.cancel_requested else "0"}
-        out.update({name: _dump(getattr(self, name)) for name in _JSON_OR_NONE})
-        out.update({name: "" if getattr(self, name) is None else repr(getattr(self, name)) for name in _TIMES})
-        return out
-
-    @classmethod
-    def from_fields(cls, f: dict[str, str]) -> Job | None:
-        """Decode a hash; None for an empty one (missing or expired key)."""
-        if not f or "id" not in f:
-            return None
-        return cls(id=f["id"], owner=f.get("owner", ""), model=f.get("model", ""), endpoint=f.get("endpoint", ""),
-                   request=_load(f.get("request")) or {}, status=f.get("status", "queued"),
-                   priority=int(f.get("priority") or 0), metadata=_load(f.get("metadata")) or {},
-                   attempts=int(f.get("attempts") or 0), dispatch=int(f.get("dispatch") or 0),
-                   bulk=f.get("bulk") == "1", cancel_requested=f.get("cancel_requested") == "1",
-                   **{name: _load(f.get(name)) for name in _JSON_OR_NONE},
-                   **{name: float(f[name]) if f.get(name) else None for name in _TIMES})
-
-
-def owner_id(api_key: str | None) -> str:
-    """The owner of jobs submitted with `api_key`: its SHA-256 (keys are never stored), or "anonymous"."""
-    if not api_key:
-        return "anonymous"
-    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
-
-
-def _dump(value: dict | None) -> str:
-    return "" if value is None else json.dumps(value, separators=(",", ":"))
-
-
-def _load(text: str | None) -> Any:
-    return json.loads(text) if text else None
+def connect(url: str, max_connections: int = 64, timeout_s: float | None = 30.0, retries: int = 12) -> redis.Redis:
+    """A sync client on a blocking pool of `max_connections`: a caller past it waits up to `timeout_s` for a free
+    connection. Connection errors are retried with jittered backoff, by default for about 10 s (a Redis restart);
+    the API retries less, since it answers 503 while Redis is away."""
+    pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout_s,
+                                                 decode_responses=True, health_check_interval=30)
+    return redis.Redis(connection_pool=pool,
+                       retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=retries),
+                       retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 
 class JobStore:
-    """Jobs, their token streams and the worker registry in one Redis."""
+    """Jobs and their transitions; `registry` has the live workers."""
 
     def __init__(self, redis_client: redis.Redis, prefix: str = "inferq", retention_seconds: int = 86400) -> None:
         self.r = redis_client
         self.prefix = prefix
+        self.keys = Keys(prefix)
+        self.registry = WorkerRegistry(redis_client, prefix)
         self.retention_seconds = int(retention_seconds)
         self._create = self.r.register_script(_CREATE_LUA)
         self._mark_running = self.r.register_script(_MARK_RUNNING_LUA)
@@ -223,59 +187,45 @@ class JobStore:
         self._finish = self.r.register_script(_FINISH_LUA)
         self._cancel = self.r.register_script(_CANCEL_LUA)
         self._record_webhook = self.r.register_script(_RECORD_WEBHOOK_LUA)
+        self._claim_ended = self.r.register_script(_CLAIM_ENDED_LUA)
 
     @classmethod
-    def from_url(cls, url: str, **kw: Any) -> JobStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True), **kw)
-
-    # ---- keys -------------------------------------------------------------------------------------------------
-    def job_key(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}"
-
-    def stream_key(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}:stream"
-
-    def done_channel(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}:done"
-
-    @property
-    def cancel_channel(self) -> str:
-        return f"{self.prefix}:cancel"
-
-    def _owner_key(self, owner: str) -> str:
-        return f"{self.prefix}:owner:{owner}:jobs"
-
-    def _queued_key(self, model: str) -> str:
-        return f"{self.prefix}:queued:{model}"
-
-    def lease_key(self, model: str, worker_id: str) -> str:
-        return f"{self.prefix}:leases:{model}:{worker_id}"
-
-    def lease_index(self, model: str) -> str:
-        return f"{self.prefix}:leases:{model}"
+    def from_url(cls, url: str, max_connections: int = 64, retries: int = 12, **kw: Any) -> JobStore:
+        return cls(connect(url, max_connections, retries=retries), **kw)
 
     def _model_of(self, job_id: str) -> str | None:
         # The model never changes after create, so reading it outside the scripts is race-free.
-        return self.r.hget(self.job_key(job_id), "model")
+        return self.r.hget(self.keys.job(job_id), "model")
+
+    def _end_keys(self, job_id: str, model: str) -> list[str]:
+        return [self.keys.job(job_id), self.keys.stream(job_id), self.keys.queued(model)]
+
+    def _end_args(self, job_id: str) -> list:
+        now = time.time()
+        return [repr(now), self.retention_seconds, job_id, self.keys.done(job_id), STREAM_MAXLEN,
+                self.keys.lease_prefix, self.keys.ended, repr(now + SETTLE_GRACE_S)]
 
     # ---- jobs -------------------------------------------------------------------------------------------------
     def create(self, *, owner: str, model: str, endpoint: str, request: dict, priority: int = 0,
                metadata: dict | None = None, webhook: dict | None = None, idempotency_key: str | None = None,
-               bulk: bool = False) -> tuple[Job, bool]:
+               bulk: bool = False, stream: bool = False) -> tuple[Job, bool]:
         """Store a new queued job; with an idempotency key already used by this owner, return that job instead.
-        `bulk` jobs (batch lines) are not counted in the model's queue depth: the bulk lane holds them."""
+        `bulk` jobs (batch lines) are not counted in the model's queue depth: the bulk lane holds them.
+        `stream`: the worker writes its text deltas to its stream as they come."""
         if endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {sorted(ENDPOINTS)}, got {endpoint!r}")
-        idem_key = f"{self.prefix}:idem:{owner}:{idempotency_key}" if idempotency_key else ""
+        idem_key = self.keys.idempotency(owner, idempotency_key) if idempotency_key else ""
         for _ in range(2):
             job = Job(id=f"job_{uuid.uuid4().hex}", owner=owner, model=model, endpoint=endpoint, request=request,
-                      status="queued", priority=int(priority), metadata=metadata or {}, webhook=webhook,
-                      created_at=time.time(), bulk=bulk)
-            queued_key = "-" if bulk else self._queued_key(model)
+                      priority=int(priority), metadata=metadata or {}, webhook=webhook, created_at=time.time(),
+                      bulk=bulk, stream=stream)
+            interactive = not bulk
             created, job_id = self._create(
-                keys=[self.job_key(job.id), self._owner_key(owner), queued_key, idem_key or "-"],
+                keys=[self.keys.job(job.id), self.keys.owner_jobs(owner),
+                      self.keys.queued(model) if interactive else "-", idem_key or "-",
+                      self.keys.interactive(model) if interactive else "-"],
                 args=[job.id, repr(job.created_at), self.retention_seconds, "1" if idem_key else "0",
-                      *[part for pair in job.to_fields().items() for part in pair]],
+                      INTERACTIVE_TTL_S, *[part for pair in job.to_fields().items() for part in pair]],
             )
             if int(created):
                 self._prune_owner(owner)
@@ -289,7 +239,7 @@ class JobStore:
 
     def get(self, job_id: str, owner: str | None = None) -> Job | None:
         """The job, or None if it does not exist (or expired) or belongs to another owner than `owner`."""
-        job = Job.from_fields(self.r.hgetall(self.job_key(job_id)))
+        job = Job.from_fields(self.r.hgetall(self.keys.job(job_id)))
         if job is None or (owner is not None and job.owner != owner):
             return None
         return job
@@ -297,7 +247,7 @@ class JobStore:
     def list(self, owner: str, *, limit: int = 20, after: str | None = None,
              status: str | None = None) -> tuple[list[Job], bool]:
         """The owner's jobs newest first, starting after job id `after`; returns (page, has_more)."""
-        key = self._owner_key(owner)
+        key = self.keys.owner_jobs(owner)
         start = 0
         if after:
             rank = self.r.zrevrank(key, after)
@@ -313,7 +263,7 @@ class JobStore:
             start += len(ids)
             pipe = self.r.pipeline(transaction=False)
             for job_id in ids:
-                pipe.hgetall(self.job_key(job_id))
+                pipe.hgetall(self.keys.job(job_id))
             missing = []
             for job_id, fields in zip(ids, pipe.execute()):
                 job = Job.from_fields(fields)
@@ -328,82 +278,89 @@ class JobStore:
 
     def _prune_owner(self, owner: str, count: int = 20) -> None:
         """Drop a few of the owner's oldest index entries whose jobs expired, so the index does not grow forever."""
-        key = self._owner_key(owner)
+        key = self.keys.owner_jobs(owner)
         old = self.r.zrangebyscore(key, "-inf", time.time() - self.retention_seconds, start=0, num=count)
         if not old:
             return
         pipe = self.r.pipeline(transaction=False)
         for job_id in old:
-            pipe.exists(self.job_key(job_id))
+            pipe.exists(self.keys.job(job_id))
         gone = [job_id for job_id, exists in zip(old, pipe.execute()) if not exists]
         if gone:
             self.r.zrem(key, *gone)
 
     def queue_depth(self, model: str) -> int:
         """Interactive jobs of `model` still queued (not yet picked up by a worker)."""
-        return int(self.r.zcard(self._queued_key(model)))
+        return int(self.r.zcard(self.keys.queued(model)))
+
+    def interactive_waiting(self, model: str) -> bool:
+        """Whether interactive work for `model` is queued or was submitted in the last few seconds."""
+        return bool(self.queue_depth(model) or self.r.exists(self.keys.interactive(model)))
 
     def queued_ids(self, model: str, older_than_s: float = 0.0) -> list[str]:
         """Queued interactive jobs of `model`, oldest first; with `older_than_s`, only those created that long ago."""
         if not older_than_s:
-            return self.r.zrange(self._queued_key(model), 0, -1)
-        return self.r.zrangebyscore(self._queued_key(model), "-inf", time.time() - older_than_s)
+            return self.r.zrange(self.keys.queued(model), 0, -1)
+        return self.r.zrangebyscore(self.keys.queued(model), "-inf", time.time() - older_than_s)
 
     def never_sent(self, job_ids: list[str]) -> list[str]:
         """Those of `job_ids` still queued that no message was ever sent for (dispatch number 0)."""
         pipe = self.r.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hmget(self.job_key(job_id), "status", "dispatch")
+            pipe.hmget(self.keys.job(job_id), "status", "dispatch")
         return [job_id for job_id, (status, dispatch) in zip(job_ids, pipe.execute())
-                if status == "queued" and not int(dispatch or 0)]
+                if status == JobStatus.QUEUED and not int(dispatch or 0)]
+
+    def leased(self, model: str, worker_id: str) -> set[str]:
+        """The jobs recorded as running on that worker."""
+        return self.r.smembers(self.keys.lease(model, worker_id))
 
     # ---- transitions ------------------------------------------------------------------------------------------
     def dispatch(self, job_id: str, *, again: bool = False) -> int | None:
         """The number to put in a new message for a queued job: its first (`again=False`, None if one was sent
         already) or a replacement (`again=True`, None if none was sent): older messages become stale."""
-        number = self._dispatch(keys=[self.job_key(job_id)], args=["again" if again else "first"])
+        number = self._dispatch(keys=[self.keys.job(job_id)], args=["again" if again else "first"])
         return None if number is None else int(number)
 
-    def requeue(self, job_id: str) -> int | None:
-        """A running job whose worker died goes back to queued; returns the number for its new message."""
+    def requeue(self, job_id: str, error: dict | None = None, max_attempts: int = 3) -> tuple[str, int] | None:
+        """A running job that cannot go on where it is: ("queued", the number for its new message), or
+        ("cancelled", 0) if a cancel was asked, or ("failed", 0) with `error` once it ran `max_attempts` times;
+        None if it is not running."""
         model = self._model_of(job_id)
         if model is None:
             return None
-        number = self._requeue(keys=[self.job_key(job_id), self._queued_key(model)], args=[job_id])
-        return None if number is None else int(number)
+        reply = self._requeue(keys=self._end_keys(job_id, model),
+                              args=[*self._end_args(job_id), dump(error), int(max_attempts)])
+        return None if reply is None else (str(reply[0]), int(reply[1]))
 
     def mark_running(self, job_id: str, dispatch: int, worker_id: str) -> Job | None:
         """queued -> running (attempts += 1), leased to `worker_id`; None when the job is not queued (running,
-        ended or gone) or `dispatch` is not the number of its newest message: skip it then.
-        A job run again after a worker died may carry `cancel_requested`: the caller should honour it."""
+        ended or gone) or `dispatch` is not the number of its newest message: skip it then."""
         model = self._model_of(job_id)
         if model is None:
             return None
-        fields = self._mark_running(keys=[self.job_key(job_id), self._queued_key(model),
-                                          self.lease_key(model, worker_id), self.lease_index(model)],
-                                    args=[repr(time.time()), job_id, str(int(dispatch)), worker_id])
-        if not fields:
-            return None
-        return Job.from_fields(dict(zip(fields[::2], fields[1::2])))
+        flat = self._mark_running(keys=[self.keys.job(job_id), self.keys.queued(model),
+                                        self.keys.lease(model, worker_id), self.keys.lease_index(model)],
+                                  args=[repr(time.time()), job_id, str(int(dispatch)), worker_id])
+        return Job.from_flat(flat)
 
-    def mark_first_token(self, job_id: str) -> None:
+    def mark_first_token(self, job_id: str, pipe=None) -> None:
         """Record when the first token came out (only the first call counts)."""
-        self._first_token(keys=[self.job_key(job_id)], args=[repr(time.time())])
+        self._first_token(keys=[self.keys.job(job_id)], args=[repr(time.time())], client=pipe)
 
     def finish(self, job_id: str, status: str, *, result: dict | None = None, usage: dict | None = None,
-               error: dict | None = None) -> bool:
-        """Make the job terminal unless it already is; True if this call won. Starts the retention clock."""
+               error: dict | None = None, model: str | None = None, pipe=None) -> bool:
+        """Make the job terminal unless it already is; True if this call won. Starts the retention clock.
+        With `pipe`, the call is queued on that pipeline and its reply (1 = won) comes from pipe.execute()."""
         if status not in TERMINAL:
             raise ValueError(f"finish() needs a terminal status {sorted(TERMINAL)}, got {status!r}")
-        model = self._model_of(job_id)
+        model = model or self._model_of(job_id)
         if model is None:
             return False
-        won = self._finish(
-            keys=[self.job_key(job_id), self.stream_key(job_id), self._queued_key(model)],
-            args=[status, repr(time.time()), self.retention_seconds, _dump(result), _dump(usage), _dump(error),
-                  job_id, self.done_channel(job_id), _dump({"type": STREAM_END, "status": status}), STREAM_MAXLEN],
-        )
-        return bool(won)
+        won = self._finish(keys=self._end_keys(job_id, model),
+                           args=[*self._end_args(job_id), str(status), dump(result), dump(usage), dump(error)],
+                           client=pipe)
+        return won if pipe is not None else bool(won)
 
     def request_cancel(self, job_id: str) -> str:
         """queued -> "cancelled" (terminal at once); running -> "cancelling" (flag set, id published on the
@@ -411,14 +368,18 @@ class JobStore:
         model = self._model_of(job_id)
         if model is None:
             return "not_found"
-        return str(self._cancel(
-            keys=[self.job_key(job_id), self.stream_key(job_id), self._queued_key(model)],
-            args=[repr(time.time()), self.retention_seconds, job_id, self.done_channel(job_id),
-                  _dump({"type": STREAM_END, "status": "cancelled"}), STREAM_MAXLEN, self.cancel_channel],
-        ))
+        return str(self._cancel(keys=self._end_keys(job_id, model), args=[*self._end_args(job_id), self.keys.cancel]))
 
     def cancel_requested(self, job_id: str) -> bool:
-        return self.r.hget(self.job_key(job_id), "cancel_requested") == "1"
+        return self.r.hget(self.keys.job(job_id), "cancel_requested") == "1"
+
+    def claim_ended(self, count: int = 100) -> list[str]:
+        """Ended jobs whose aftermath nobody did within the grace period (their process died or failed)."""
+        return list(self._claim_ended(keys=[self.keys.ended], args=[repr(time.time()), SETTLE_GRACE_S, count]))
+
+    def settled(self, job_id: str) -> None:
+        """The job's aftermath is done."""
+        self.r.zrem(self.keys.ended, job_id)
 
     def record_webhook(self, job_id: str, event: str, status: str, attempts: int, last_error: str | None = None,
                        *, key: str | None = None, **extra: Any) -> bool:
@@ -428,76 +389,23 @@ class JobStore:
         if status not in ("delivered", "failed"):
             raise ValueError(f"webhook delivery status must be delivered or failed, got {status!r}")
         outcome = {"status": status, "attempts": int(attempts), "last_error": last_error, "at": time.time(), **extra}
-        return bool(self._record_webhook(keys=[key or self.job_key(job_id)], args=[event, _dump(outcome)]))
+        return bool(self._record_webhook(keys=[key or self.keys.job(job_id)], args=[event, dump(outcome)]))
 
-    # ---- token streams ----------------------------------------------------------------------------------------
-    def append_stream(self, job_id: str, event: dict) -> None:
-        """Append one event to the job's stream (and keep the stream from outliving the retention period)."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.xadd(self.stream_key(job_id), {"data": _dump(event)}, maxlen=STREAM_MAXLEN, approximate=True)
-        pipe.expire(self.stream_key(job_id), self.retention_seconds)
-        pipe.execute()
+    # ---- event streams (written by the worker; api/streams.py reads them for the API) ------------------------
+    def append_stream(self, job_id: str, event: dict, pipe=None, expire: bool = True) -> None:
+        """Append one event to the job's stream; `expire` keeps the stream from outliving the retention period
+        (once per job is enough: a running job's stream is renewed when it ends)."""
+        target = pipe if pipe is not None else self.r.pipeline(transaction=False)
+        target.xadd(self.keys.stream(job_id), {"data": dump(event)}, maxlen=STREAM_MAXLEN, approximate=True)
+        if expire:
+            target.expire(self.keys.stream(job_id), self.retention_seconds)
+        if pipe is None:
+            target.execute()
 
     def read_stream(self, job_id: str, last_id: str = "0", block_ms: int = 0,
                     count: int | None = None) -> list[tuple[str, dict]]:
         """Events after `last_id`; waits up to `block_ms` for one (0 = don't wait, unlike Redis' BLOCK 0)."""
-        reply = self.r.xread({self.stream_key(job_id): last_id}, count=count, block=block_ms or None)
+        reply = self.r.xread({self.keys.stream(job_id): last_id}, count=count, block=block_ms or None)
         if not reply:
             return []
         return [(entry_id, json.loads(fields["data"])) for entry_id, fields in reply[0][1]]
-
-    def wait_for_terminal(self, job_id: str, timeout_s: float) -> Job | None:
-        """Long-poll: the job as soon as it is terminal, or as it is when `timeout_s` runs out (None if gone)."""
-        deadline = time.monotonic() + timeout_s
-        # Take the stream position *before* reading the status: an end event written after the read is then
-        # still ahead of `last_id`, so it cannot slip between the check and the blocking read.
-        newest = self.r.xrevrange(self.stream_key(job_id), count=1)
-        last_id = newest[0][0] if newest else "0-0"
-        job = self.get(job_id)
-        while job is not None and job.status not in TERMINAL:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0:
-                break
-            # Blocking reads wake only on new events: no polling loop. Token events just move the cursor;
-            # the record is re-read on the end event, or once per quiet chunk as a safety net.
-            events = self.read_stream(job_id, last_id, block_ms=min(remaining_ms, _BLOCK_CHUNK_MS), count=1000)
-            if events:
-                last_id = events[-1][0]
-            if not events or any(event.get("type") == STREAM_END for _, event in events):
-                job = self.get(job_id)
-        return job
-
-    # ---- worker registry --------------------------------------------------------------------------------------
-    def announce_worker(self, worker_id: str, info: dict, ttl_s: int) -> None:
-        """Heartbeat: the worker serving `info["model"]` is alive for `ttl_s` more seconds."""
-        model, now = info["model"], time.time()
-        record = {**info, "worker_id": worker_id, "last_seen": now}
-        pipe = self.r.pipeline(transaction=True)
-        pipe.set(f"{self.prefix}:worker:{model}:{worker_id}", _dump(record), px=max(1, int(ttl_s * 1000)))
-        pipe.zadd(f"{self.prefix}:workers:{model}", {worker_id: now + ttl_s})
-        pipe.sadd(f"{self.prefix}:models", model)
-        pipe.execute()
-
-    def workers(self, model: str | None = None) -> list[dict]:
-        """Live workers (of one model, or of all), by model then worker id."""
-        names = [model] if model is not None else sorted(self.r.smembers(f"{self.prefix}:models"))
-        live: list[dict] = []
-        for name in names:
-            index = f"{self.prefix}:workers:{name}"
-            # Pruning by lease expiry (not by a missing key) cannot undo a heartbeat that lands meanwhile.
-            self.r.zremrangebyscore(index, "-inf", time.time())
-            ids = sorted(self.r.zrange(index, 0, -1))
-            values = self.r.mget([f"{self.prefix}:worker:{name}:{wid}" for wid in ids]) if ids else []
-            live.extend(json.loads(value) for value in values if value is not None)
-        return live
-
-    def known_models(self) -> set[str]:
-        """Every model a worker has ever announced, live or not (tells "no worker now" from "no such model")."""
-        return set(self.r.smembers(f"{self.prefix}:models"))
-
-    def models(self) -> dict[str, list[dict]]:
-        """Model name -> its live workers' infos; models without a live worker are left out."""
-        served: dict[str, list[dict]] = {}
-        for info in self.workers():
-            served.setdefault(info["model"], []).append(info)
-        return served

@@ -1,15 +1,20 @@
 """Validate a generation request, record it as a job and enqueue it: the path every endpoint shares."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from pydantic import ValidationError
 
+from api.celery_client import enqueue
 from api.deps import APIError
+from api.job_record import Job
 from api.schemas import ENDPOINTS, SamplingFields
 from api.settings import Settings
-from api.store import Job, JobStore
-from worker.celery_app import enqueue
+from api.store import JobStore
+
+MODELS_TTL_S = 1.0  # the live workers are read at most this often per process (every submission needs them)
+_models_cache: dict[int, tuple[float, dict[str, list[dict]], set[str]]] = {}
 
 
 def validate_body(endpoint: str, body: dict[str, Any]) -> SamplingFields:
@@ -21,14 +26,25 @@ def validate_body(endpoint: str, body: dict[str, Any]) -> SamplingFields:
         raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
 
 
+def served_models(store: JobStore) -> tuple[dict[str, list[dict]], set[str]]:
+    """(model -> its live workers, every model ever announced), at most MODELS_TTL_S old."""
+    now = time.monotonic()
+    cached = _models_cache.get(id(store))
+    if cached is None or now - cached[0] > MODELS_TTL_S:
+        cached = (now, store.registry.models(), store.registry.known_models())
+        _models_cache[id(store)] = cached
+    return cached[1], cached[2]
+
+
 def check_model(store: JobStore, settings: Settings, request: SamplingFields) -> None:
     """404 for a model nobody serves, 503 when its workers are gone, 429 when its queue is too deep, 400 when
     max_tokens alone cannot fit the model's context (the worker checks prompt + max_tokens exactly)."""
-    workers = store.models().get(request.model)
+    models, known = served_models(store)
+    workers = models.get(request.model)
     if not workers:
-        if request.model in store.known_models():
+        if request.model in known:
             raise APIError(503, f"no worker is serving {request.model!r} right now; try again later",
-                           type="service_unavailable", code="no_worker")
+                           type="service_unavailable", code="no_worker", headers={"Retry-After": "5"})
         raise APIError(404, f"the model {request.model!r} does not exist", param="model", code="model_not_found")
     max_model_len = min(int(w.get("max_model_len", 0)) for w in workers)
     max_tokens = request.sampling_kwargs()["max_tokens"]
@@ -43,12 +59,13 @@ def check_model(store: JobStore, settings: Settings, request: SamplingFields) ->
 
 def submit(store: JobStore, settings: Settings, celery, owner: str, endpoint: str, body: dict[str, Any], *,
            priority: int = 0, metadata: dict | None = None, webhook: dict | None = None,
-           idempotency_key: str | None = None) -> tuple[Job, bool]:
+           idempotency_key: str | None = None, stream: bool = False) -> tuple[Job, bool]:
+    """`stream`: the worker writes the job's text deltas as they come (someone reads them)."""
     request = validate_body(endpoint, body)
     check_model(store, settings, request)
     job, created = store.create(owner=owner, model=request.model, endpoint=endpoint, request=body,
                                 priority=priority, metadata=metadata, webhook=webhook,
-                                idempotency_key=idempotency_key)
+                                idempotency_key=idempotency_key, stream=stream)
     if created:
         enqueue(store, job.id, request.model, celery=celery)
     return job, created

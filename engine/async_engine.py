@@ -1,8 +1,10 @@
 """AsyncEngine: LLMEngine.step() in a background thread, shared by many callers in other threads.
 
-Callers submit requests and read their outputs from a RequestStream as the engine produces them. The engine is not
-thread-safe, so every call into it (add, abort, step) happens on the loop thread: callers queue a command and wait
-for it to be done, which takes at most one engine step.
+Callers submit requests and read their outputs from a RequestStream as the engine produces them, or hand them to
+an OutputSink that receives every step's outputs in one call (a service writes them out in one batch per step
+instead of waking one thread per request per token). The engine is not thread-safe, so every call into it (add,
+abort, step) happens on the loop thread: callers queue a command and wait for it to be done, which takes at most
+one engine step.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from typing import Protocol
 
 from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -47,11 +50,21 @@ class RequestStream:
         return self.final
 
 
+class OutputSink(Protocol):
+    """Receives, on the loop thread, the outputs of the requests submitted to it: keep both calls short."""
+
+    def on_outputs(self, outputs: list[RequestOutput]) -> None: ...
+
+    def on_failed(self, request_ids: list[str], exc: BaseException) -> None: ...
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, sink: OutputSink | None = None) -> None:
         self.engine = engine
+        self.sink = sink
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, RequestStream] = {}
+        self._sunk: set[str] = set()  # requests whose outputs go to the sink
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="inferq-engine", daemon=True)
         # Counters the worker exports as metrics; written by the loop thread only.
@@ -83,6 +96,22 @@ class AsyncEngine:
         self._call(add)
         return stream
 
+    def submit_to_sink(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                       priority: int = 0, incremental: bool = True) -> None:
+        """Queue a request whose outputs go to the engine's sink (one call per step for all such requests)."""
+        if self.sink is None:
+            raise RuntimeError("this AsyncEngine has no output sink")
+
+        def add() -> None:
+            self.engine.add_request(request_id, prompt, params, priority, stream=incremental)
+            self._sunk.add(request_id)
+
+        self._call(add)
+
+    def running_ids(self) -> set[str]:
+        """Ids of the requests in the engine now (running or waiting)."""
+        return self._call(lambda: set(self._streams) | set(self._sunk))
+
     def abort(self, request_id: str) -> bool:
         """Stop a request; its stream then ends with finish_reason "abort". False if unknown or already done."""
         return self._call(lambda: self.engine.abort_request(request_id))
@@ -110,13 +139,27 @@ class AsyncEngine:
                 self._fail_all(exc)
                 continue
             self._record(outputs)
-            for output in outputs:
-                stream = self._streams.get(output.request_id)
-                if stream is None:
-                    continue
-                stream._put(output)
+            self._deliver(outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        to_sink = []
+        for output in outputs:
+            if output.request_id in self._sunk:
+                to_sink.append(output)
                 if output.finished:
-                    del self._streams[output.request_id]
+                    self._sunk.discard(output.request_id)
+                continue
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            stream._put(output)
+            if output.finished:
+                del self._streams[output.request_id]
+        if to_sink:
+            try:
+                self.sink.on_outputs(to_sink)
+            except Exception:  # noqa: BLE001 - the sink's trouble must not stop the engine
+                log.exception("the output sink failed")
 
     def _run_commands(self, block: bool) -> None:
         try:
@@ -141,8 +184,17 @@ class AsyncEngine:
         self.num_generated_tokens += sum(len(c.delta_token_ids) for o in outputs for c in o.outputs)
 
     def _fail_all(self, exc: Exception) -> None:
+        error = RuntimeError(f"engine step failed: {exc}")
         for request_id, stream in list(self._streams.items()):
             self.engine.abort_request(request_id)
-            stream._put(RuntimeError(f"engine step failed: {exc}"))
+            stream._put(error)
         self._streams.clear()
-        self.engine.step()  # drain the abort outputs
+        sunk, self._sunk = list(self._sunk), set()
+        for request_id in sunk:
+            self.engine.abort_request(request_id)
+        if sunk:
+            self.sink.on_failed(sunk, error)
+        try:
+            self.engine.step()  # drain the abort outputs
+        except Exception:  # noqa: BLE001 - nothing is left to fail
+            log.exception("engine step after a failure failed too")

@@ -53,7 +53,7 @@ class Service:
     def start_worker(self, max_num_seqs: int = 8, device: str = "cpu", extra_args: tuple[str, ...] = ()) -> None:
         self.worker = self._spawn("worker", "worker", "--model", str(self.model_dir), "--served-model-name", MODEL,
                                   "--device", device, "--max-num-seqs", str(max_num_seqs), *extra_args)
-        self._wait(lambda: bool(self.store.workers(MODEL)), "the worker to announce itself", self.worker)
+        self._wait(lambda: bool(self.store.registry.workers(MODEL)), "the worker to announce itself", self.worker)
 
     def start_webhook_worker(self) -> None:
         self.webhook_worker = self._spawn("webhook-worker", "webhook-worker", "--concurrency", "4")
@@ -61,7 +61,7 @@ class Service:
 
     def _webhook_worker_up(self) -> bool:
         from api.settings import Settings
-        from worker.celery_app import create_app
+        from api.celery_client import create_app
 
         app = create_app(Settings(redis_url=self.env["INFERQ_REDIS_URL"]))
         try:
@@ -112,6 +112,15 @@ class Service:
         self._stop(self.api)
         self._stop(self.worker)
         self._stop(self.webhook_worker)
+
+    def wait_for_job(self, job_id: str, timeout_s: float = 60.0):
+        """The job once it is terminal (polled from the store), or as it is when the time runs out."""
+        deadline = time.monotonic() + timeout_s
+        job = self.store.get(job_id)
+        while job is not None and not job.status.terminal and time.monotonic() < deadline:
+            time.sleep(0.05)
+            job = self.store.get(job_id)
+        return job
 
     def client(self, key: str | None = API_KEYS[0]) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}

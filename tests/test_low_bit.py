@@ -163,7 +163,7 @@ def test_worker_with_a_format_the_device_lacks_exits_at_start_up(redis_url, demo
             service.start_worker(extra_args=("--load-in-low-bit", "fp8"))
         assert service.worker.returncode == 2
         assert "fp8 has no kernel on cpu" in (tmp_path / "worker.log").read_text()
-        assert not service.store.workers(MODEL)
+        assert not service.store.registry.workers(MODEL)
     finally:
         service.stop()
 

@@ -103,7 +103,7 @@ def test_concurrent_jobs_are_batched(service):
         t.join(timeout=300)
     assert len(results) == 32 and all(r["status"] == "succeeded" for r in results)
     time.sleep(1.5)  # one heartbeat
-    assert max(w["max_batch_size"] for w in service.store.workers(MODEL)) > 1
+    assert max(w["max_batch_size"] for w in service.store.registry.workers(MODEL)) > 1
 
 
 def test_cancel_running_and_queued(service, client):
@@ -130,7 +130,7 @@ def test_cancel_running_and_queued(service, client):
     queued_job = wait_done(client, queued)
     assert queued_job["status"] == "cancelled" and queued_job["started_at"] is None
     time.sleep(2.5)  # heartbeats
-    worker = service.store.workers(MODEL)[0]
+    worker = service.store.registry.workers(MODEL)[0]
     assert worker["num_free_kv_blocks"] == worker["num_kv_blocks"]
     assert_error(client.post(f"/v1/jobs/{submit_and_finish(client)}/cancel"), 409, "cannot be cancelled")
 

@@ -29,7 +29,7 @@ def test_queue_full_then_no_worker(redis_url, demo_model_dir, tmp_path):
 
             service.kill_worker()
             deadline = time.monotonic() + 30
-            while service.store.workers(MODEL):  # the heartbeat lease runs out
+            while service.store.registry.workers(MODEL):  # the heartbeat lease runs out
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
             assert_error(client.post("/v1/completions", json=LONG), 503, "no worker is serving")

@@ -12,7 +12,11 @@ import redis
 
 from api.local_redis import start_redis
 from api.settings import Settings
-from api.store import STREAM_END, TERMINAL, JobStore, owner_id
+from api.job_record import TERMINAL, owner_id
+from api.store import JobStore
+from api.streams import AsyncStreams, EventType
+
+STREAM_END = EventType.END.value
 
 REQUEST = {"model": "demo", "prompt": "Hello", "max_tokens": 4}
 
@@ -124,7 +128,7 @@ def test_run_then_finish_once(store: JobStore) -> None:
     running = store.mark_running(job.id, 1, "w1")
     assert running is not None and running.status == "running" and running.attempts == 1
     assert running.started_at is not None and store.queue_depth("demo") == 0
-    assert store.r.smembers(store.lease_key("demo", "w1")) == {job.id}
+    assert store.r.smembers(store.keys.lease("demo", "w1")) == {job.id}
     assert store.mark_running(job.id, 1, "w2") is None  # a duplicate message while it runs is skipped
     assert store.dispatch(job.id, again=True) is None  # running: nothing to replace
     store.mark_first_token(job.id)
@@ -132,7 +136,7 @@ def test_run_then_finish_once(store: JobStore) -> None:
     store.mark_first_token(job.id)
     assert first is not None and store.get(job.id).first_token_at == first
     # Its worker died: queued again under a new number; the old message is stale, the new one runs it.
-    assert store.requeue(job.id) == 2
+    assert store.requeue(job.id) == ("queued", 2)
     assert store.get(job.id).status == "queued" and store.queue_depth("demo") == 1
     assert store.mark_running(job.id, 1, "w2") is None
     again = store.mark_running(job.id, 2, "w2")
@@ -166,7 +170,7 @@ def test_cancel_running_publishes(store: JobStore) -> None:
     job = new_job(store)
     take(store, job.id)
     pubsub = store.r.pubsub()
-    pubsub.subscribe(store.cancel_channel)
+    pubsub.subscribe(store.keys.cancel)
     assert pubsub.get_message(timeout=1.0)["type"] == "subscribe"
     assert store.request_cancel(job.id) == "cancelling"
     assert store.cancel_requested(job.id) and store.get(job.id).status == "running"
@@ -223,63 +227,73 @@ def test_stream_round_trip(store: JobStore) -> None:
     start = time.monotonic()
     assert store.read_stream(job.id, last_id=events[-1][0], block_ms=100) == []
     assert 0.08 < time.monotonic() - start < 1.0
-    assert 0 < store.r.ttl(store.stream_key(job.id)) <= 600
+    assert 0 < store.r.ttl(store.keys.stream(job.id)) <= 600
 
 
-def test_wait_for_terminal(store: JobStore) -> None:
+def test_wait_for_terminal(store: JobStore, redis_url: str) -> None:
+    import asyncio
+
+    import redis.asyncio as aredis
+
     job = new_job(store)
     take(store, job.id)
-    start = time.monotonic()
-    waited = store.wait_for_terminal(job.id, timeout_s=0.3)
-    assert waited.status == "running" and 0.25 < time.monotonic() - start < 1.0
 
     def finish_later() -> None:
         time.sleep(0.2)
-        store.append_stream(job.id, {"type": "token", "text": "x"})  # a non-terminal wake-up first
+        store.append_stream(job.id, {"type": "delta", "choices": []})  # a non-terminal wake-up first
         time.sleep(0.1)
         store.finish(job.id, "succeeded", result={"text": "x"})
 
-    threading.Thread(target=finish_later).start()
-    start = time.monotonic()
-    done = store.wait_for_terminal(job.id, timeout_s=10)
-    elapsed = time.monotonic() - start
-    assert done.status == "succeeded" and 0.25 < elapsed < 1.0
-    assert store.wait_for_terminal(job.id, timeout_s=5).status == "succeeded"  # already terminal: at once
-    assert store.wait_for_terminal("job_nope", timeout_s=5) is None
+    async def main() -> None:
+        client = aredis.Redis.from_url(redis_url, decode_responses=True)
+        streams = AsyncStreams(client, store.keys)
+        start = time.monotonic()
+        waited = await streams.wait_for_terminal(job.id, timeout_s=0.3)
+        assert waited.status == "running" and 0.25 < time.monotonic() - start < 1.0
+        threading.Thread(target=finish_later).start()
+        start = time.monotonic()
+        done = await streams.wait_for_terminal(job.id, timeout_s=10)
+        elapsed = time.monotonic() - start
+        assert done.status == "succeeded" and 0.25 < elapsed < 1.0
+        assert (await streams.wait_for_terminal(job.id, timeout_s=5)).status == "succeeded"  # terminal: at once
+        assert await streams.wait_for_terminal("job_nope", timeout_s=5) is None
+        await client.aclose()
+
+    asyncio.run(main())
 
 
 def test_worker_registry_expires(store: JobStore) -> None:
-    store.announce_worker("w1", {"model": "demo", "device": "cuda:0"}, ttl_s=1)
-    store.announce_worker("w2", {"model": "demo"}, ttl_s=30)
-    store.announce_worker("w3", {"model": "other"}, ttl_s=1)
-    assert [w["worker_id"] for w in store.workers("demo")] == ["w1", "w2"]
-    assert store.workers("demo")[0]["device"] == "cuda:0"
-    assert {m: [w["worker_id"] for w in ws] for m, ws in store.models().items()} == {
+    store.registry.announce("w1", {"model": "demo", "device": "cuda:0"}, ttl_s=1)
+    store.registry.announce("w2", {"model": "demo"}, ttl_s=30)
+    store.registry.announce("w3", {"model": "other"}, ttl_s=1)
+    assert [w["worker_id"] for w in store.registry.workers("demo")] == ["w1", "w2"]
+    assert store.registry.workers("demo")[0]["device"] == "cuda:0"
+    assert {m: [w["worker_id"] for w in ws] for m, ws in store.registry.models().items()} == {
         "demo": ["w1", "w2"], "other": ["w3"]}
     time.sleep(1.1)
-    assert [w["worker_id"] for w in store.workers()] == ["w2"]
-    assert list(store.models()) == ["demo"]
-    assert store.known_models() == {"demo", "other"}  # "other" has no live worker but did exist
-    assert store.workers("nobody") == []
+    assert [w["worker_id"] for w in store.registry.workers()] == ["w2"]
+    assert list(store.registry.models()) == ["demo"]
+    assert store.registry.known_models() == {"demo", "other"}  # "other" has no live worker but did exist
+    assert store.registry.workers("nobody") == []
 
 
 def test_retention_ttl_on_finished_jobs(store: JobStore) -> None:
     job = new_job(store)
-    assert store.r.ttl(store.job_key(job.id)) == -1  # unfinished jobs never expire
+    assert store.r.ttl(store.keys.job(job.id)) == -1  # unfinished jobs never expire
     take(store, job.id)
     store.append_stream(job.id, {"type": "token", "text": "a"})
     store.finish(job.id, "failed", error={"message": "boom"})
-    assert 590 <= store.r.ttl(store.job_key(job.id)) <= 600
-    assert 590 <= store.r.ttl(store.stream_key(job.id)) <= 600
+    assert 590 <= store.r.ttl(store.keys.job(job.id)) <= 600
+    assert 590 <= store.r.ttl(store.keys.stream(job.id)) <= 600
     assert store.get(job.id).error == {"message": "boom"}
 
 
 def test_expired_jobs_leave_the_listing(store: JobStore) -> None:
     jobs = [new_job(store) for _ in range(3)]
-    store.r.delete(store.job_key(jobs[1].id))  # as if its retention ran out
+    store.r.delete(store.keys.job(jobs[1].id))  # as if its retention ran out
     assert [j.id for j in store.list("alice")[0]] == [jobs[2].id, jobs[0].id]
     store.mark_first_token(jobs[1].id)  # must not resurrect an expired record
-    assert store.r.exists(store.job_key(jobs[1].id)) == 0
+    assert store.r.exists(store.keys.job(jobs[1].id)) == 0
 
 
 def test_start_redis_stop_leaves_no_process(tmp_path) -> None:

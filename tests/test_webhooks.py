@@ -20,8 +20,9 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from api.store import JobStore
 from api.webhook_targets import WebhookTargetError, check_target
 from tests.service import MODEL, WEBHOOK_SECRET, Service, free_port
-from worker.webhooks import (MAX_BACKOFF_S, WEBHOOK_QUEUE, WEBHOOK_TASK, backoff_seconds, enqueue_event, headers_for,
-                             secret_key, sign)
+from api.celery_client import WEBHOOK_QUEUE, WEBHOOK_TASK
+from api.webhook_events import enqueue_event
+from worker.webhooks import MAX_BACKOFF_S, backoff_seconds, headers_for, secret_key, sign
 
 MAX_ATTEMPTS = 3
 JOB = {"model": MODEL, "prompt": "def main():", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
@@ -168,7 +169,7 @@ def test_record_webhook(store):
     assert deliveries["completed"] | {"at": 0} == {"status": "failed", "attempts": 5, "last_error": "HTTP 500",
                                                    "at": 0}
     assert not store.record_webhook("job_gone", "completed", "failed", 1)
-    assert not store.r.exists(store.job_key("job_gone"))  # not resurrected as a partial record
+    assert not store.r.exists(store.keys.job("job_gone"))  # not resurrected as a partial record
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def test_job_recorded_by_an_api_that_died_before_sending_it_still_runs(redis_url
         body = {**LONG, "max_tokens": 8, "prompt": "orphan:"}
         job, created = service.store.create(owner="o", model=MODEL, endpoint="completions", request=body)
         assert created and service.store.get(job.id).dispatch == 0
-        finished = service.store.wait_for_terminal(job.id, timeout_s=60)
+        finished = service.wait_for_job(job.id, timeout_s=60)
         assert finished is not None and finished.status == "succeeded"
         assert (finished.attempts, finished.dispatch) == (1, 1)
         assert finished.usage["completion_tokens"] == 8

@@ -9,18 +9,18 @@ from functools import lru_cache
 
 from pydantic import ValidationError
 
-from api.batches import BATCH_PRIORITY, ENDPOINTS, Batch, BatchStore, error_line, output_line
+from api.batches import BATCH_PRIORITY, ENDPOINTS, BatchStore, error_line
+from api.celery_client import BATCH_EXPAND, BATCH_FINALIZE, BATCH_STOP, app
 from api.files import FileStore
+from api.job_record import TERMINAL, JobStatus
 from api.lanes import BulkLane
+from api.lifecycle import finalize_when_counted, pump, settle
 from api.schemas import ENDPOINTS as REQUEST_SCHEMAS
 from api.settings import get_settings
-from api.store import TERMINAL, Job, JobStore
-from worker.celery_app import app, enqueue
-from worker.webhooks import enqueue_batch_event
+from api.store import JobStore
+from api.webhook_events import enqueue_batch_event
 
 log = logging.getLogger(__name__)
-
-BATCH_QUEUE = "inferq.batch"
 
 
 @lru_cache(maxsize=1)
@@ -31,56 +31,7 @@ def _stores() -> tuple[JobStore, BatchStore, FileStore]:
     return jobs, BatchStore(jobs), FileStore(jobs.r, settings.key_prefix)
 
 
-def send(task: str, batch_id: str, celery=None) -> None:
-    (celery or app).send_task(task, args=[batch_id], queue=BATCH_QUEUE)
-
-
-def pump(store: JobStore, model: str, celery=None) -> int:
-    """Send the model's pending batch lines that its workers have room for."""
-    return BulkLane(store, model).pump(lambda job_id: enqueue(store, job_id, model, celery=celery))
-
-
-def repair_lane(store: JobStore, model: str, grace_s: float = 2.0) -> None:
-    """Undo what a process that died half-way left in the bulk lane (every step here is idempotent): lines
-    moved in flight but never sent are sent (if the mover still lives and sends too, only one first message
-    wins: see JobStore.dispatch); lines that ended but were never counted are counted."""
-    lane = BulkLane(store, model)
-    for job_id in lane.in_flight(older_than_s=grace_s):
-        job = store.get(job_id)
-        if job is None:
-            lane.release(job_id)
-        elif job.status in TERMINAL:
-            on_job_finished(store, job)
-        elif job.dispatch == 0:
-            log.warning("batch line %s was never sent: sending it", job_id)
-            enqueue(store, job_id, model)
-
-
-def on_job_finished(store: JobStore, job: Job) -> None:
-    """A batch line's job ended (its finish or cancel won): record its outcome; finalize after the last line."""
-    batch_id = job.metadata.get("batch_id")
-    if not batch_id:
-        return
-    if BulkLane(store, job.model).release(job.id):
-        pump(store, job.model)
-    batches = BatchStore(store)
-    line, ok = output_line(job, job.metadata.get("custom_id", ""))
-    if job.status == "cancelled":
-        batch = batches.get(batch_id)
-        if batch is not None and batch.expiring:
-            line = error_line(line["custom_id"], "batch_expired", "the batch expired before this request ran",
-                              line["id"])
-    finalize_when_counted(batch_id, *batches.record_line(batch_id, job.id, line, ok))
-
-
-def finalize_when_counted(batch_id: str, done: int, total: int) -> None:
-    """Once every line of the batch is counted (total is 0 until every line is queued), write its files and end
-    it."""
-    if total and done >= total:
-        send("inferq.batch.finalize", batch_id)
-
-
-@app.task(name="inferq.batch.expand", ignore_result=True)
+@app.task(name=BATCH_EXPAND, ignore_result=True)
 def expand(batch_id: str) -> None:
     """Validate every line of the input file; queue the valid ones as jobs, report the others in the error file."""
     jobs, batches, files = _stores()
@@ -88,7 +39,7 @@ def expand(batch_id: str) -> None:
     if batch is None or batch.status != "validating":
         return
     job_endpoint = ENDPOINTS[batch.endpoint]
-    served = set(jobs.known_models())
+    served = set(jobs.registry.known_models())
     seen: set[str] = set()
     total = 0
     pending: dict[str, list[str]] = {}  # model -> job ids, handed to the bulk lane in pages
@@ -164,7 +115,7 @@ def _check_line(raw: bytes, number: int, url: str, job_endpoint: str, seen: set[
     return None, custom_id, body
 
 
-@app.task(name="inferq.batch.stop", ignore_result=True)
+@app.task(name=BATCH_STOP, ignore_result=True)
 def stop(batch_id: str) -> None:
     """Cancel (or expire) a batch: lines not started never run; running ones are aborted; finished ones stay."""
     jobs, batches, _ = _stores()
@@ -175,15 +126,14 @@ def stop(batch_id: str) -> None:
         before = jobs.get(job_id)
         if before is None or before.status in TERMINAL:
             continue
-        if jobs.request_cancel(job_id) == "cancelled" and before.status == "queued":
-            # Ended here, not by a worker: count the line here.
-            on_job_finished(jobs, jobs.get(job_id))
+        if jobs.request_cancel(job_id) == JobStatus.CANCELLED and before.status == JobStatus.QUEUED:
+            settle(jobs, jobs.get(job_id))  # ended here, not by a worker: its aftermath is done here
     batch = batches.get(batch_id)
     if batch is not None:
         finalize_when_counted(batch_id, batch.done, batch.total)
 
 
-@app.task(name="inferq.batch.finalize", ignore_result=True)
+@app.task(name=BATCH_FINALIZE, ignore_result=True)
 def finalize(batch_id: str) -> None:
     """Write the output and error files and end the batch: completed, cancelled or expired."""
     _, batches, files = _stores()
@@ -208,13 +158,3 @@ def _notify(batches: BatchStore, batch_id: str, status: str) -> None:
     batch = batches.get(batch_id)
     if batch is not None and batch.webhook:
         enqueue_batch_event(batch_id, batch.webhook, status, batch.public())
-
-
-def check_expiry(batches: BatchStore, batch: Batch, celery=None) -> Batch:
-    """Past its window, an unfinished batch expires: stopped like a cancel, unfinished lines reported expired."""
-    if batch.status in ("validating", "in_progress") and batch.expires_at and time.time() > batch.expires_at:
-        batches.update(batch.id, expiring="1")
-        if batches.set_status(batch.id, "cancelling"):
-            send("inferq.batch.stop", batch.id, celery)
-        batch = batches.get(batch.id) or batch
-    return batch

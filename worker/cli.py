@@ -14,10 +14,13 @@ from pathlib import Path
 from engine.config import LOW_BIT_FORMATS
 
 
+def inferq_home() -> Path:
+    return Path(os.environ.get("INFERQ_HOME", Path.home() / ".cache" / "inferq"))
+
+
 def default_model_dir() -> Path:
     """The embedded default model: the demo checkpoint, written on first use."""
-    home = Path(os.environ.get("INFERQ_HOME", Path.home() / ".cache" / "inferq"))
-    return home / "demo-model"
+    return inferq_home() / "demo-model"
 
 
 def ensure_demo_model(path: Path) -> Path:
@@ -86,19 +89,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.pinning import pin_device
 
     device = pin_device(args.device)  # before anything initialises the GPU
+    from api.celery_client import app, queue_for
     from api.settings import get_settings
     from engine.config import EngineConfig
-    from worker.celery_app import app, queue_for
-    from worker.runtime import start_runtime
+    from worker.runtime import capacities, start_runtime
 
     import worker.tasks  # noqa: F401 - registers the tasks
 
     options = engine_options(args) | {"device": device}
     name = args.served_model_name or Path(options["model"]).name
     runtime = start_runtime(EngineConfig(**options), name, get_settings(), {"requested_device": args.device})
-    # Threads, never prefork with a GPU: one thread per sequence the engine can hold, so that many jobs are
-    # inside the engine at once and are batched token by token.
-    app.worker_main(["worker", "--pool=threads", f"--concurrency={args.max_num_seqs}", "-Q", queue_for(name),
+    # Threads, never prefork with a GPU: a thread per sequence the engine can hold plus the lanes' reserve (see
+    # worker/runtime.py), so that many jobs are inside the engine at once and are batched token by token. A thread
+    # only waits: the engine's outputs reach Redis through one writer.
+    threads = capacities(args.max_num_seqs)["threads"]
+    app.worker_main(["worker", "--pool=threads", f"--concurrency={threads}", "-Q", queue_for(name),
                      "-n", f"{runtime.worker_id}@%h", f"--loglevel={args.log_level}", "--without-gossip",
                      "--without-mingle"])
     runtime.stop()
@@ -110,10 +115,10 @@ def cmd_webhook_worker(args: argparse.Namespace) -> int:
     run next to the API or anywhere."""
     import uuid
 
+    from api.celery_client import BATCH_QUEUE, WEBHOOK_QUEUE, app
     from api.settings import get_settings
-    from worker.celery_app import app
-    from worker.batch_tasks import BATCH_QUEUE
-    from worker.webhooks import WEBHOOK_QUEUE, secret_key
+    import worker.batch_tasks  # noqa: F401 - registers the tasks
+    from worker.webhooks import secret_key
 
     secret = get_settings().webhook_secret
     if secret:
@@ -148,7 +153,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     model = Path(args.model) if args.model else ensure_demo_model(default_model_dir())
     name = args.served_model_name or model.name
-    with start_redis() as redis:
+    # Append-only in $INFERQ_HOME/redis: jobs, files and batches outlive a restart of `inferq serve`.
+    with start_redis(data_dir=inferq_home() / "redis", appendonly=True) as redis:
         env = os.environ | {"INFERQ_REDIS_URL": redis.url}
         base = [sys.executable, "-m", "worker.cli", "--log-level", args.log_level]
         worker_cmd = [*base, "worker", "--model", str(model), "--served-model-name", name, "--device", args.device,
@@ -162,7 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                      start_new_session=True),
                     subprocess.Popen([*base, "webhook-worker"], env=env, start_new_session=True)]
         url = f"http://{args.host}:{args.port}"
-        print(f"inferq is starting at {url} (Redis at {redis.url}); model {name!r}. Try:\n"
+        print(f"inferq is starting at {url} (Redis at {redis.url}, data in {redis.data_dir}); model {name!r}. Try:\n"
               f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
               "Ctrl-C stops everything.", flush=True)

@@ -12,7 +12,8 @@ rely on redelivery:
 Each replacement carries a new dispatch number, so the older message of the same job (if it still exists, or
 comes back after the visibility timeout) is skipped: no job runs twice.
 
-The API can die too, between recording a job and sending its first message: `send_never_sent` sends it instead.
+The API can die too, between recording a job and sending its first message: `send_never_sent` sends it instead;
+and a process can die half-way through moving batch lines from the bulk lane to the broker: `repair_lane`.
 """
 from __future__ import annotations
 
@@ -22,32 +23,32 @@ from collections.abc import Callable
 
 import redis
 
+from api.celery_client import enqueue, send_job
+from api.job_record import TERMINAL, Job, JobStatus
 from api.lanes import BulkLane
-from api.store import TERMINAL, Job, JobStore
-from worker.celery_app import enqueue, send_job
+from api.lifecycle import settle
+from api.store import JobStore
 
 log = logging.getLogger(__name__)
 
 
 class JobLeases:
-    def __init__(self, store: JobStore, model: str, worker_id: str) -> None:
+    def __init__(self, store: JobStore, model: str, worker_id: str, max_attempts: int = 3) -> None:
         self.store = store
+        self.max_attempts = max_attempts
         self.model = model
         self.worker_id = worker_id
-        self._index = store.lease_index(model)
+        self._index = store.keys.lease_index(model)
 
     def join(self) -> None:
         """Enter the index of lease holders (every heartbeat), so that this worker is recovered if it dies."""
         self.store.r.sadd(self._index, self.worker_id)
 
-    def release(self, job_id: str) -> None:
-        self.store.r.srem(self.store.lease_key(self.model, self.worker_id), job_id)
-
     def recover(self, settle: Callable[[Job], None]) -> list[str]:
         """Recover every worker of this model whose heartbeat expired; returns the ids of the jobs sent again.
         Jobs a dead worker had finished are passed to `settle`: it may have died before recording them."""
         r = self.store.r
-        live = {w["worker_id"] for w in self.store.workers(self.model)} | {self.worker_id}
+        live = {w["worker_id"] for w in self.store.registry.workers(self.model)} | {self.worker_id}
         resent: list[str] = []
         for worker_id in r.smembers(self._index) - live:
             if not r.srem(self._index, worker_id):
@@ -59,7 +60,7 @@ class JobLeases:
     def _requeue_leases(self, worker_id: str, settle: Callable[[Job], None]) -> list[str]:
         claim = f"{self.store.prefix}:leases:claimed:{uuid.uuid4().hex}"
         try:
-            self.store.r.rename(self.store.lease_key(self.model, worker_id), claim)
+            self.store.r.rename(self.store.keys.lease(self.model, worker_id), claim)
         except redis.ResponseError:  # no such key: it ran nothing
             return []
         requeued = []
@@ -70,11 +71,18 @@ class JobLeases:
             if job.status in TERMINAL:
                 settle(job)
                 continue
-            dispatch = self.store.requeue(job_id)
-            if dispatch is not None:
+            outcome = self.store.requeue(job_id, {"message": f"its worker {worker_id} died too often while running it",
+                                                  "type": "server_error", "param": None, "code": "worker_died",
+                                                  "status_code": 500}, self.max_attempts)
+            if outcome is None:
+                continue
+            status, dispatch = outcome
+            if status == JobStatus.QUEUED:
                 log.warning("worker %s died during job %s: queueing it again", worker_id, job_id)
                 send_job(job_id, dispatch, self.model)
                 requeued.append(job_id)
+            else:  # cancelled while its worker was dead, or out of attempts
+                settle(self.store, self.store.get(job_id))
         self.store.r.delete(claim)
         return requeued
 
@@ -97,3 +105,19 @@ def send_never_sent(store: JobStore, model: str, grace_s: float = 2.0) -> list[s
     if sent:
         log.warning("sent %d queued job(s) of %s that had no message (their API process died?)", len(sent), model)
     return sent
+
+
+def repair_lane(store: JobStore, model: str, grace_s: float = 2.0) -> None:
+    """Undo what a process that died half-way left in the bulk lane (every step here is idempotent): lines
+    moved in flight but never sent are sent (if the mover still lives and sends too, only one first message
+    wins: see JobStore.dispatch); lines that ended but were never counted are counted."""
+    lane = BulkLane(store, model)
+    for job_id in lane.in_flight(older_than_s=grace_s):
+        job = store.get(job_id)
+        if job is None:
+            lane.release(job_id)
+        elif job.status in TERMINAL:
+            settle(store, job)
+        elif job.dispatch == 0:
+            log.warning("batch line %s was never sent: sending it", job_id)
+            enqueue(store, job_id, model)

@@ -1,22 +1,70 @@
 """One engine per worker process, built before the Celery worker starts, plus the threads that keep it reachable:
-a heartbeat announcing what it serves, and a listener that aborts cancelled jobs in the engine."""
+the output writer (worker/output_writer.py), a heartbeat that announces what the worker serves and sweeps, and a
+listener that aborts cancelled jobs in the engine.
+
+The sweep, every heartbeat: recover dead workers' jobs (worker/recovery.py); queue again the jobs leased to this
+worker that no task of it runs any more (a task that could not record its job's failure); settle ended jobs whose
+aftermath nobody did (api/lifecycle.py); send jobs that never got a message; pump the bulk lane.
+"""
 from __future__ import annotations
 
 import logging
 import socket
 import threading
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 
+from api.celery_client import send_job
+from api.lifecycle import pump, settle, sweep_ended
 from api.settings import Settings
 from api.store import JobStore
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
-from worker.batch_tasks import on_job_finished, pump, repair_lane
-from worker.recovery import JobLeases, send_never_sent
+from worker.output_writer import OutputWriter
+from worker.recovery import JobLeases, repair_lane, send_never_sent
 
 log = logging.getLogger(__name__)
+
+
+class ActiveJobs:
+    """Jobs that a task of this process is running (counted: a stale duplicate message of a running job must not
+    take it out when it ends)."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, job_id: str) -> None:
+        with self._lock:
+            self._counts[job_id] += 1
+
+    def discard(self, job_id: str) -> None:
+        with self._lock:
+            self._counts[job_id] -= 1
+            if self._counts[job_id] <= 0:
+                del self._counts[job_id]
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._counts
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def ids(self) -> set[str]:
+        with self._lock:
+            return set(self._counts)
+
+
+def capacities(max_num_seqs: int) -> dict[str, int]:
+    """How a worker shares its engine between lanes. `threads`: Celery threads, enough for every bulk line it
+    may hold plus the interactive reserve, so an interactive job always finds a thread."""
+    reserve = max(1, max_num_seqs // 4)
+    headroom = max(1, max_num_seqs // 8)  # lines waiting in the engine, ready for the next free slot
+    bulk_idle = max_num_seqs + headroom
+    return {"bulk_slots": max(1, max_num_seqs - reserve), "bulk_slots_idle": bulk_idle,
+            "threads": bulk_idle + reserve}
 
 
 @dataclass(slots=True)
@@ -26,25 +74,19 @@ class WorkerRuntime:
     settings: Settings
     model_name: str
     info: dict
+    writer: OutputWriter
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
-    # Jobs running in this worker's engine (the cancel listener aborts only those).
-    active: set[str] = field(default_factory=set)
+    active: ActiveJobs = field(default_factory=ActiveJobs)
     leases: JobLeases | None = None
+    _orphans: set[str] = field(default_factory=set)  # leased here, no task: seen at the last sweep
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self.leases = JobLeases(self.store, self.model_name, self.worker_id)
+        self.leases = JobLeases(self.store, self.model_name, self.worker_id, self.settings.job_max_attempts)
 
     @property
-    def bulk_slots(self) -> int:
-        """Sequences batch lines may take; the rest (a quarter) stay free for interactive requests."""
-        max_num_seqs = self.engine.engine.config.max_num_seqs
-        return max(1, max_num_seqs - max(1, max_num_seqs // 4))
-
-    def end(self, job_id: str) -> None:
-        """The job ran here and its outcome is recorded: no longer cancellable here, nor leased."""
-        self.active.discard(job_id)
-        self.leases.release(job_id)
+    def capacities(self) -> dict[str, int]:
+        return capacities(self.engine.engine.config.max_num_seqs)
 
     @property
     def tokenizer(self):
@@ -57,24 +99,53 @@ class WorkerRuntime:
     def stop(self) -> None:
         self._stop.set()
         self.engine.shutdown()
+        self.writer.stop()
 
     def announcement(self) -> dict:
         engine = self.engine
-        return {**self.info, **engine.stats(), "worker_id": self.worker_id, "bulk_slots": self.bulk_slots,
-                "batch_size": engine.last_batch_size,
+        caps = self.capacities
+        return {**self.info, **engine.stats(), "worker_id": self.worker_id, "bulk_slots": caps["bulk_slots"],
+                "bulk_slots_idle": caps["bulk_slots_idle"], "batch_size": engine.last_batch_size,
                 "max_batch_size": engine.max_batch_size, "steps": engine.num_steps,
                 "generated_tokens": engine.num_generated_tokens, "active_jobs": len(self.active)}
+
+    def sweep(self) -> None:
+        """One round of reconciliation (see the module's docstring); every step is safe to repeat."""
+        self.leases.join()
+        self.leases.recover(lambda job: settle(self.store, job))
+        self.requeue_orphans()
+        sweep_ended(self.store)
+        repair_lane(self.store, self.model_name)
+        send_never_sent(self.store, self.model_name)
+        pump(self.store, self.model_name)  # capacity may have grown: this worker is (newly) alive
+
+    def requeue_orphans(self) -> list[str]:
+        """Jobs leased to this worker that no task here runs, two sweeps in a row, go back to the queue (or end,
+        if cancelled or out of attempts)."""
+        orphans = self.store.leased(self.model_name, self.worker_id) - self.active.ids()
+        confirmed, self._orphans = orphans & self._orphans, orphans
+        requeued = []
+        for job_id in confirmed:
+            outcome = self.store.requeue(job_id, {"message": "the job's task on its worker was lost",
+                                                  "type": "server_error", "param": None, "code": "worker_error",
+                                                  "status_code": 500}, self.settings.job_max_attempts)
+            if outcome is None:
+                continue
+            status, dispatch = outcome
+            log.warning("job %s was leased here with no task running it: %s", job_id, status)
+            if status == "queued":
+                send_job(job_id, dispatch, self.model_name)
+                requeued.append(job_id)
+            else:
+                settle(self.store, self.store.get(job_id))
+        return requeued
 
     def _heartbeat(self) -> None:
         period = self.settings.worker_heartbeat_seconds
         while not self._stop.is_set():
             try:
-                self.store.announce_worker(self.worker_id, self.announcement(), ttl_s=int(period * 3) + 1)
-                self.leases.join()
-                self.leases.recover(lambda job: on_job_finished(self.store, job))
-                repair_lane(self.store, self.model_name)
-                send_never_sent(self.store, self.model_name)
-                pump(self.store, self.model_name)  # capacity may have grown: this worker is (newly) alive
+                self.store.registry.announce(self.worker_id, self.announcement(), ttl_s=int(period * 3) + 1)
+                self.sweep()
             except Exception:  # noqa: BLE001 - Redis may blip; the next beat retries
                 log.warning("heartbeat failed", exc_info=True)
             self._stop.wait(period)
@@ -84,7 +155,7 @@ class WorkerRuntime:
         while not self._stop.is_set():
             try:
                 pubsub = self.store.r.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self.store.cancel_channel)
+                pubsub.subscribe(self.store.keys.cancel)
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message and message["data"] in self.active:
@@ -105,9 +176,12 @@ def start_runtime(config: EngineConfig, model_name: str, settings: Settings, ext
     info = {"model": model_name, "max_model_len": llm_engine.max_model_len, "device": str(llm_engine.device),
             "dtype": str(llm_engine.dtype).removeprefix("torch."), "load_in_low_bit": config.load_in_low_bit,
             **extra_info}
-    _runtime = WorkerRuntime(AsyncEngine(llm_engine).start(), JobStore.from_url(
-        settings.redis_url, prefix=settings.key_prefix, retention_seconds=settings.result_retention_seconds),
-        settings, model_name, info)
+    # One connection per Celery thread, plus the writer, heartbeat, cancel listener and some slack: threads past
+    # the pool wait for a connection rather than fail.
+    store = JobStore.from_url(settings.redis_url, max_connections=capacities(config.max_num_seqs)["threads"] + 16,
+                              prefix=settings.key_prefix, retention_seconds=settings.result_retention_seconds)
+    writer = OutputWriter(store, llm_engine.tokenizer).start()
+    _runtime = WorkerRuntime(AsyncEngine(llm_engine, sink=writer).start(), store, settings, model_name, info, writer)
     _runtime.start_background_threads()
     return _runtime
 

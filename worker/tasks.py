@@ -1,87 +1,121 @@
-"""Celery tasks. `generate`: job id -> engine -> job store, streaming text deltas as they come."""
+"""The `generate` task: job id -> engine -> job store. The task thread prepares the request and waits; the
+engine's outputs reach Redis through the worker's one writer (worker/output_writer.py).
+
+Every way out of a task ends the job or queues it again: a bad request fails it (400, in OpenAI's shape); any other
+exception (a Redis error, a bug, an engine failure) aborts it in the engine and queues it again, up to
+INFERQ_JOB_MAX_ATTEMPTS runs, after which it fails with a server error. If even that cannot be recorded (Redis
+away for long), the job stays leased to this worker with no task running it, and the worker's sweeper
+(worker/runtime.py) queues it again once Redis answers.
+"""
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
-from api.metrics import record_finished
+import redis
+
+from api.celery_client import GENERATE_TASK, app, send_job
+from api.job_record import Job, JobStatus
+from api.lifecycle import settle
 from api.schemas import ENDPOINTS, ChatCompletionRequest, CompletionRequest, error_body
-from api.store import Job, JobStore
+from api.streams import restart_event
+from api.webhook_events import enqueue_event
 from engine.sampling_params import SamplingParams
-from worker.batch_tasks import on_job_finished
-from worker.celery_app import GENERATE_TASK, app
-from worker.openai_format import chat_body, completion_body, usage
 from worker.runtime import WorkerRuntime, get_runtime
-from worker.webhooks import enqueue_event
 
 log = logging.getLogger(__name__)
+
+REDIS_PATIENCE_S = 120.0  # how long a task rides out a Redis outage before it gives its job to the sweeper
+T = TypeVar("T")
 
 
 @app.task(name=GENERATE_TASK)
 def generate(job_id: str, dispatch: int) -> None:
     runtime = get_runtime()
-    # Leased from here to the end, result recorded included: if this process dies, a live worker re-runs the
-    # job or, if it already finished, settles what the dead one had not recorded yet (worker/recovery.py).
-    job = runtime.store.mark_running(job_id, dispatch, runtime.worker_id)
-    if job is None:
-        log.info("job %s: message %d is not its newest, or the job runs or ended; skipping it", job_id, dispatch)
-        return
+    # In `active` before the lease exists, so the sweeper never takes a job whose task is just starting.
     runtime.active.add(job_id)
     try:
-        _run(runtime, job)
+        # Leased from here to its end: if this process dies, a live worker runs the job again (worker/recovery.py).
+        job = patiently(lambda: runtime.store.mark_running(job_id, dispatch, runtime.worker_id))
+        if job is None:
+            log.info("job %s: message %d is not its newest, or the job runs or ended; skipping it", job_id, dispatch)
+            return
+        try:
+            run(runtime, job)
+        except Exception as exc:  # noqa: BLE001 - every exception ends the job or queues it again
+            log.exception("job %s failed on attempt %d", job_id, job.attempts)
+            runtime.writer.forget(job_id)
+            _abort_quietly(runtime, job_id)
+            retry_or_fail(runtime, job, exc)
     finally:
-        runtime.end(job_id)
+        runtime.active.discard(job_id)
 
 
-def _run(runtime: WorkerRuntime, job: Job) -> None:
-    store, job_id = runtime.store, job.id
+def run(runtime: WorkerRuntime, job: Job) -> None:
+    store = runtime.store
     if job.attempts > 1:
-        # A redelivery after a worker died: clients reading the stream start over from this event.
-        store.append_stream(job_id, {"type": "restart", "attempt": job.attempts})
+        if job.stream:  # readers of the stream start over from this event
+            store.append_stream(job.id, restart_event(job.attempts))
     else:
-        enqueue_event(store, job, "start")  # once per job: a redelivery does not start it again for the client
+        enqueue_event(store, job, "start")  # once per job: a rerun does not start it again for the client
     try:
         body = ENDPOINTS[job.endpoint].model_validate(job.request)
         params = SamplingParams(**body.sampling_kwargs())
         prompt_ids = _prompt_ids(runtime, body)
         _check_context(runtime, len(prompt_ids), params.max_tokens)
-        # Batch lines stream no tokens (their result goes to the batch's output file): with hundreds of them in the
-        # engine, per-token wake-ups and Redis writes would slow the interactive requests beside them.
-        stream = runtime.engine.submit(job_id, prompt_ids, params, job.priority, incremental=not job.bulk)
     except ValueError as exc:
-        _finish(store, job_id, "failed", error=error_body(str(exc))["error"] | {"status_code": 400})
+        if store.finish(job.id, JobStatus.FAILED, error=error_body(str(exc))["error"] | {"status_code": 400}):
+            settle(store, store.get(job.id))
         return
+    chat = isinstance(body, ChatCompletionRequest)
+    tracked = runtime.writer.track(job, chat, (body.top_logprobs or 0) if chat else 0)
+    # Non-streaming jobs get outputs only at their first token and their end: no per-token work at all.
+    runtime.engine.submit_to_sink(job.id, prompt_ids, params, job.priority, incremental=job.stream)
+    if store.cancel_requested(job.id):  # a cancel that came before the listener could see this job
+        runtime.engine.abort(job.id)
+    if tracked.wait():
+        settle(store, store.get(job.id))
 
-    if store.cancel_requested(job_id):  # a cancel that came before the listener could see this job
+
+def retry_or_fail(runtime: WorkerRuntime, job: Job, exc: BaseException) -> None:
+    """Queue the job again (a new message), or end it: failed after its last attempt, cancelled if asked."""
+    error = error_body(f"the job failed on its worker: {type(exc).__name__}: {exc}", type="server_error",
+                       code="worker_error")["error"] | {"status_code": 500}
+    try:
+        outcome = patiently(lambda: runtime.store.requeue(job.id, error, runtime.settings.job_max_attempts))
+        if outcome is None:
+            return  # it ended meanwhile (a cancel won)
+        status, dispatch = outcome
+        if status == JobStatus.QUEUED:
+            log.warning("job %s queued again after attempt %d", job.id, job.attempts)
+            patiently(lambda: send_job(job.id, dispatch, job.model))
+        else:
+            settle(runtime.store, runtime.store.get(job.id))
+    except Exception:  # noqa: BLE001 - still leased here: the sweeper takes it once Redis answers
+        log.exception("job %s could not be queued again; the sweeper will", job.id)
+
+
+def patiently(call: Callable[[], T], patience_s: float = REDIS_PATIENCE_S) -> T:
+    """`call()`, retried through Redis connection errors for up to `patience_s` (Redis restarting)."""
+    deadline, delay = time.monotonic() + patience_s, 0.2
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis unavailable; retrying in %.1f s", delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _abort_quietly(runtime: WorkerRuntime, job_id: str) -> None:
+    try:
         runtime.engine.abort(job_id)
-    first_token = True
-    for output in stream:
-        deltas = [{"index": c.index, "text": c.delta_text, "finish_reason": c.finish_reason}
-                  for c in output.outputs if c.delta_token_ids or c.delta_text or c.finish_reason]
-        if first_token and any(c.delta_token_ids for c in output.outputs):
-            store.mark_first_token(job_id)
-            first_token = False
-        if deltas and not job.bulk:
-            store.append_stream(job_id, {"type": "delta", "choices": deltas})
-
-    final = stream.final
-    aborted = any(c.finish_reason == "abort" for c in final.outputs)
-    status = "cancelled" if aborted else "succeeded"
-    if isinstance(body, ChatCompletionRequest):
-        result = chat_body(job_id, job.model, final, runtime.tokenizer, body.top_logprobs or 0)
-    else:
-        result = completion_body(job_id, job.model, final, runtime.tokenizer)
-    _finish(store, job_id, status, result=result, usage=usage(final))  # also ends the stream
-
-
-def _finish(store: JobStore, job_id: str, status: str, **outcome) -> None:
-    """store.finish, then the "completed" webhook if this call is the one that ended the job (a cancel or a
-    duplicate delivery that won first sends nothing here)."""
-    if store.finish(job_id, status, **outcome):
-        job = store.get(job_id)  # re-read: the payload carries the final result and timestamps
-        if job is not None:
-            record_finished(store, job)
-            on_job_finished(store, job)
-            enqueue_event(store, job, "completed")
+    except Exception:  # noqa: BLE001 - the engine may be what failed
+        log.exception("could not abort job %s in the engine", job_id)
 
 
 def _check_context(runtime: WorkerRuntime, prompt_len: int, max_tokens: int | None) -> None:

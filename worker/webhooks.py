@@ -16,35 +16,26 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 import logging
 import random
 import time
-from datetime import datetime, timezone
 from functools import lru_cache
 
 import httpx
 from celery import Task
 
 from api.batches import BATCH_ID_PREFIX, BatchStore
+from api.celery_client import WEBHOOK_QUEUE, WEBHOOK_TASK, app
 from api.settings import Settings, get_settings
-from api.store import Job, JobStore
+from api.store import JobStore
 from api.webhook_targets import WebhookTargetError, check_target
-from worker.celery_app import app
 
 log = logging.getLogger(__name__)
 
-WEBHOOK_TASK = "inferq.deliver_webhook"
-WEBHOOK_QUEUE = "inferq.webhooks"
-EVENTS = ("start", "completed")
-DEFAULT_EVENTS = ("completed",)
 SECRET_PREFIX = "whsec_"
 TIMEOUT_S = 10.0  # per attempt; a receiver should answer fast and do its work later
 MAX_BACKOFF_S = 3600.0  # exponential growth stops here, so a long retry chain still ends in hours, not days
 USER_AGENT = "inferq-webhooks/0.1"
-# Fields of the public job that a webhook carries; the request (maybe large) and the webhook config stay out.
-PAYLOAD_FIELDS = ("id", "model", "endpoint", "status", "metadata", "created_at", "started_at", "first_token_at",
-                  "finished_at", "attempts", "result", "usage", "error")
 
 
 class DeliveryError(Exception):
@@ -79,56 +70,6 @@ def headers_for(webhook_id: str, body: str, secret: str, now: float | None = Non
     if secret:
         headers["webhook-signature"] = sign(secret_key(secret), webhook_id, timestamp, body)
     return headers
-
-
-# ---- events --------------------------------------------------------------------------------------------------
-def wanted_events(job: Job) -> tuple[str, ...]:
-    if not job.webhook or not job.webhook.get("url"):
-        return ()
-    return tuple(job.webhook.get("events") or DEFAULT_EVENTS)
-
-
-def make_webhook_id(job_id: str, event: str) -> str:
-    """One id per (job, event): fixed when the event is created, so retries and redeliveries share it."""
-    return f"{job_id}:{event}"
-
-
-def build_payload(job: Job, event: str, now: float | None = None) -> str:
-    """The body, as the exact text that is signed and sent (Standard Webhooks' {type, timestamp, data} envelope)."""
-    public = job.public()
-    data = {"object": "job", **{name: public[name] for name in PAYLOAD_FIELDS}}
-    stamp = datetime.fromtimestamp(now if now is not None else time.time(), tz=timezone.utc)
-    envelope = {"type": f"job.{event}", "timestamp": stamp.isoformat().replace("+00:00", "Z"), "data": data}
-    return json.dumps(envelope, separators=(",", ":"))
-
-
-def enqueue_batch_event(batch_id: str, url: str, status: str, data: dict, celery=None) -> None:
-    """A batch ended (completed, failed, cancelled or expired): tell its webhook, signed and retried like jobs'."""
-    stamp = datetime.now(tz=timezone.utc).isoformat().replace("+00:00", "Z")
-    body = json.dumps({"type": f"batch.{status}", "timestamp": stamp, "data": data}, separators=(",", ":"))
-    try:
-        (celery or app).send_task(WEBHOOK_TASK, args=[batch_id, status, make_webhook_id(batch_id, status), url, body],
-                                  queue=WEBHOOK_QUEUE)
-    except Exception:  # noqa: BLE001 - the batch's outcome stands; only this notification is lost
-        log.exception("could not enqueue the %s webhook of batch %s", status, batch_id)
-
-
-def enqueue_event(store: JobStore, job: Job, event: str, celery=None) -> bool:
-    """Send the delivery task for `event` if the job has a webhook that wants it; True if sent.
-    `job` must be current (for "completed": read after finish, so the payload holds the result). Never raises:
-    the job itself has already succeeded or started, and a webhook problem must not fail it."""
-    if event not in EVENTS:
-        raise ValueError(f"unknown webhook event {event!r}; expected one of {EVENTS}")
-    if event not in wanted_events(job):
-        return False
-    try:
-        args = [job.id, event, make_webhook_id(job.id, event), job.webhook["url"], build_payload(job, event)]
-        (celery or app).send_task(WEBHOOK_TASK, args=args, queue=WEBHOOK_QUEUE)
-    except Exception:  # noqa: BLE001 - broker down: the job's outcome stands; only this notification is lost
-        log.exception("could not enqueue the %s webhook of job %s", event, job.id)
-        return False
-    log.info("enqueued the %s webhook of job %s", event, job.id)
-    return True
 
 
 # ---- delivery ------------------------------------------------------------------------------------------------
@@ -171,7 +112,8 @@ def _record(subject_id: str, event: str, status: str, attempts: int, last_error:
     store.record_webhook(subject_id, event, status, attempts, last_error, key=key, **extra)
 
 
-@app.task(bind=True, name=WEBHOOK_TASK, queue=WEBHOOK_QUEUE, ignore_result=True)
+# max_retries=None on the task: the attempt count is ours (INFERQ_WEBHOOK_MAX_ATTEMPTS), not Celery's default 3.
+@app.task(bind=True, name=WEBHOOK_TASK, queue=WEBHOOK_QUEUE, ignore_result=True, max_retries=None)
 def deliver_webhook(self: Task, job_id: str, event: str, webhook_id: str, url: str, body: str) -> None:
     """Deliver one event; on failure schedule the next attempt, or record the failure after the last one."""
     settings = get_settings()
@@ -189,7 +131,7 @@ def deliver_webhook(self: Task, job_id: str, event: str, webhook_id: str, url: s
             return
         delay = backoff_seconds(attempt, settings.webhook_backoff_seconds)
         log.info("webhook %s: attempt %d failed (%s); retrying in %.2f s", webhook_id, attempt, exc, delay)
-        # Same args on the retry: same webhook id, same body. max_retries=None: the attempt count is ours.
-        raise self.retry(countdown=delay, max_retries=None, exc=exc)
+        # Same args on the retry: same webhook id, same body.
+        raise self.retry(countdown=delay, exc=exc)
     log.info("webhook %s delivered (HTTP %d, attempt %d)", webhook_id, status, attempt)
     _record(job_id, event, "delivered", attempt, None, webhook_id=webhook_id, status_code=status)

@@ -6,10 +6,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query
 
 from api.batches import ENDPOINTS, BatchStore, parse_window
+from api.celery_client import BATCH_EXPAND, BATCH_STOP, send_batch_task
 from api.deps import APIError, CeleryDep, OwnerDep, SettingsDep, StoreDep
 from api.files import FileStore
+from api.lifecycle import check_expiry
 from api.webhook_targets import WebhookTargetError, check_target
-from worker.batch_tasks import check_expiry, send
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -51,7 +52,7 @@ def create_batch(store: StoreDep, settings: SettingsDep, celery: CeleryDep, owne
         except (WebhookTargetError, TypeError) as exc:
             raise APIError(400, str(exc), param="webhook", code="invalid_webhook") from None
     batch = BatchStore(store).create(owner, endpoint, file_id, window, metadata, webhook)
-    send("inferq.batch.expand", batch.id, celery)
+    send_batch_task(BATCH_EXPAND, batch.id, celery)
     return batch.public()
 
 
@@ -75,7 +76,7 @@ def cancel_batch(batch_id: str, store: StoreDep, celery: CeleryDep, owner: Owner
     batches = BatchStore(store)
     batch = _get(batches, batch_id, owner, celery)
     if batches.set_status(batch.id, "cancelling"):
-        send("inferq.batch.stop", batch.id, celery)
+        send_batch_task(BATCH_STOP, batch.id, celery)
     elif batch.status not in ("cancelling", "cancelled"):
         raise APIError(409, f"batch {batch_id} is {batch.status}; it cannot be cancelled", code="batch_finished")
     return batches.get(batch.id).public()

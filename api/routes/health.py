@@ -22,7 +22,7 @@ def ready(store: StoreDep) -> JSONResponse:
     """Redis answers and every model known to the cluster has a live worker."""
     try:
         store.r.ping()
-        models = store.models()
+        models = store.registry.models()
     except Exception as exc:  # noqa: BLE001 - any Redis failure means not ready
         return JSONResponse({"status": "unavailable", "redis": str(exc)}, status_code=503)
     workers = {name: len(w) for name, w in models.items()}

@@ -8,15 +8,13 @@ from fastapi import APIRouter, Body, Header, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from api.deps import APIError, CeleryDep, OwnerDep, SettingsDep, StoreDep
-from api.metrics import record_finished
-from api.routes.openai import job_events
+from api.deps import APIError, CeleryDep, OwnerDep, SettingsDep, StoreDep, StreamsDep
+from api.job_record import TERMINAL, Job, JobStatus
+from api.lifecycle import settle
 from api.schemas import JobCreate
-from api.store import TERMINAL, Job, JobStore
+from api.store import JobStore
 from api.submit import submit
-from worker.batch_tasks import on_job_finished
 from api.webhook_targets import WebhookTargetError, check_target
-from worker.webhooks import enqueue_event
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -58,8 +56,9 @@ def create_job(store: StoreDep, settings: SettingsDep, celery: CeleryDep, owner:
             check_target(webhook["url"], settings.webhook_allow_hosts)
         except WebhookTargetError as exc:
             raise APIError(400, str(exc), param="webhook", code="invalid_webhook") from None
+    # stream: its events may be read at any time (/events), so its deltas are written as they come.
     job, created = submit(store, settings, celery, owner, endpoint, request, priority=options.priority,
-                          metadata=options.metadata, webhook=webhook, idempotency_key=idempotency_key)
+                          metadata=options.metadata, webhook=webhook, idempotency_key=idempotency_key, stream=True)
     return JSONResponse(_links(job), status_code=202 if created else 200)
 
 
@@ -72,11 +71,13 @@ def list_jobs(store: StoreDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1
 
 
 @router.get("/{job_id}")
-def get_job(job_id: str, store: StoreDep, owner: OwnerDep,
-            wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0.0) -> dict:
-    job = _get(store, job_id, owner)
+async def get_job(job_id: str, streams: StreamsDep, owner: OwnerDep,
+                  wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0.0) -> dict:
+    job = await streams.get(job_id)
+    if job is None or job.owner != owner:
+        raise APIError(404, f"no job {job_id!r}", param="job_id", code="job_not_found")
     if wait and job.status not in TERMINAL:
-        job = store.wait_for_terminal(job_id, wait) or _get(store, job_id, owner)
+        job = await streams.wait_for_terminal(job_id, wait) or job
     return _links(job)
 
 
@@ -84,25 +85,22 @@ def get_job(job_id: str, store: StoreDep, owner: OwnerDep,
 def cancel_job(job_id: str, store: StoreDep, celery: CeleryDep, owner: OwnerDep) -> dict:
     before = _get(store, job_id, owner)
     outcome = store.request_cancel(job_id)
-    if before.status == "queued" and outcome == "cancelled":
-        # Ended here, never by a worker: so it is counted and its "completed" webhook is sent from here. (Two
-        # racing cancels may both send it; both carry the same webhook-id, which receivers deduplicate on.)
-        cancelled = _get(store, job_id, owner)
-        record_finished(store, cancelled)
-        on_job_finished(store, cancelled)
-        enqueue_event(store, cancelled, "completed", celery)
-    if outcome in TERMINAL and outcome != "cancelled":
+    if before.status == JobStatus.QUEUED and outcome == JobStatus.CANCELLED:
+        settle(store, _get(store, job_id, owner), celery)  # ended here, never by a worker: its aftermath too
+    if outcome in TERMINAL and outcome != JobStatus.CANCELLED:
         raise APIError(409, f"job {job_id} already {outcome}; it cannot be cancelled", code="job_finished")
     return _links(_get(store, job_id, owner))
 
 
 @router.get("/{job_id}/events")
-def job_event_stream(job_id: str, store: StoreDep, owner: OwnerDep) -> StreamingResponse:
+async def job_event_stream(job_id: str, streams: StreamsDep, owner: OwnerDep) -> StreamingResponse:
     """Text deltas as they are generated (`event: delta`), then `event: end` with the final status."""
-    _get(store, job_id, owner)
+    job = await streams.get(job_id)
+    if job is None or job.owner != owner:
+        raise APIError(404, f"no job {job_id!r}", param="job_id", code="job_not_found")
 
-    def events():
-        for event in job_events(store, job_id):
+    async def events():
+        async for event in streams.events(job_id):
             yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")

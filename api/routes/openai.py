@@ -1,117 +1,166 @@
-"""OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions (through the same queue)."""
+"""OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions (through the same queue).
+
+A client that goes away before its answer aborts its job, as vLLM does: nobody is left to read it, and its engine
+slot and KV blocks are worth more to the others. (Jobs of /v1/jobs are meant to be polled: they keep running.)
+"""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Body
-from fastapi.responses import StreamingResponse
+import anyio
+import redis
+from fastapi import APIRouter, Body, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response, StreamingResponse
 
-from api.deps import APIError, CeleryDep, OwnerDep, SettingsDep, StoreDep
+from api.deps import APIError, CeleryDep, OwnerDep, SettingsDep, StoreDep, StreamsDep
+from api.job_record import TERMINAL, Job, JobStatus
 from api.store import JobStore
-from api.submit import submit
+from api.streams import AsyncStreams, EventType
+from api.submit import served_models, submit
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 # How long a synchronous OpenAI call waits for its job; a client wanting longer uses /v1/jobs.
 SYNC_TIMEOUT_S = 600.0
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection": logged, never seen by the client
 
 
 @router.get("/models")
 def list_models(store: StoreDep, _: OwnerDep) -> dict:
     data = []
-    for name, workers in sorted(store.models().items()):
-        if workers:
-            data.append({"id": name, "object": "model", "created": 0, "owned_by": "inferq",
-                         "max_model_len": min(int(w.get("max_model_len", 0)) for w in workers),
-                         # The weight formats its workers run (--load-in-low-bit); empty: the checkpoint's own.
-                         "load_in_low_bit": sorted({w["load_in_low_bit"] for w in workers
-                                                    if w.get("load_in_low_bit")})})
+    for name, workers in sorted(served_models(store)[0].items()):
+        data.append({"id": name, "object": "model", "created": 0, "owned_by": "inferq",
+                     "max_model_len": min(int(w.get("max_model_len", 0)) for w in workers),
+                     # The weight formats its workers run (--load-in-low-bit); empty: the checkpoint's own.
+                     "load_in_low_bit": sorted({w["load_in_low_bit"] for w in workers if w.get("load_in_low_bit")})})
     return {"object": "list", "data": data}
 
 
 @router.post("/completions")
-def completions(store: StoreDep, settings: SettingsDep, celery: CeleryDep, owner: OwnerDep,
-                body: dict[str, Any] = Body(...)):
-    return _run(store, settings, celery, owner, "completions", body)
+async def completions(request: Request, store: StoreDep, streams: StreamsDep, settings: SettingsDep,
+                      celery: CeleryDep, owner: OwnerDep, body: dict[str, Any] = Body(...)):
+    return await _run(request, store, streams, settings, celery, owner, "completions", body)
 
 
 @router.post("/chat/completions")
-def chat_completions(store: StoreDep, settings: SettingsDep, celery: CeleryDep, owner: OwnerDep,
-                     body: dict[str, Any] = Body(...)):
-    return _run(store, settings, celery, owner, "chat.completions", body)
+async def chat_completions(request: Request, store: StoreDep, streams: StreamsDep, settings: SettingsDep,
+                           celery: CeleryDep, owner: OwnerDep, body: dict[str, Any] = Body(...)):
+    return await _run(request, store, streams, settings, celery, owner, "chat.completions", body)
 
 
-def _run(store: JobStore, settings, celery, owner: str, endpoint: str, body: dict[str, Any]):
-    job, _ = submit(store, settings, celery, owner, endpoint, body)
-    if body.get("stream"):
+async def _run(request: Request, store: JobStore, streams: AsyncStreams, settings, celery, owner: str,
+               endpoint: str, body: dict[str, Any]):
+    stream = bool(body.get("stream"))
+    job, _ = await run_in_threadpool(submit, store, settings, celery, owner, endpoint, body, stream=stream)
+    if stream:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_sse(store, job.id, job.model, endpoint, include_usage),
+        return StreamingResponse(_sse(store, streams, job.id, job.model, endpoint, include_usage),
                                  media_type="text/event-stream")
-    done = store.wait_for_terminal(job.id, SYNC_TIMEOUT_S)
-    if done is None:
-        store.request_cancel(job.id)
+    done = await _wait_unless_disconnected(request, streams, job.id)
+    if done is _GONE:
+        await cancel_shielded(store, job.id)
+        return Response(status_code=CLIENT_CLOSED)
+    if done is None or done.status not in TERMINAL:
+        await cancel_shielded(store, job.id)
         raise APIError(504, f"the job did not finish within {SYNC_TIMEOUT_S:.0f} s", type="timeout")
-    if done.status == "succeeded":
+    if done.status == JobStatus.SUCCEEDED:
         return done.result
     raise_job_error(done)
 
 
-def raise_job_error(job) -> None:
+_GONE = object()
+
+
+async def _wait_unless_disconnected(request: Request, streams: AsyncStreams, job_id: str):
+    """The job once terminal, or _GONE as soon as the client disconnects."""
+    waiter = asyncio.ensure_future(streams.wait_for_terminal(job_id, SYNC_TIMEOUT_S))
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        finished, _ = await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiter, gone):
+            if not task.done():
+                task.cancel()
+    if waiter in finished:
+        return waiter.result()
+    return _GONE
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client has closed the connection (the body is read: nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def cancel_shielded(store: JobStore, job_id: str) -> None:
+    """Cancel the job even while this request is itself being cancelled (its client went away)."""
+    with anyio.CancelScope(shield=True):
+        try:
+            await run_in_threadpool(store.request_cancel, job_id)
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass  # the job runs to its end; nobody reads it
+
+
+def raise_job_error(job: Job) -> None:
     error = dict(job.error or {"message": f"the job ended {job.status}", "type": "server_error"})
-    status = int(error.pop("status_code", 500 if job.status == "failed" else 409))
+    status = int(error.pop("status_code", 500 if job.status == JobStatus.FAILED else 409))
     raise APIError(status, error.get("message", ""), type=error.get("type", "server_error"),
                    param=error.get("param"), code=error.get("code"))
 
 
-def job_events(store: JobStore, job_id: str) -> Iterator[dict]:
-    """The job's stream events in order until its end event (a restart event means: discard what came before)."""
-    last = "0"
-    while True:
-        for last, event in store.read_stream(job_id, last, block_ms=1000):
-            yield event
-            if event.get("type") == "end":
-                return
-
-
-def _sse(store: JobStore, job_id: str, model: str, endpoint: str, include_usage: bool) -> Iterator[str]:
+async def _sse(store: JobStore, streams: AsyncStreams, job_id: str, model: str, endpoint: str,
+               include_usage: bool) -> AsyncIterator[str]:
     chat = endpoint == "chat.completions"
     base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job_id}", "created": int(time.time()), "model": model,
             "object": "chat.completion.chunk" if chat else "text_completion"}
     started: set[int] = set()
     sent: dict[int, int] = {}  # characters sent so far, per choice
     resend: dict[int, int] = {}  # after a restart: characters the rerun regenerates that were sent already
-    for event in job_events(store, job_id):
-        if event["type"] == "restart":
-            # The worker died and a new attempt starts from scratch; a client cannot take text back, so the rerun's
-            # text is sent only past what was already sent (greedy or seeded reruns repeat it exactly).
-            resend = dict(sent)
-        elif event["type"] == "delta":
-            for choice in event["choices"]:
-                index, text = choice["index"], choice["text"]
-                skip = min(resend.get(index, 0), len(text))
-                resend[index] = resend.get(index, 0) - skip
-                text = text[skip:]
-                if not text and choice["finish_reason"] is None:
-                    continue
-                sent[index] = sent.get(index, 0) + len(text)
-                if chat:
-                    delta = {"content": text}
-                    if index not in started:
-                        delta["role"] = "assistant"
-                        started.add(index)
-                    item = {"index": index, "delta": delta, "logprobs": None, "finish_reason": choice["finish_reason"]}
-                else:
-                    item = {"index": index, "text": text, "logprobs": None, "finish_reason": choice["finish_reason"]}
-                yield _data({**base, "choices": [item]})
-        elif event["type"] == "end":
-            job = store.get(job_id)
-            if event["status"] == "failed" and job is not None:
-                yield _data({"error": job.error})
-            elif include_usage and job is not None:
-                yield _data({**base, "choices": [], "usage": job.usage})
+    ended = False
+    try:
+        async for event in streams.events(job_id):
+            if event["type"] == EventType.RESTART:
+                # A new attempt starts from scratch; a client cannot take text back, so the rerun's text is sent
+                # only past what was already sent (greedy or seeded reruns repeat it exactly).
+                resend = dict(sent)
+            elif event["type"] == EventType.DELTA:
+                for choice in event["choices"]:
+                    index, text = choice["index"], choice["text"]
+                    skip = min(resend.get(index, 0), len(text))
+                    resend[index] = resend.get(index, 0) - skip
+                    text = text[skip:]
+                    if not text and choice["finish_reason"] is None:
+                        continue
+                    sent[index] = sent.get(index, 0) + len(text)
+                    if chat:
+                        delta = {"content": text}
+                        if index not in started:
+                            delta["role"] = "assistant"
+                            started.add(index)
+                        item = {"index": index, "delta": delta, "logprobs": None,
+                                "finish_reason": choice["finish_reason"]}
+                    else:
+                        item = {"index": index, "text": text, "logprobs": None, "finish_reason": choice["finish_reason"]}
+                    yield _data({**base, "choices": [item]})
+            elif event["type"] == EventType.END:
+                ended = True
+                job = await streams.get(job_id)
+                if event["status"] == JobStatus.FAILED and job is not None:
+                    yield _data({"error": job.error})
+                elif include_usage and job is not None:
+                    yield _data({**base, "choices": [], "usage": job.usage})
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        # The answer has started: the status cannot change any more, so the error goes in the stream.
+        yield _data({"error": {"message": f"the job store became unavailable ({type(exc).__name__})",
+                               "type": "service_unavailable", "param": None, "code": "store_unavailable"}})
+    finally:
+        if not ended:  # the client went away (or the store did): nobody reads the rest
+            await cancel_shielded(store, job_id)
     yield "data: [DONE]\n\n"
 
 

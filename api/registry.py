@@ -1,0 +1,53 @@
+"""The worker registry: which workers are alive and what each serves, from their heartbeats.
+
+Keys: {p}:worker:{model}:{wid} (string, JSON of the worker's info, TTL = its heartbeat lease),
+{p}:workers:{model} (sorted set of worker ids, score = lease expiry), {p}:models (every model ever announced).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import redis
+
+from api.job_record import dump
+
+
+class WorkerRegistry:
+    def __init__(self, redis_client: redis.Redis, prefix: str) -> None:
+        self.r = redis_client
+        self.prefix = prefix
+
+    def announce(self, worker_id: str, info: dict, ttl_s: int) -> None:
+        """Heartbeat: the worker serving `info["model"]` is alive for `ttl_s` more seconds."""
+        model, now = info["model"], time.time()
+        record = {**info, "worker_id": worker_id, "last_seen": now}
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(f"{self.prefix}:worker:{model}:{worker_id}", dump(record), px=max(1, int(ttl_s * 1000)))
+        pipe.zadd(f"{self.prefix}:workers:{model}", {worker_id: now + ttl_s})
+        pipe.sadd(f"{self.prefix}:models", model)
+        pipe.execute()
+
+    def workers(self, model: str | None = None) -> list[dict]:
+        """Live workers (of one model, or of all), by model then worker id."""
+        names = [model] if model is not None else sorted(self.r.smembers(f"{self.prefix}:models"))
+        live: list[dict] = []
+        for name in names:
+            index = f"{self.prefix}:workers:{name}"
+            # Pruning by lease expiry (not by a missing key) cannot undo a heartbeat that lands meanwhile.
+            self.r.zremrangebyscore(index, "-inf", time.time())
+            ids = sorted(self.r.zrange(index, 0, -1))
+            values = self.r.mget([f"{self.prefix}:worker:{name}:{wid}" for wid in ids]) if ids else []
+            live.extend(json.loads(value) for value in values if value is not None)
+        return live
+
+    def known_models(self) -> set[str]:
+        """Every model a worker has ever announced, live or not (tells "no worker now" from "no such model")."""
+        return set(self.r.smembers(f"{self.prefix}:models"))
+
+    def models(self) -> dict[str, list[dict]]:
+        """Model name -> its live workers' infos; models without a live worker are left out."""
+        served: dict[str, list[dict]] = {}
+        for info in self.workers():
+            served.setdefault(info["model"], []).append(info)
+        return served

@@ -1,0 +1,502 @@
+"""Throughput of the whole service against its own engine alone, on one GPU (the CPU: a smoke test of the script).
+
+Workload: N requests (--requests, 1024) of random token-id prompts (64-512 tokens) and random max_tokens (16-256),
+greedy, EOS ignored, seeded; random-weight Llama of --shape written to a temporary directory (or --model DIR).
+  engine    engine.llm.LLM.generate on every request at once, in this process: the ceiling for the service.
+Then the service, started from its command line as a user would (local Redis, `worker.cli worker`,
+`webhook-worker` for batch bookkeeping, `api`), answers the same requests through each path of --paths:
+  batch        one JSONL file, POST /v1/files + POST /v1/batches, polled until the batch ends (--timeout);
+  completions  --clients concurrent clients of POST /v1/completions;
+  jobs         --clients concurrent clients of POST /v1/jobs, each long-polling GET /v1/jobs/{id}?wait=60;
+  stream       --clients concurrent SSE streams of POST /v1/completions (include_usage);
+  ttft         20 streamed requests one at a time (128-token prompt, 16 out) on the idle service, against the
+               engine's own time to first token.
+Each path reports out tok/s (completion tokens of its answers), its share of the engine's, the worker's median
+engine batch size (GET /metrics, sampled every 0.5 s) and every answer that was not a success. Clients run in
+several processes (asyncio + httpx each) so that the client is never the limit. A benchmark: nothing is asserted.
+
+    python bench/service_gpu.py                                  # TinyLlama-1.1B shape on cuda
+    python bench/service_gpu.py --shape llama2-7b --paths batch,stream
+    python bench/service_gpu.py --shape tiny --device cpu --requests 48 --clients 16   # smoke test
+
+Children's logs go to $OUT/service-logs (else a temporary directory, named at the end); numbers to
+$OUT/service.json.
+"""
+from __future__ import annotations
+
+import argparse, asyncio, gc, json, multiprocessing, os, queue, random, signal, statistics, subprocess, sys
+import tempfile, threading, time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHAPES = {
+    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, vocab_size=32000),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+    # The demo model's tiny size (engine/demo_model.py): a smoke test of this script on the CPU.
+    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=2000),
+}
+MODEL = "bench"
+JOB_TERMINAL = {"succeeded", "failed", "cancelled"}
+BATCH_TERMINAL = {"completed", "failed", "cancelled", "expired"}
+
+
+def workload(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    r = random.Random(seed)
+    return [([r.randrange(3, vocab) for _ in range(r.randint(64, 512))], r.randint(16, 256)) for _ in range(n)]
+
+
+def ttft_prompts(vocab: int, n: int = 22) -> list[list[int]]:
+    """The TTFT requests (the first two are warm-ups), the same for the engine and the service."""
+    r = random.Random(2)
+    return [[r.randrange(3, vocab) for _ in range(128)] for _ in range(n)]
+
+
+def write_model(shape: str, out: Path, device: str) -> Path:
+    """A random-weight Llama of `shape` saved by transformers, with a tokenizer of one word per token id."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float32 if device == "cpu" else torch.bfloat16)
+    try:
+        with torch.device(device):  # on the GPU: a 7B model is built in seconds, on the CPU in minutes
+            LlamaForCausalLM(LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)).save_pretrained(out)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    # The worker always loads a tokenizer, and a stream skips tokens that decode to no text: a borrowed tokenizer
+    # smaller than the model's vocabulary would hide most tokens from SSE clients, so every id gets its own word.
+    vocab = SHAPES[shape]["vocab_size"]
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"t{i}": i for i in range(3, vocab)}
+    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(out)
+    gc.collect()
+    if device != "cpu":
+        torch.cuda.empty_cache()
+    return out
+
+
+def engine_offline(model_dir: Path, device: str, dtype: str, reqs, prompts: list[list[int]]) -> dict:
+    """Path A: every request into one LLM.generate call; then the engine's TTFT of one request alone."""
+    import torch
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    llm = LLM(str(model_dir), device=device, dtype=dtype, max_num_seqs=256, max_num_batched_tokens=8192)
+    llm.generate([p[:n] for p, n in zip(prompts, (16, 64, 128))], SamplingParams(temperature=0, max_tokens=8))
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in reqs]
+    start = time.monotonic()
+    outs = llm.generate([p for p, _ in reqs], params)  # returns once every token is on the host: no sync needed
+    seconds = time.monotonic() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    times = []
+    for i, prompt in enumerate(prompts):
+        start = time.monotonic()
+        llm.engine.add_request(f"ttft{i}", prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        first = None
+        while llm.engine.has_unfinished_requests():
+            outputs = llm.engine.step()  # with async scheduling a step may return nothing yet: time the first tokens
+            if first is None and any(o.outputs[0].token_ids for o in outputs):
+                first = time.monotonic() - start
+        times.append(first)
+    del llm, outs
+    gc.unfreeze()  # the engine froze the heap (engine/engine.py): let the collector free it for the worker's copy
+    gc.collect()
+    if device != "cpu":
+        torch.cuda.empty_cache()  # the worker sizes its KV cache from the memory left free
+    return {"seconds": seconds, "tokens": tokens, "ttft_s": statistics.median(times[2:])}
+
+
+# ---- the service ----
+
+def spawn(name: str, args: list[str], env: dict, log_dir: Path) -> subprocess.Popen:
+    with open(log_dir / f"{name}.log", "ab") as log:
+        # Own session: a Ctrl-C at the terminal reaches only this script, which then stops the children in order.
+        return subprocess.Popen([sys.executable, "-m", "worker.cli", *args], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def start_service(model_dir: Path, device: str, dtype: str, redis_url: str, port: int, log_dir: Path,
+                  children: dict) -> None:
+    # /metrics shows the batch size of the worker's last heartbeat: beat every second (default 5) for 0.5 s samples.
+    env = os.environ | {"INFERQ_REDIS_URL": redis_url, "INFERQ_API_KEYS": "", "PYTHONUNBUFFERED": "1",
+                        "INFERQ_WORKER_HEARTBEAT_SECONDS": "1"}
+    children["worker"] = spawn("worker", ["worker", "--model", str(model_dir), "--served-model-name", MODEL,
+                                          "--device", device, "--dtype", dtype, "--max-num-seqs", "256",
+                                          "--max-num-batched-tokens", "8192"], env, log_dir)
+    children["webhook-worker"] = spawn("webhook-worker", ["webhook-worker"], env, log_dir)
+    children["api"] = spawn("api", ["api", "--port", str(port)], env, log_dir)
+
+
+def wait_ready(url: str, children: dict, log_dir: Path, timeout: float = 900) -> None:
+    """Until GET /v1/models lists the model (the worker has loaded it and announced itself)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name, child in children.items():
+            if child.poll() is not None:
+                tail = (log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{name} exited with {child.returncode} while starting; its log ends:\n{tail}")
+        try:
+            if any(m["id"] == MODEL for m in httpx.get(f"{url}/v1/models", timeout=5).json()["data"]):
+                return
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"the service did not list model {MODEL!r} within {timeout:.0f} s; logs in {log_dir}")
+
+
+def stop_children(children: dict) -> None:
+    """SIGTERM (Celery's warm shutdown, uvicorn's graceful one), API first; SIGKILL what lingers after 30 s."""
+    for child in children.values():
+        if child.poll() is None:
+            child.terminate()
+    for child in children.values():
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus metric's samples whose labels include `labels`."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and all(w in line for w in want))
+
+
+@contextmanager
+def batch_sizes(url: str):
+    """The worker's engine batch size, sampled from GET /metrics every 0.5 s while the block runs."""
+    samples, stop = [], threading.Event()
+
+    def sample() -> None:
+        with httpx.Client(base_url=url, timeout=5) as client:
+            while not stop.wait(0.5):
+                try:
+                    samples.append(metric(client.get("/metrics").text, "inferq_worker_batch_size", model=MODEL))
+                except httpx.HTTPError:
+                    pass
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+
+
+def wait_idle(url: str, timeout: float = 300) -> None:
+    """Until no job is queued or running, so that a path that gave up does not slow the next one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if metric(httpx.get(f"{url}/metrics", timeout=10).text, "inferq_jobs", model=MODEL) == 0:
+                return
+        except httpx.HTTPError as exc:
+            print(f"warning: GET /metrics failed: {exc!r}", flush=True)
+        time.sleep(1)
+    print(f"warning: jobs still queued or running after {timeout:.0f} s", flush=True)
+
+
+# ---- client paths: one request each, returning (HTTP statuses, completion tokens, error or None) ----
+
+async def call_completions(client: httpx.AsyncClient, body: dict):
+    r = await client.post("/v1/completions", json=body)
+    if r.status_code != 200:
+        return [r.status_code], 0, r.text[:300]
+    return [200], r.json()["usage"]["completion_tokens"], None
+
+
+async def call_jobs(client: httpx.AsyncClient, body: dict):
+    r = await client.post("/v1/jobs", json=body)
+    codes = [r.status_code]
+    while r.status_code in (200, 202) and r.json()["status"] not in JOB_TERMINAL:
+        r = await client.get(f"/v1/jobs/{r.json()['id']}", params={"wait": 60})
+        codes.append(r.status_code)
+    if r.status_code not in (200, 202):
+        return codes, 0, r.text[:300]
+    job = r.json()
+    if job["status"] != "succeeded":
+        return codes, 0, f"job {job['status']}: {job.get('error')}"
+    return codes, job["usage"]["completion_tokens"], None
+
+
+async def call_stream(client: httpx.AsyncClient, body: dict):
+    body = body | {"stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return [r.status_code], 0, (await r.aread()).decode(errors="replace")[:300]
+        tokens, error, done = 0, None, False
+        async for line in r.aiter_lines():  # every event, to the end, as a real client reads them
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                error = f"error event: {chunk['error']}"
+            elif chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return [200], tokens, error or (None if done else "stream ended without [DONE]")
+
+
+CALLS = {"completions": call_completions, "jobs": call_jobs, "stream": call_stream}
+
+
+async def drive(url: str, kind: str, bodies: list[dict], lanes: int, counter, barrier, deadline_s: float) -> list:
+    """`lanes` clients in this process, each taking the next request of all processes' shared counter."""
+    limits = httpx.Limits(max_connections=lanes, max_keepalive_connections=lanes)
+    records = []
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(900, connect=60), limits=limits) as client:
+        await asyncio.get_running_loop().run_in_executor(None, barrier.wait)  # all processes start together
+        deadline = time.monotonic() + deadline_s
+
+        async def lane() -> None:
+            while time.monotonic() < deadline:
+                with counter.get_lock():
+                    index = counter.value
+                    counter.value += 1
+                if index >= len(bodies):
+                    return
+                start = time.monotonic()
+                try:
+                    codes, tokens, error = await asyncio.wait_for(CALLS[kind](client, bodies[index]),
+                                                                  max(1.0, deadline - start))
+                except (httpx.HTTPError, asyncio.TimeoutError, ValueError, KeyError) as exc:
+                    codes, tokens, error = [type(exc).__name__], 0, repr(exc)[:300]
+                records.append({"start": start, "end": time.monotonic(), "codes": codes, "tokens": tokens,
+                                "error": error})
+
+        await asyncio.gather(*(lane() for _ in range(lanes)))
+    return records
+
+
+def client_process(url, kind, bodies, lanes, counter, barrier, results, deadline_s) -> None:
+    results.put(asyncio.run(drive(url, kind, bodies, lanes, counter, barrier, deadline_s)))
+
+
+def run_clients(url: str, kind: str, bodies: list[dict], clients: int, procs: int, timeout: float) -> dict:
+    ctx = multiprocessing.get_context("spawn")  # never fork this process: it has held the GPU
+    n = min(procs, clients)
+    counter, barrier, results = ctx.Value("i", 0), ctx.Barrier(n + 1), ctx.Queue()
+    workers = [ctx.Process(target=client_process, daemon=True,
+                           args=(url, kind, bodies, clients // n + (p < clients % n), counter, barrier, results,
+                                 timeout)) for p in range(n)]
+    for w in workers:
+        w.start()
+    try:
+        barrier.wait(timeout=120)
+        records, pending = [], n
+        while pending:
+            try:
+                records += results.get(timeout=5)
+                pending -= 1
+            except queue.Empty:
+                if not any(w.is_alive() for w in workers):
+                    raise RuntimeError(f"{pending} client processes ended without results") from None
+    finally:
+        for w in workers:
+            w.join(timeout=10)
+            if w.is_alive():
+                w.terminate()
+    ok = [r for r in records if r["error"] is None]
+    result = {"seconds": max(r["end"] for r in records) - min(r["start"] for r in records),
+              "tokens": sum(r["tokens"] for r in records), "done": len(ok), "errors": len(records) - len(ok),
+              "codes": Counter(str(c) for r in records for c in r["codes"]),
+              "first_errors": [r["error"] for r in records if r["error"]][:5]}
+    if len(records) < len(bodies):
+        result["note"] = f"(did not finish: {len(ok)} of {len(bodies)} done in {timeout:.0f} s)"
+    return result
+
+
+def checked(r: httpx.Response, codes: Counter) -> dict:
+    codes[str(r.status_code)] += 1
+    if r.status_code != 200:
+        raise RuntimeError(f"{r.request.method} {r.request.url.path}: {r.status_code} {r.text[:300]}")
+    return r.json()
+
+
+def run_batch(url: str, bodies: list[dict], timeout: float) -> dict:
+    codes = Counter()
+    with httpx.Client(base_url=url, timeout=120) as client:
+        lines = "".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": b})
+                        + "\n" for i, b in enumerate(bodies))
+        upload = checked(client.post("/v1/files", data={"purpose": "batch"},
+                                     files={"file": ("bench.jsonl", lines.encode())}), codes)
+        start = time.monotonic()
+        batch = checked(client.post("/v1/batches", json={"input_file_id": upload["id"], "endpoint": "/v1/completions",
+                                                         "completion_window": "24h"}), codes)
+        while batch["status"] not in BATCH_TERMINAL and time.monotonic() - start < timeout:
+            time.sleep(0.5)
+            batch = checked(client.get(f"/v1/batches/{batch['id']}"), codes)
+        seconds, counts = time.monotonic() - start, batch["request_counts"]
+        result = {"seconds": seconds, "status": batch["status"], "done": counts["completed"],
+                  "errors": counts["failed"], "tokens": 0, "codes": codes}
+        if batch["status"] not in BATCH_TERMINAL:
+            checked(client.post(f"/v1/batches/{batch['id']}/cancel"), codes)
+            result["note"] = f"(did not finish: {counts['completed']} of {len(bodies)} done in {timeout:.0f} s)"
+            return result
+        if batch.get("output_file_id"):
+            content = client.get(f"/v1/files/{batch['output_file_id']}/content")
+            codes[str(content.status_code)] += 1
+            for line in content.text.splitlines():
+                response = json.loads(line)["response"]
+                if response["status_code"] == 200:
+                    result["tokens"] += response["body"]["usage"]["completion_tokens"]
+        if batch["status"] != "completed":
+            result["note"] = f"(batch {batch['status']})"
+        return result
+
+
+def run_ttft(url: str, prompts: list[list[int]]) -> dict:
+    """Streamed requests one at a time: time to the first chunk that carries a choice (the first two warm up)."""
+    codes, times = Counter(), []
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for prompt in prompts:
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True,
+                    "stream": True}
+            start, first = time.monotonic(), None
+            with client.stream("POST", "/v1/completions", json=body) as r:
+                codes[str(r.status_code)] += 1
+                for line in r.iter_lines():
+                    if first is None and line.startswith("data: {") and json.loads(line[6:]).get("choices"):
+                        first = time.monotonic() - start
+            times.append(first)
+    measured = [t for t in times[2:] if t is not None]
+    return {"ttft_s": statistics.median(measured) if measured else None, "errors": len(times[2:]) - len(measured),
+            "codes": codes}
+
+
+# ---- report ----
+
+def row(name: str, result: dict, engine_tok_s: float) -> str:
+    if "failed" in result:
+        return f"| {name} | FAILED: {result['failed']} |"
+    tok_s = result["tokens"] / result["seconds"]
+    batch = f"{statistics.median(result['batch_sizes']):.0f}" if result.get("batch_sizes") else "-"
+    statuses = " ".join(f"{code}x{n}" for code, n in sorted(result["codes"].items()))
+    return (f"| {name} | {result['done']} | {result['seconds']:.1f} | {result['tokens']} | {tok_s:.0f} | "
+            f"{tok_s / engine_tok_s:.2f} | {batch} | {result['errors']} {result.get('note', '')} | {statuses} |")
+
+
+def print_report(report: dict) -> None:
+    engine, paths = report["engine"], report["paths"]
+    engine_tok_s = engine["tokens"] / engine["seconds"]
+    print(f"\n== service vs engine, {report['device_name']}, {report['shape']}, {report['requests']} requests, "
+          f"{report['clients']} clients ==")
+    print("| path | done | s | out tokens | out tok/s | share of the engine offline | engine batch median | errors "
+          "| HTTP statuses |")
+    print(f"| engine offline | {report['requests']} | {engine['seconds']:.1f} | {engine['tokens']} | "
+          f"{engine_tok_s:.0f} | 1.00 | - | 0 | - |")
+    for name, result in paths.items():
+        if name != "ttft":
+            print(row(name, result, engine_tok_s))
+        if result.get("first_errors"):
+            print(f"  {name}, first errors: {result['first_errors']}")
+    ttft = paths.get("ttft", {})
+    if ttft.get("ttft_s") is not None:
+        print(f"TTFT p50 (128-token prompt, idle): engine {1e3 * engine['ttft_s']:.1f} ms, service "
+              f"{1e3 * ttft['ttft_s']:.1f} ms, difference {1e3 * (ttft['ttft_s'] - engine['ttft_s']):.1f} ms; "
+              f"{ttft['errors']} errors, HTTP statuses {dict(ttft['codes'])}")
+    elif ttft:
+        print(f"TTFT: {ttft.get('failed') or 'no request produced a token'}")
+
+
+def run_paths(args, url: str, reqs, prompts: list[list[int]]) -> dict:
+    bodies = [{"model": MODEL, "prompt": p, "max_tokens": m, "temperature": 0, "ignore_eos": True} for p, m in reqs]
+    results = {}
+    for name in args.paths:
+        print(f"path {name} ...", flush=True)
+        try:
+            with batch_sizes(url) as samples:
+                if name == "batch":
+                    result = run_batch(url, bodies, args.timeout)
+                elif name == "ttft":
+                    result = run_ttft(url, prompts)
+                else:
+                    result = run_clients(url, name, bodies, args.clients, args.client_procs, args.timeout)
+            result["batch_sizes"] = samples
+        except Exception as exc:  # report the path and go on with the others
+            result = {"failed": f"{type(exc).__name__}: {exc}"}
+        print(f"path {name}: { {k: v for k, v in result.items() if k != 'batch_sizes'} }", flush=True)
+        results[name] = result
+        wait_idle(url)
+    return results
+
+
+def parse_args() -> argparse.Namespace:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="tinyllama-1.1b", choices=SHAPES)
+    parser.add_argument("--model", help="an existing HF checkpoint directory (with its tokenizer) instead")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--requests", type=int, default=1024)
+    parser.add_argument("--clients", type=int, default=256)
+    parser.add_argument("--client-procs", type=int, default=8, help="processes the clients are spread over")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds before a path gives up")
+    parser.add_argument("--paths", default="batch,completions,jobs,stream,ttft",
+                        type=lambda s: [p for p in s.split(",") if p])
+    args = parser.parse_args()
+    unknown = set(args.paths) - {"batch", "completions", "jobs", "stream", "ttft"}
+    if unknown:
+        parser.error(f"unknown paths {sorted(unknown)}")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    import torch
+    from api.local_redis import free_port, start_redis
+
+    def interrupt(signum, frame):  # SIGTERM stops everything in order, as Ctrl-C does
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    log_dir = out / "service-logs" if out else Path(tempfile.mkdtemp(prefix="inferq-service-logs-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    dtype = "float32" if args.device == "cpu" else "bfloat16"
+    shape = Path(args.model).name if args.model else args.shape
+    report = {"shape": shape, "device": args.device, "requests": args.requests, "clients": args.clients,
+              "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device}
+    with tempfile.TemporaryDirectory(prefix="inferq-bench-model-") as tmp:
+        model_dir = Path(args.model) if args.model else write_model(args.shape, Path(tmp) / shape, args.device)
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        reqs, prompts = workload(args.requests, vocab), ttft_prompts(vocab)
+        print(f"workload: {len(reqs)} requests, {sum(len(p) for p, _ in reqs)} prompt tokens, "
+              f"{sum(m for _, m in reqs)} output tokens; model {shape} in {dtype} on {args.device}", flush=True)
+        report["engine"] = engine_offline(model_dir, args.device, dtype, reqs, prompts)
+        print(f"engine offline: {report['engine']}", flush=True)
+        children, redis = {}, start_redis()
+        try:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            start_service(model_dir, args.device, dtype, redis.url, port, log_dir, children)
+            wait_ready(url, children, log_dir)
+            report["paths"] = run_paths(args, url, reqs, prompts)
+        finally:
+            stop_children(children)
+            redis.stop()
+    print_report(report)
+    print(f"service logs: {log_dir}")
+    if out:
+        (out / "service.json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
