@@ -4,7 +4,9 @@
 # Stages: kernels (Triton attention against the torch backend, and its timings), gemv (the batch-1 projection
 # kernel against cuBLAS), decode (where a 7B decode step at batch 1 spends its time), parity (float32 token-exact and
 # bfloat16 agreement against transformers), tinyllama / llama7b (W256 against the peers, decode-step micro
-# benchmark), lanes (interactive TTFT while a batch runs; needs the service's Python packages).
+# benchmark), lanes (interactive TTFT while a batch runs; needs the service's Python packages), service (the
+# service's paths -- Batch API, completions, jobs, SSE streams, TTFT -- against the engine offline on 1024 requests,
+# TinyLlama shape; needs the service's Python packages).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
@@ -24,6 +26,7 @@ for stage in "$@"; do
     lanes) python3 -m worker.cli demo-model /tmp/inferq-100m --size 100m >/dev/null &&
       python3 bench/lanes_ttft.py --model /tmp/inferq-100m --device cuda --max-num-seqs 64 --batch-max-tokens 128 \
         2>&1 | tee "$OUT/lanes.txt" ;;
+    service) python3 bench/service_gpu.py 2>&1 | tee "$OUT/service.txt" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -308,18 +308,19 @@ def run_clients(url: str, kind: str, bodies: list[dict], clients: int, procs: in
             except queue.Empty:
                 if not any(w.is_alive() for w in workers):
                     raise RuntimeError(f"{pending} client processes ended without results") from None
-    finally:
+    except BaseException:  # Ctrl-C or a broken client: stop the clients now, not after their requests
         for w in workers:
-            w.join(timeout=10)
-            if w.is_alive():
-                w.terminate()
+            w.terminate()
+        raise
+    for w in workers:
+        w.join(timeout=10)
     ok = [r for r in records if r["error"] is None]
     result = {"seconds": max(r["end"] for r in records) - min(r["start"] for r in records),
               "tokens": sum(r["tokens"] for r in records), "done": len(ok), "errors": len(records) - len(ok),
               "codes": Counter(str(c) for r in records for c in r["codes"]),
               "first_errors": [r["error"] for r in records if r["error"]][:5]}
     if len(records) < len(bodies):
-        result["note"] = f"(did not finish: {len(ok)} of {len(bodies)} done in {timeout:.0f} s)"
+        result["note"] = f"(did not finish: {len(ok)} of {len(bodies)} done in {timeout:g} s)"
     return result
 
 
@@ -348,7 +349,7 @@ def run_batch(url: str, bodies: list[dict], timeout: float) -> dict:
                   "errors": counts["failed"], "tokens": 0, "codes": codes}
         if batch["status"] not in BATCH_TERMINAL:
             checked(client.post(f"/v1/batches/{batch['id']}/cancel"), codes)
-            result["note"] = f"(did not finish: {counts['completed']} of {len(bodies)} done in {timeout:.0f} s)"
+            result["note"] = f"(did not finish: {counts['completed']} of {len(bodies)} done in {timeout:g} s)"
             return result
         if batch.get("output_file_id"):
             content = client.get(f"/v1/files/{batch['output_file_id']}/content")

@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from tests.service import API_KEYS, MODEL, Service
+from worker.runtime import capacities
 
 COMPLETION = {"model": MODEL, "prompt": "def main():", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
 
@@ -113,8 +114,9 @@ def test_cancel_running_and_queued(service, client):
         if client.get(f"/v1/jobs/{running['id']}").json()["first_token_at"]:
             break
         time.sleep(0.1)
-    # More long jobs than the worker's 8 slots: the last ones wait in the queue.
-    others = [submit(client, long)["id"] for _ in range(9)]
+    # More long jobs than the worker's threads (max_num_seqs 8 plus the lanes' reserve): the last ones wait in the
+    # queue.
+    others = [submit(client, long)["id"] for _ in range(capacities(8)["threads"])]
     queued = others[-1]
     assert client.get(f"/v1/jobs/{queued}").json()["status"] == "queued"
     assert client.post(f"/v1/jobs/{queued}/cancel").json()["status"] == "cancelled"
