@@ -80,8 +80,10 @@ class LocalRedis:
 def _launch(binary: str, port: int, data_dir: Path, log_path: Path, appendonly: bool) -> subprocess.Popen[bytes]:
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--daemonize", "no",
             "--logfile", ""]
-    # Without append-only persistence this is a scratch server: no RDB snapshots either.
-    args += ["--appendonly", "yes"] if appendonly else ["--appendonly", "no", "--save", ""]
+    # Without append-only persistence this is a scratch server: no RDB snapshots either. With it, every write is
+    # on disk before Redis answers (appendfsync always; Redis fsyncs once per event-loop pass, so pipelines share
+    # one), so a killed server loses no job, line or message it acknowledged.
+    args += ["--appendonly", "yes", "--appendfsync", "always"] if appendonly else ["--appendonly", "no", "--save", ""]
     with open(log_path, "ab") as log:
         # The server logs to stdout; a file (not a pipe) so a chatty server can never block on a full pipe.
         # Its own session: a Ctrl-C at the terminal must not stop Redis before the processes that use it;

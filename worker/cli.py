@@ -103,9 +103,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # worker/runtime.py), so that many jobs are inside the engine at once and are batched token by token. A thread
     # only waits: the engine's outputs reach Redis through one writer.
     threads = capacities(args.max_num_seqs)["threads"]
-    app.worker_main(["worker", "--pool=threads", f"--concurrency={threads}", "-Q", queue_for(name),
-                     "-n", f"{runtime.worker_id}@%h", f"--loglevel={args.log_level}", "--without-gossip",
-                     "--without-mingle"])
+    argv = ["worker", "--pool=threads", f"--concurrency={threads}", "-Q", queue_for(name),
+            "-n", f"{runtime.worker_id}@%h", f"--loglevel={args.log_level}", "--without-gossip", "--without-mingle"]
+    while True:
+        try:
+            app.worker_main(argv)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+        if code == 0:  # a shutdown that was asked for (Ctrl-C, SIGTERM)
+            break
+        # Celery gives up on some broker failures (kombu cannot restore its unacknowledged messages while Redis
+        # is away, and calls that unrecoverable): the consumer starts again here, with the engine and the jobs
+        # running in it left as they are, and the messages the old consumer may have dropped are sent again.
+        logging.getLogger(__name__).error("the Celery consumer stopped (exit %s); starting it again", code)
+        time.sleep(1.0)
+        runtime.after_consumer_restart()
     runtime.stop()
     return 0
 

@@ -8,7 +8,9 @@ finished job's task thread whether its finish won (a cancel may have ended it fi
 
 If Redis is away, the batch is retried with backoff until it comes back: the engine goes on meanwhile, deltas pile
 up in memory and are written later, and the task threads wait for their results. A pipeline that broke half-way
-may be sent twice: finishes and first-token times are idempotent, a delta could then repeat.
+may be sent twice: finishes and first-token times are idempotent, a delta could then repeat. Any other error
+(Redis refusing writes, a result that cannot be built) fails the attempt of every job in the batch: their tasks
+abort them and queue them again (worker/tasks.py).
 """
 from __future__ import annotations
 
@@ -115,10 +117,9 @@ class OutputWriter:
     def _fail(self, request_ids: list[str], exc: BaseException) -> None:
         for request_id in request_ids:
             with self._lock:
-                tracked = self._jobs.pop(request_id, None)
+                tracked = self._jobs.get(request_id)
             if tracked is not None:
-                tracked.error = exc
-                tracked.done.set()
+                self._end(request_id, tracked, won=False, error=exc)
 
     def _write(self, outputs: list[RequestOutput]) -> None:
         deltas: dict[str, dict[int, DeltaChoice]] = {}
@@ -143,14 +144,26 @@ class OutputWriter:
                     entry["finish_reason"] = c.finish_reason
             if output.finished:
                 finals[output.request_id] = (tracked, output)
-        results = {job_id: self._result(tracked, output) for job_id, (tracked, output) in finals.items()}
-        replies = self._send(deltas, first, results, jobs)
-        for (job_id, (tracked, _)), won in zip(finals.items(), replies):
-            tracked.won = bool(won)
-            with self._lock:
-                self._jobs.pop(job_id, None)
-            tracked.done.set()
+        try:
+            results = {job_id: self._result(tracked, output) for job_id, (tracked, output) in finals.items()}
+            replies = self._send(deltas, first, results, jobs)
+        except Exception as exc:  # noqa: BLE001 - e.g. Redis refusing writes (out of memory)
+            # Every job of the batch lost something (its result, or deltas its readers will never see): that
+            # attempt fails, its task aborts it and queues it again, and readers are told to start over.
+            failed = [(job_id, tracked) for job_id, tracked in jobs.items() if tracked is not None]
+            log.error("could not write the outputs of %d job(s); failing their attempts: %s", len(failed), exc)
+            for job_id, tracked in failed:
+                self._end(job_id, tracked, won=False, error=exc)
+        else:
+            for (job_id, (tracked, _)), won in zip(finals.items(), replies):
+                self._end(job_id, tracked, won=bool(won))
         self.batches_written += 1
+
+    def _end(self, job_id: str, tracked: Tracked, won: bool, error: BaseException | None = None) -> None:
+        tracked.won, tracked.error = won, error
+        with self._lock:
+            self._jobs.pop(job_id, None)
+        tracked.done.set()
 
     def _result(self, tracked: Tracked, output: RequestOutput) -> dict:
         job = tracked.job

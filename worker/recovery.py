@@ -54,7 +54,7 @@ class JobLeases:
             if not r.srem(self._index, worker_id):
                 continue  # another live worker is recovering this one
             resent += self._requeue_leases(worker_id, settle)
-            resent += self._replace_sent_messages()
+            resent += self.replace_sent_messages()
         return resent
 
     def _requeue_leases(self, worker_id: str, settle: Callable[[Job], None]) -> list[str]:
@@ -86,7 +86,7 @@ class JobLeases:
         self.store.r.delete(claim)
         return requeued
 
-    def _replace_sent_messages(self) -> list[str]:
+    def replace_sent_messages(self) -> list[str]:
         """Queued jobs whose message may have died with the worker get a new one (the old one, if alive, is
         skipped as stale). Interactive jobs keep their order among themselves: oldest first."""
         candidates = self.store.queued_ids(self.model) + BulkLane(self.store, self.model).in_flight()

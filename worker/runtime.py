@@ -79,6 +79,7 @@ class WorkerRuntime:
     active: ActiveJobs = field(default_factory=ActiveJobs)
     leases: JobLeases | None = None
     _orphans: set[str] = field(default_factory=set)  # leased here, no task: seen at the last sweep
+    _resend_pending: bool = False  # after_consumer_restart could not reach Redis: the next sweep does it
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -112,12 +113,24 @@ class WorkerRuntime:
     def sweep(self) -> None:
         """One round of reconciliation (see the module's docstring); every step is safe to repeat."""
         self.leases.join()
+        if self._resend_pending:
+            self.leases.replace_sent_messages()
+            self._resend_pending = False
         self.leases.recover(lambda job: settle(self.store, job))
         self.requeue_orphans()
         sweep_ended(self.store)
         repair_lane(self.store, self.model_name)
         send_never_sent(self.store, self.model_name)
         pump(self.store, self.model_name)  # capacity may have grown: this worker is (newly) alive
+
+    def after_consumer_restart(self) -> None:
+        """Messages this worker had taken but not started may be gone with its old consumer: every queued job of
+        the model gets a fresh one (older ones become stale), as when a worker dies."""
+        try:
+            self.leases.replace_sent_messages()
+        except Exception:  # noqa: BLE001 - Redis may still be away: the heartbeat's sweeps go on meanwhile
+            log.warning("could not send the queued jobs' messages again", exc_info=True)
+            self._resend_pending = True
 
     def requeue_orphans(self) -> list[str]:
         """Jobs leased to this worker that no task here runs, two sweeps in a row, go back to the queue (or end,

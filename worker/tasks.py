@@ -98,17 +98,23 @@ def retry_or_fail(runtime: WorkerRuntime, job: Job, exc: BaseException) -> None:
 
 
 def patiently(call: Callable[[], T], patience_s: float = REDIS_PATIENCE_S) -> T:
-    """`call()`, retried through Redis connection errors for up to `patience_s` (Redis restarting)."""
+    """`call()`, retried for up to `patience_s` while Redis is away (restarting) or refuses writes (out of memory):
+    both pass, and a task that gave up instead would leave its job to the slower sweeper."""
     deadline, delay = time.monotonic() + patience_s, 0.2
     while True:
         try:
             return call()
-        except (redis.ConnectionError, redis.TimeoutError):
-            if time.monotonic() > deadline:
+        except redis.RedisError as exc:
+            if not _passing(exc) or time.monotonic() > deadline:
                 raise
             log.warning("Redis unavailable; retrying in %.1f s", delay)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def _passing(exc: redis.RedisError) -> bool:
+    """Redis away, or out of memory (a write inside a script fails with a plain ResponseError saying OOM)."""
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) or "OOM" in str(exc)
 
 
 def _abort_quietly(runtime: WorkerRuntime, job_id: str) -> None:
