@@ -24,7 +24,7 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from api.job_record import ENDPOINTS, TERMINAL, Job, JobStatus, dump, owner_id  # noqa: F401 - owner_id re-exported
+from api.job_record import ENDPOINTS, TERMINAL, Job, JobStatus, dump
 from api.keys import Keys
 from api.registry import WorkerRegistry
 from api.streams import STREAM_MAXLEN

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from functools import lru_cache
 
 from pydantic import ValidationError
