@@ -92,7 +92,7 @@ class JobLeases:
         candidates = self.store.queued_ids(self.model) + BulkLane(self.store, self.model).in_flight()
         replaced = [job_id for job_id in candidates if enqueue(self.store, job_id, self.model, again=True)]
         if replaced:
-            log.warning("sent %d queued job(s) of %s again after a worker died", len(replaced), self.model)
+            log.warning("sent %d queued job(s) of %s again (their messages may be lost)", len(replaced), self.model)
         return replaced
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import redis
+from celery import bootsteps
 
 from api.celery_client import GENERATE_TASK, app, send_job
 from api.job_record import Job, JobStatus
@@ -29,6 +30,27 @@ log = logging.getLogger(__name__)
 
 REDIS_PATIENCE_S = 120.0  # how long a task rides out a Redis outage before it gives its job to the sweeper
 T = TypeVar("T")
+
+
+class ResendAfterReconnect(bootsteps.StartStopStep):
+    """Celery drops the messages a consumer had taken but not started when its broker connection breaks, and
+    kombu's Redis transport may fail to give them back: after every reconnect, the queued jobs' messages are sent
+    again (older ones become stale), so no queued job waits for a message that is gone."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, parent, **kwargs) -> None:
+        super().__init__(parent, **kwargs)
+        self.starts = 0
+
+    def start(self, parent) -> None:
+        self.starts += 1
+        if self.starts > 1:
+            log.warning("the broker connection came back: sending the queued jobs' messages again")
+            get_runtime().after_consumer_restart()
+
+
+app.steps["consumer"].add(ResendAfterReconnect)
 
 
 @app.task(name=GENERATE_TASK)
