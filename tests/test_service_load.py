@@ -125,9 +125,6 @@ def test_a_redis_error_in_a_running_task_retries_the_job(demo_model_dir, tmp_pat
         server.stop()
 
 
-@pytest.mark.xfail(strict=False, reason="kombu 5.7 may stop the worker process on a Redis outage while it holds "
-                   "unacknowledged messages (AttributeError in restore_unacked, seen about one run in three); "
-                   "the in-process consumer restart in worker/cli.py does not catch that exit yet")
 def test_redis_killed_and_restarted_mid_batch(demo_model_dir, tmp_path):
     """Redis (append-only) is killed with SIGKILL while a batch runs and started again on the same data: the API
     answers 503 meanwhile, every process reconnects, and the batch completes with every line exactly once."""

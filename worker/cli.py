@@ -89,6 +89,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.pinning import pin_device
 
     device = pin_device(args.device)  # before anything initialises the GPU
+    import threading
+
+    from celery.signals import worker_shutting_down
+
     from api.celery_client import app, queue_for
     from api.settings import get_settings
     from engine.config import EngineConfig
@@ -105,18 +109,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
     threads = capacities(args.max_num_seqs)["threads"]
     argv = ["worker", "--pool=threads", f"--concurrency={threads}", "-Q", queue_for(name),
             "-n", f"{runtime.worker_id}@%h", f"--loglevel={args.log_level}", "--without-gossip", "--without-mingle"]
+    asked_to_stop = threading.Event()
+    # Sent by Celery's signal handlers only (Ctrl-C, SIGTERM): an "unrecoverable error" stops the worker too, with
+    # an exit code that does not tell the two apart.
+    worker_shutting_down.connect(lambda **_: asked_to_stop.set(), weak=False)
     while True:
-        try:
-            app.worker_main(argv)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code or 0
-        if code == 0:  # a shutdown that was asked for (Ctrl-C, SIGTERM)
+        app.worker_main(argv)
+        if asked_to_stop.is_set():
             break
         # Celery gives up on some broker failures (kombu cannot restore its unacknowledged messages while Redis
         # is away, and calls that unrecoverable): the consumer starts again here, with the engine and the jobs
         # running in it left as they are, and the messages the old consumer may have dropped are sent again.
-        logging.getLogger(__name__).error("the Celery consumer stopped (exit %s); starting it again", code)
+        logging.getLogger(__name__).error("the Celery worker stopped on an error; starting it again")
         time.sleep(1.0)
         runtime.after_consumer_restart()
     runtime.stop()
