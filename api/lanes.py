@@ -50,7 +50,8 @@ class BulkLane:
 
     def capacity(self) -> int:
         field = "bulk_slots" if self.store.interactive_waiting(self.model) else "bulk_slots_idle"
-        return sum(int(w.get(field, w.get("bulk_slots", 0))) for w in self.store.registry.workers(self.model))
+        workers = self.store.registry.snapshot()[0].get(self.model, [])
+        return sum(int(w.get(field, w.get("bulk_slots", 0))) for w in workers)
 
     def pump(self, send) -> int:
         """Send pending lines while the workers have bulk capacity; `send(job_id)` enqueues one. Returns how many.

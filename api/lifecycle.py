@@ -12,10 +12,11 @@ import logging
 import time
 
 from api.batches import BatchStore, error_line, output_line
-from api.celery_client import BATCH_FINALIZE, BATCH_STOP, enqueue, send_batch_task
+from api.celery_client import BATCH_FINALIZE, BATCH_STOP, enqueue, send_batch_task, send_job
 from api.job_record import TERMINAL, Job, JobStatus
 from api.lanes import BulkLane
 from api.metrics import record_finished
+from api.schemas import error_body
 from api.store import JobStore
 from api.webhook_events import enqueue_event
 
@@ -29,6 +30,23 @@ def settle(store: JobStore, job: Job, celery=None) -> None:
         _settle_batch_line(store, job, celery)
     enqueue_event(store, job, "completed", celery)
     store.settled(job.id)
+
+
+def run_again_or_end(store: JobStore, job_id: str, model: str, reason: str, code: str, max_attempts: int,
+                     celery=None) -> str | None:
+    """A running job that cannot go on where it is (its worker died, its task failed or was lost): queued again
+    with a new message, or ended (cancelled if asked, failed with a server error after its last attempt) and
+    settled. Returns the outcome ("queued", "cancelled", "failed"), or None if it was not running."""
+    error = error_body(reason, type="server_error", code=code)["error"] | {"status_code": 500}
+    outcome = store.requeue(job_id, error, max_attempts)
+    if outcome is None:
+        return None
+    status, dispatch = outcome
+    if status == JobStatus.QUEUED:
+        send_job(job_id, dispatch, model, celery)
+    else:
+        settle(store, store.get(job_id), celery)
+    return status
 
 
 def sweep_ended(store: JobStore, celery=None) -> int:

@@ -17,6 +17,7 @@ class WorkerRegistry:
     def __init__(self, redis_client: redis.Redis, prefix: str) -> None:
         self.r = redis_client
         self.prefix = prefix
+        self._snapshot: tuple[float, dict[str, list[dict]], set[str]] | None = None
 
     def announce(self, worker_id: str, info: dict, ttl_s: int) -> None:
         """Heartbeat: the worker serving `info["model"]` is alive for `ttl_s` more seconds."""
@@ -44,6 +45,14 @@ class WorkerRegistry:
     def known_models(self) -> set[str]:
         """Every model a worker has ever announced, live or not (tells "no worker now" from "no such model")."""
         return set(self.r.smembers(f"{self.prefix}:models"))
+
+    def snapshot(self, max_age_s: float = 1.0) -> tuple[dict[str, list[dict]], set[str]]:
+        """(models(), known_models()), read from Redis at most every `max_age_s` by this registry: every
+        submission and every batch line's end needs them, and heartbeats change them only every few seconds."""
+        now = time.monotonic()
+        if self._snapshot is None or now - self._snapshot[0] > max_age_s:
+            self._snapshot = (now, self.models(), self.known_models())
+        return self._snapshot[1], self._snapshot[2]
 
     def models(self) -> dict[str, list[dict]]:
         """Model name -> its live workers' infos; models without a live worker are left out."""

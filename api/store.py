@@ -15,7 +15,6 @@ backoff, so a Redis restart is ridden out rather than failing every caller.
 """
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any
@@ -27,7 +26,7 @@ from redis.retry import Retry
 from api.job_record import ENDPOINTS, TERMINAL, Job, JobStatus, dump
 from api.keys import Keys
 from api.registry import WorkerRegistry
-from api.streams import STREAM_MAXLEN
+from api.streams import STREAM_MAXLEN, parse_read
 
 INTERACTIVE_TTL_S = 10  # the interactive reserve stays held this long after the last interactive submission
 SETTLE_GRACE_S = 10.0  # an ended job's aftermath is left to whoever ended it for this long, then a sweeper does it
@@ -405,7 +404,4 @@ class JobStore:
     def read_stream(self, job_id: str, last_id: str = "0", block_ms: int = 0,
                     count: int | None = None) -> list[tuple[str, dict]]:
         """Events after `last_id`; waits up to `block_ms` for one (0 = don't wait, unlike Redis' BLOCK 0)."""
-        reply = self.r.xread({self.keys.stream(job_id): last_id}, count=count, block=block_ms or None)
-        if not reply:
-            return []
-        return [(entry_id, json.loads(fields["data"])) for entry_id, fields in reply[0][1]]
+        return parse_read(self.r.xread({self.keys.stream(job_id): last_id}, count=count, block=block_ms or None))

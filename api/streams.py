@@ -53,6 +53,13 @@ def end_event(status: str) -> dict:
     return {"type": EventType.END.value, "status": str(status)}
 
 
+def parse_read(reply) -> list[tuple[str, dict]]:
+    """An XREAD reply for one stream -> [(entry id, event)]."""
+    if not reply:
+        return []
+    return [(entry_id, json.loads(fields["data"])) for entry_id, fields in reply[0][1]]
+
+
 class AsyncStreams:
     """The API side: read a job's events, or wait until it ends, without holding a thread."""
 
@@ -66,10 +73,8 @@ class AsyncStreams:
     async def read(self, job_id: str, last_id: str = "0", block_ms: int = 0,
                    count: int | None = None) -> list[tuple[str, dict]]:
         """Events after `last_id`; waits up to `block_ms` for one (0 = don't wait)."""
-        reply = await self.r.xread({self.keys.stream(job_id): last_id}, count=count, block=block_ms or None)
-        if not reply:
-            return []
-        return [(entry_id, json.loads(fields["data"])) for entry_id, fields in reply[0][1]]
+        return parse_read(await self.r.xread({self.keys.stream(job_id): last_id}, count=count,
+                                             block=block_ms or None))
 
     async def events(self, job_id: str) -> AsyncIterator[dict]:
         """The job's events in order, up to and including its end event."""

@@ -1,7 +1,6 @@
 """Validate a generation request, record it as a job and enqueue it: the path every endpoint shares."""
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from pydantic import ValidationError
@@ -13,8 +12,6 @@ from api.schemas import ENDPOINTS, SamplingFields
 from api.settings import Settings
 from api.store import JobStore
 
-MODELS_TTL_S = 1.0  # the live workers are read at most this often per process (every submission needs them)
-_models_cache: dict[int, tuple[float, dict[str, list[dict]], set[str]]] = {}
 
 
 def validate_body(endpoint: str, body: dict[str, Any]) -> SamplingFields:
@@ -26,20 +23,10 @@ def validate_body(endpoint: str, body: dict[str, Any]) -> SamplingFields:
         raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
 
 
-def served_models(store: JobStore) -> tuple[dict[str, list[dict]], set[str]]:
-    """(model -> its live workers, every model ever announced), at most MODELS_TTL_S old."""
-    now = time.monotonic()
-    cached = _models_cache.get(id(store))
-    if cached is None or now - cached[0] > MODELS_TTL_S:
-        cached = (now, store.registry.models(), store.registry.known_models())
-        _models_cache[id(store)] = cached
-    return cached[1], cached[2]
-
-
 def check_model(store: JobStore, settings: Settings, request: SamplingFields) -> None:
     """404 for a model nobody serves, 503 when its workers are gone, 429 when its queue is too deep, 400 when
     max_tokens alone cannot fit the model's context (the worker checks prompt + max_tokens exactly)."""
-    models, known = served_models(store)
+    models, known = store.registry.snapshot()
     workers = models.get(request.model)
     if not workers:
         if request.model in known:

@@ -118,11 +118,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if asked_to_stop.is_set():
             break
         # Celery gives up on some broker failures (kombu cannot restore its unacknowledged messages while Redis
-        # is away, and calls that unrecoverable): the consumer starts again here, with the engine and the jobs
-        # running in it left as they are, and the messages the old consumer may have dropped are sent again.
+        # is away, and calls that unrecoverable): it starts again here, with the engine and the jobs running in
+        # it left as they are; its consumer then sends again the messages the old one may have dropped
+        # (worker/tasks.py).
         logging.getLogger(__name__).error("the Celery worker stopped on an error; starting it again")
         time.sleep(1.0)
-        runtime.after_consumer_restart()
     runtime.stop()
     return 0
 

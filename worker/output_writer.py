@@ -62,7 +62,6 @@ class OutputWriter:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="inferq-writer", daemon=True)
         self._stop = threading.Event()
-        self.batches_written = 0
 
     def start(self) -> OutputWriter:
         self._thread.start()
@@ -157,7 +156,6 @@ class OutputWriter:
         else:
             for (job_id, (tracked, _)), won in zip(finals.items(), replies):
                 self._end(job_id, tracked, won=bool(won))
-        self.batches_written += 1
 
     def _end(self, job_id: str, tracked: Tracked, won: bool, error: BaseException | None = None) -> None:
         tracked.won, tracked.error = won, error

@@ -23,10 +23,10 @@ from collections.abc import Callable
 
 import redis
 
-from api.celery_client import enqueue, send_job
+from api.celery_client import enqueue
 from api.job_record import TERMINAL, Job, JobStatus
 from api.lanes import BulkLane
-from api.lifecycle import settle
+from api.lifecycle import run_again_or_end, settle
 from api.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -71,18 +71,11 @@ class JobLeases:
             if job.status in TERMINAL:
                 settle(job)
                 continue
-            outcome = self.store.requeue(job_id, {"message": f"its worker {worker_id} died too often while running it",
-                                                  "type": "server_error", "param": None, "code": "worker_died",
-                                                  "status_code": 500}, self.max_attempts)
-            if outcome is None:
-                continue
-            status, dispatch = outcome
+            status = run_again_or_end(self.store, job_id, self.model, f"its worker {worker_id} died while running "
+                                      "it, on every attempt", "worker_died", self.max_attempts)
             if status == JobStatus.QUEUED:
-                log.warning("worker %s died during job %s: queueing it again", worker_id, job_id)
-                send_job(job_id, dispatch, self.model)
+                log.warning("worker %s died during job %s: queued it again", worker_id, job_id)
                 requeued.append(job_id)
-            else:  # cancelled while its worker was dead, or out of attempts
-                settle(self.store, self.store.get(job_id))
         self.store.r.delete(claim)
         return requeued
 

@@ -15,8 +15,8 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
-from api.celery_client import send_job
-from api.lifecycle import pump, settle, sweep_ended
+from api.job_record import JobStatus
+from api.lifecycle import pump, run_again_or_end, settle, sweep_ended
 from api.settings import Settings
 from api.store import JobStore
 from engine.async_engine import AsyncEngine
@@ -139,18 +139,12 @@ class WorkerRuntime:
         confirmed, self._orphans = orphans & self._orphans, orphans
         requeued = []
         for job_id in confirmed:
-            outcome = self.store.requeue(job_id, {"message": "the job's task on its worker was lost",
-                                                  "type": "server_error", "param": None, "code": "worker_error",
-                                                  "status_code": 500}, self.settings.job_max_attempts)
-            if outcome is None:
-                continue
-            status, dispatch = outcome
-            log.warning("job %s was leased here with no task running it: %s", job_id, status)
-            if status == "queued":
-                send_job(job_id, dispatch, self.model_name)
+            status = run_again_or_end(self.store, job_id, self.model_name, "the job's task on its worker was lost",
+                                      "worker_error", self.settings.job_max_attempts)
+            if status is not None:
+                log.warning("job %s was leased here with no task running it: %s", job_id, status)
+            if status == JobStatus.QUEUED:
                 requeued.append(job_id)
-            else:
-                settle(self.store, self.store.get(job_id))
         return requeued
 
     def _heartbeat(self) -> None:

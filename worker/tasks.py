@@ -17,9 +17,9 @@ from typing import TypeVar
 import redis
 from celery import bootsteps
 
-from api.celery_client import GENERATE_TASK, app, send_job
+from api.celery_client import GENERATE_TASK, app
 from api.job_record import Job, JobStatus
-from api.lifecycle import settle
+from api.lifecycle import run_again_or_end, settle
 from api.schemas import ENDPOINTS, ChatCompletionRequest, CompletionRequest, error_body
 from api.streams import restart_event
 from api.webhook_events import enqueue_event
@@ -34,18 +34,15 @@ T = TypeVar("T")
 
 class ResendAfterReconnect(bootsteps.StartStopStep):
     """Celery drops the messages a consumer had taken but not started when its broker connection breaks, and
-    kombu's Redis transport may fail to give them back: after every reconnect, the queued jobs' messages are sent
-    again (older ones become stale), so no queued job waits for a message that is gone."""
+    kombu's Redis transport may fail to give them back: after every reconnect (or restart of the Celery worker in
+    this process), the queued jobs' messages are sent again (older ones become stale), so no queued job waits for a message that is gone."""
 
     requires = {"celery.worker.consumer.tasks:Tasks"}
-
-    def __init__(self, parent, **kwargs) -> None:
-        super().__init__(parent, **kwargs)
-        self.starts = 0
+    starts = 0  # per process: a Celery worker started again in the same process (worker/cli.py) counts too
 
     def start(self, parent) -> None:
-        self.starts += 1
-        if self.starts > 1:
+        ResendAfterReconnect.starts += 1
+        if ResendAfterReconnect.starts > 1:
             log.warning("the broker connection came back: sending the queued jobs' messages again")
             get_runtime().after_consumer_restart()
 
@@ -103,18 +100,12 @@ def run(runtime: WorkerRuntime, job: Job) -> None:
 
 def retry_or_fail(runtime: WorkerRuntime, job: Job, exc: BaseException) -> None:
     """Queue the job again (a new message), or end it: failed after its last attempt, cancelled if asked."""
-    error = error_body(f"the job failed on its worker: {type(exc).__name__}: {exc}", type="server_error",
-                       code="worker_error")["error"] | {"status_code": 500}
+    reason = f"the job failed on its worker: {type(exc).__name__}: {exc}"
     try:
-        outcome = patiently(lambda: runtime.store.requeue(job.id, error, runtime.settings.job_max_attempts))
-        if outcome is None:
-            return  # it ended meanwhile (a cancel won)
-        status, dispatch = outcome
+        status = patiently(lambda: run_again_or_end(runtime.store, job.id, job.model, reason, "worker_error",
+                                                    runtime.settings.job_max_attempts))
         if status == JobStatus.QUEUED:
             log.warning("job %s queued again after attempt %d", job.id, job.attempts)
-            patiently(lambda: send_job(job.id, dispatch, job.model))
-        else:
-            settle(runtime.store, runtime.store.get(job.id))
     except Exception:  # noqa: BLE001 - still leased here: the sweeper takes it once Redis answers
         log.exception("job %s could not be queued again; the sweeper will", job.id)
 

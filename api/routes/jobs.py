@@ -27,11 +27,15 @@ def _links(job: Job) -> dict:
                                      "cancel": f"/v1/jobs/{job.id}/cancel"}}
 
 
-def _get(store: JobStore, job_id: str, owner: str) -> Job:
-    job = store.get(job_id, owner)
-    if job is None:
+def _owned(job: Job | None, job_id: str, owner: str) -> Job:
+    """The job if it exists and is the caller's; 404 otherwise (another key's job is not found either)."""
+    if job is None or job.owner != owner:
         raise APIError(404, f"no job {job_id!r}", param="job_id", code="job_not_found")
     return job
+
+
+def _get(store: JobStore, job_id: str, owner: str) -> Job:
+    return _owned(store.get(job_id), job_id, owner)
 
 
 @router.post("", status_code=202)
@@ -73,9 +77,7 @@ def list_jobs(store: StoreDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1
 @router.get("/{job_id}")
 async def get_job(job_id: str, streams: StreamsDep, owner: OwnerDep,
                   wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0.0) -> dict:
-    job = await streams.get(job_id)
-    if job is None or job.owner != owner:
-        raise APIError(404, f"no job {job_id!r}", param="job_id", code="job_not_found")
+    job = _owned(await streams.get(job_id), job_id, owner)
     if wait and job.status not in TERMINAL:
         job = await streams.wait_for_terminal(job_id, wait) or job
     return _links(job)
@@ -95,9 +97,7 @@ def cancel_job(job_id: str, store: StoreDep, celery: CeleryDep, owner: OwnerDep)
 @router.get("/{job_id}/events")
 async def job_event_stream(job_id: str, streams: StreamsDep, owner: OwnerDep) -> StreamingResponse:
     """Text deltas as they are generated (`event: delta`), then `event: end` with the final status."""
-    job = await streams.get(job_id)
-    if job is None or job.owner != owner:
-        raise APIError(404, f"no job {job_id!r}", param="job_id", code="job_not_found")
+    _owned(await streams.get(job_id), job_id, owner)
 
     async def events():
         async for event in streams.events(job_id):

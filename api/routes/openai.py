@@ -21,7 +21,7 @@ from api.deps import APIError, CeleryDep, OwnerDep, SettingsDep, StoreDep, Strea
 from api.job_record import TERMINAL, Job, JobStatus
 from api.store import JobStore
 from api.streams import AsyncStreams, EventType
-from api.submit import served_models, submit
+from api.submit import submit
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -33,7 +33,7 @@ CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection": lo
 @router.get("/models")
 def list_models(store: StoreDep, _: OwnerDep) -> dict:
     data = []
-    for name, workers in sorted(served_models(store)[0].items()):
+    for name, workers in sorted(store.registry.snapshot()[0].items()):
         data.append({"id": name, "object": "model", "created": 0, "owned_by": "inferq",
                      "max_model_len": min(int(w.get("max_model_len", 0)) for w in workers),
                      # The weight formats its workers run (--load-in-low-bit); empty: the checkpoint's own.
