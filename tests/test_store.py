@@ -326,3 +326,33 @@ def test_never_sent_finds_queued_jobs_without_a_message(store: JobStore) -> None
     assert store.queued_ids("demo", older_than_s=60) == []  # all just created
     time.sleep(0.05)
     assert store.queued_ids("demo", older_than_s=0.01) == [sent.id, orphan.id]
+
+
+def test_ended_jobs_wait_for_their_aftermath_then_a_sweeper_settles_them(store: JobStore) -> None:
+    from api.lifecycle import sweep_ended
+
+    job = new_job(store)
+    take(store, job.id)
+    assert store.finish(job.id, "succeeded", result={"text": "x"}, usage={"completion_tokens": 1})
+    assert store.r.zscore(store.keys.ended, job.id) is not None
+    assert store.claim_ended() == []  # its process may still do it: the grace period is not over
+    store.r.zadd(store.keys.ended, {job.id: 0})  # the grace period passed (the process died)
+    assert sweep_ended(store) == 1
+    assert store.r.zscore(store.keys.ended, job.id) is None  # settled once: nothing left to sweep
+    assert store.r.hget(f"{store.prefix}:metrics:demo", "jobs_succeeded") == "1"
+    assert sweep_ended(store) == 0
+
+
+def test_the_bulk_lane_takes_the_reserve_only_while_no_interactive_work_is_around(store: JobStore) -> None:
+    from api.lanes import BulkLane
+
+    store.registry.announce("w1", {"model": "demo", "bulk_slots": 6, "bulk_slots_idle": 9}, ttl_s=30)
+    assert BulkLane(store, "demo").capacity() == 9
+    new_job(store, bulk=True)  # a batch line is not interactive work
+    assert BulkLane(store, "demo").capacity() == 9
+    job = new_job(store)  # an interactive job: the reserve is held back...
+    assert BulkLane(store, "demo").capacity() == 6
+    store.request_cancel(job.id)
+    assert BulkLane(store, "demo").capacity() == 6  # ... for a while after it was submitted too
+    store.r.delete(store.keys.interactive("demo"))
+    assert BulkLane(store, "demo").capacity() == 9

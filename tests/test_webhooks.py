@@ -24,7 +24,7 @@ from api.celery_client import WEBHOOK_QUEUE, WEBHOOK_TASK
 from api.webhook_events import enqueue_event
 from worker.webhooks import MAX_BACKOFF_S, backoff_seconds, headers_for, secret_key, sign
 
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 5  # more than Celery's default of 3 retries: the attempt count must be ours
 JOB = {"model": MODEL, "prompt": "def main():", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
 
