@@ -7,8 +7,9 @@
   {p}:owner:{owner}:jobs        sorted set of the owner's job ids, score = created_at
   {p}:queued:{model}            sorted set of queued interactive job ids of one model (queue depth), score =
                                 created_at; bulk (batch) jobs wait in the bulk lane instead (api/lanes.py)
-  {p}:interactive:{model}       string with a short TTL, set whenever an interactive job is submitted: the bulk
-                                lane keeps the interactive reserve free while it exists
+  {p}:open_interactive:{model}  sorted set of the interactive jobs of one model that have not ended (queued or
+                                running), score = created_at: the bulk lane keeps the interactive reserve free
+                                while it is not empty
   {p}:leases:{model}            set of worker ids that may hold leases (recovery looks for dead ones here)
   {p}:leases:{model}:{wid}      set of the job ids running on that worker (a job leaves it when it ends or is
                                 queued again, in the same script)
@@ -43,8 +44,8 @@ class Keys:
     def queued(self, model: str) -> str:
         return f"{self.prefix}:queued:{model}"
 
-    def interactive(self, model: str) -> str:
-        return f"{self.prefix}:interactive:{model}"
+    def open_interactive(self, model: str) -> str:
+        return f"{self.prefix}:open_interactive:{model}"
 
     def lease(self, model: str, worker_id: str) -> str:
         return f"{self.prefix}:leases:{model}:{worker_id}"

@@ -4,8 +4,8 @@ Interactive jobs (completions, chat, /v1/jobs) are enqueued at once. Batch lines
 and are sent to the model's Celery queue only while fewer than the workers' bulk capacity are in flight. Each
 worker announces two capacities: `bulk_slots_idle` (its whole running batch plus a few waiting lines, so that the
 engine refills a slot the step it frees) for when no interactive work is around, and `bulk_slots` (its
-max_num_seqs less a reserve for interactive work) for when interactive jobs are queued or were submitted in the
-last seconds. The reserve is thus held back only while interactive work exists or arrives; a worker runs more
+max_num_seqs less a reserve for interactive work) for when interactive jobs are queued or running. The reserve is
+thus held back only while interactive work exists or arrives (a job counts from its submission); a worker runs more
 Celery threads than bulk lines, so an interactive job always finds a thread, and the engine schedules it ahead of
 waiting lines (batch lines run at a lower priority). A batch of 50,000 lines never stands in the broker between an
 interactive request and a worker.
@@ -49,7 +49,7 @@ class BulkLane:
             self.store.r.rpush(self._pending, *job_ids)
 
     def capacity(self) -> int:
-        field = "bulk_slots" if self.store.interactive_waiting(self.model) else "bulk_slots_idle"
+        field = "bulk_slots" if self.store.interactive_open(self.model) else "bulk_slots_idle"
         workers = self.store.registry.snapshot()[0].get(self.model, [])
         return sum(int(w.get(field, w.get("bulk_slots", 0))) for w in workers)
 

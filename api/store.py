@@ -28,7 +28,6 @@ from api.keys import Keys
 from api.registry import WorkerRegistry
 from api.streams import STREAM_MAXLEN, parse_read
 
-INTERACTIVE_TTL_S = 10  # the interactive reserve stays held this long after the last interactive submission
 SETTLE_GRACE_S = 10.0  # an ended job's aftermath is left to whoever ended it for this long, then a sweeper does it
 
 # ---- Lua ------------------------------------------------------------------------------------------------------
@@ -40,6 +39,7 @@ local function end_job(status)
   local worker = redis.call('HGET', KEYS[1], 'worker')
   redis.call('HSET', KEYS[1], 'status', status, 'finished_at', ARGV[1])
   redis.call('ZREM', KEYS[3], ARGV[3])
+  redis.call('ZREM', KEYS[4], ARGV[3])
   if worker and worker ~= '' then redis.call('SREM', ARGV[6] .. model .. ':' .. worker, ARGV[3]) end
   redis.call('ZADD', ARGV[7], ARGV[8], ARGV[3])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'data', cjson.encode({type='end', status=status}))
@@ -49,19 +49,19 @@ local function end_job(status)
 end
 local function is_terminal(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' end
 """
-# KEYS: job, owner index, queued set, idempotency key ("-" = none), interactive marker ("-" = bulk).
-# ARGV: id, created, idem ttl, has idem, marker ttl, fields...
+# KEYS: job, owner index, queued set, idempotency key ("-" = none), open interactive set ("-" = bulk).
+# ARGV: id, created, idem ttl, has idem, fields...
 _CREATE_LUA = """
 if ARGV[4] == '1' then
   local existing = redis.call('GET', KEYS[4])
   if existing then return {0, existing} end
   redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[3])
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 if KEYS[3] ~= '-' then
   redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-  redis.call('SET', KEYS[5], '1', 'EX', ARGV[5])
+  redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
 end
 return {1, ARGV[1]}
 """
@@ -72,7 +72,7 @@ local sent = tonumber(redis.call('HGET', KEYS[1], 'dispatch') or '0') > 0
 if (ARGV[1] == 'first') == sent then return nil end
 return redis.call('HINCRBY', KEYS[1], 'dispatch', 1)
 """
-# KEYS: job, stream, queued set. ARGV: END_ARGS, error JSON, max attempts.
+# KEYS: end keys. ARGV: END_ARGS, error JSON, max attempts.
 # A running job that cannot go on where it is (its worker died, its task raised): queued again with a new dispatch
 # number, unless a cancel was asked for (it ends cancelled) or it has used its attempts (it ends failed).
 # Returns {outcome, dispatch} or nil when it is not running.
@@ -115,7 +115,7 @@ return redis.call('HGETALL', KEYS[1])
 _FIRST_TOKEN_LUA = """
 if redis.call('HGET', KEYS[1], 'first_token_at') == '' then redis.call('HSET', KEYS[1], 'first_token_at', ARGV[1]) end
 """
-# KEYS: job, stream, queued. ARGV: END_ARGS, status, result, usage, error.
+# KEYS: end keys. ARGV: END_ARGS, status, result, usage, error.
 _FINISH_LUA = _END_LUA + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st or is_terminal(st) then return 0 end
@@ -134,7 +134,7 @@ deliveries[ARGV[1]] = cjson.decode(ARGV[2])
 redis.call('HSET', KEYS[1], 'webhook_deliveries', cjson.encode(deliveries))
 return 1
 """
-# KEYS: job, stream, queued. ARGV: END_ARGS, cancel channel.
+# KEYS: end keys. ARGV: END_ARGS, cancel channel.
 _CANCEL_LUA = _END_LUA + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'not_found' end
@@ -197,7 +197,8 @@ class JobStore:
         return self.r.hget(self.keys.job(job_id), "model")
 
     def _end_keys(self, job_id: str, model: str) -> list[str]:
-        return [self.keys.job(job_id), self.keys.stream(job_id), self.keys.queued(model)]
+        return [self.keys.job(job_id), self.keys.stream(job_id), self.keys.queued(model),
+                self.keys.open_interactive(model)]
 
     def _end_args(self, job_id: str) -> list:
         now = time.time()
@@ -222,9 +223,8 @@ class JobStore:
             created, job_id = self._create(
                 keys=[self.keys.job(job.id), self.keys.owner_jobs(owner),
                       self.keys.queued(model) if interactive else "-", idem_key or "-",
-                      self.keys.interactive(model) if interactive else "-"],
-                args=[job.id, repr(job.created_at), self.retention_seconds, "1" if idem_key else "0",
-                      INTERACTIVE_TTL_S, *[part for pair in job.to_fields().items() for part in pair]],
+                      self.keys.open_interactive(model) if interactive else "-"],
+                args=[job.id, repr(job.created_at), self.retention_seconds, "1" if idem_key else "0", *[part for pair in job.to_fields().items() for part in pair]],
             )
             if int(created):
                 self._prune_owner(owner)
@@ -292,9 +292,24 @@ class JobStore:
         """Interactive jobs of `model` still queued (not yet picked up by a worker)."""
         return int(self.r.zcard(self.keys.queued(model)))
 
-    def interactive_waiting(self, model: str) -> bool:
-        """Whether interactive work for `model` is queued or was submitted in the last few seconds."""
-        return bool(self.queue_depth(model) or self.r.exists(self.keys.interactive(model)))
+    def interactive_open(self, model: str) -> bool:
+        """Whether interactive work for `model` is queued or running (what the bulk lane leaves room for)."""
+        return bool(self.r.zcard(self.keys.open_interactive(model)))
+
+    def prune_open_interactive(self, model: str, older_than_s: float = 60.0, count: int = 100) -> int:
+        """Drop ids from the open interactive set whose job ended or is gone (a script that ends a job removes
+        it; this repairs what an older version, or a deleted record, left behind). Returns how many."""
+        key = self.keys.open_interactive(model)
+        ids = self.r.zrangebyscore(key, "-inf", time.time() - older_than_s, start=0, num=count)
+        if not ids:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(self.keys.job(job_id), "status")
+        stale = [job_id for job_id, status in zip(ids, pipe.execute()) if status is None or status in TERMINAL]
+        if stale:
+            self.r.zrem(key, *stale)
+        return len(stale)
 
     def queued_ids(self, model: str, older_than_s: float = 0.0) -> list[str]:
         """Queued interactive jobs of `model`, oldest first; with `older_than_s`, only those created that long ago."""

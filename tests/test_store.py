@@ -350,9 +350,23 @@ def test_the_bulk_lane_takes_the_reserve_only_while_no_interactive_work_is_aroun
     assert BulkLane(store, "demo").capacity() == 9
     new_job(store, bulk=True)  # a batch line is not interactive work
     assert BulkLane(store, "demo").capacity() == 9
-    job = new_job(store)  # an interactive job: the reserve is held back...
+    job = new_job(store)  # an interactive job: the reserve is held back while it is queued...
     assert BulkLane(store, "demo").capacity() == 6
-    store.request_cancel(job.id)
-    assert BulkLane(store, "demo").capacity() == 6  # ... for a while after it was submitted too
-    store.r.delete(store.keys.interactive("demo"))
+    assert take(store, job.id) is not None
+    assert BulkLane(store, "demo").capacity() == 6  # ... and while it runs...
+    assert store.finish(job.id, "succeeded", result={}, usage={})
+    assert BulkLane(store, "demo").capacity() == 9  # ... and no longer
+    queued_then_cancelled = new_job(store)
+    assert BulkLane(store, "demo").capacity() == 6
+    store.request_cancel(queued_then_cancelled.id)
     assert BulkLane(store, "demo").capacity() == 9
+
+
+def test_pruning_the_open_interactive_set_drops_only_ended_or_missing_jobs(store: JobStore) -> None:
+    live, ended = new_job(store), new_job(store)
+    store.request_cancel(ended.id)
+    key = store.keys.open_interactive("demo")
+    store.r.zadd(key, {ended.id: 1.0, "job_gone": 1.0})  # left behind, e.g. by an older version
+    store.r.zadd(key, {live.id: 1.0})
+    assert store.prune_open_interactive("demo") == 2
+    assert store.r.zrange(key, 0, -1) == [live.id]

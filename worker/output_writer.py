@@ -1,10 +1,11 @@
 """One thread that writes every engine step's outputs to Redis in one pipeline.
 
-The engine's loop hands each step's outputs over (a queue put, nothing more), so no Redis round trip and no JSON
-ever runs on the loop, and no task thread wakes per token. The writer coalesces whatever steps queued up while it
-wrote the previous batch, and sends, in one pipeline: the text deltas of jobs that stream (appended per job, across
-the coalesced steps), the first-token times, and the results of the jobs that finished. Then it tells each
-finished job's task thread whether its finish won (a cancel may have ended it first).
+The engine process's reader thread hands each step's outputs over (a queue put, nothing more), so no Redis round
+trip and no JSON holds up the next step's outputs, and no task thread wakes per token. The writer coalesces
+whatever steps queued up while it wrote the previous batch, and sends, in one pipeline: the text deltas of jobs
+that stream (appended per job, across the coalesced steps), the first-token times, and the results of the jobs
+that finished. Then it tells each finished job's task thread whether its finish won (a cancel may have ended it
+first).
 
 If Redis is away, the batch is retried with backoff until it comes back: the engine goes on meanwhile, deltas pile
 up in memory and are written later, and the task threads wait for their results. A pipeline that broke half-way
@@ -52,7 +53,7 @@ class Tracked:
 
 
 class OutputWriter:
-    """The engine's OutputSink (engine/async_engine.py) for a worker's jobs."""
+    """The engine's OutputSink (engine/engine_process.py) for a worker's jobs."""
 
     def __init__(self, store: JobStore, tokenizer) -> None:
         self.store = store
@@ -83,7 +84,7 @@ class OutputWriter:
         with self._lock:
             self._jobs.pop(job_id, None)
 
-    # ---- OutputSink: called on the engine's loop thread ---------------------------------------------------------
+    # ---- OutputSink: called on the engine process's reader thread -----------------------------------------------
     def on_outputs(self, outputs: list[RequestOutput]) -> None:
         self._queue.put(outputs)
 

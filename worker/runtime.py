@@ -1,10 +1,11 @@
-"""One engine per worker process, built before the Celery worker starts, plus the threads that keep it reachable:
-the output writer (worker/output_writer.py), a heartbeat that announces what the worker serves and sweeps, and a
-listener that aborts cancelled jobs in the engine.
+"""One engine per worker, in a process of its own (engine/engine_process.py) started before the Celery worker,
+plus the threads that keep it reachable: the output writer (worker/output_writer.py), a heartbeat that announces
+what the worker serves and sweeps, and a listener that aborts cancelled jobs in the engine.
 
 The sweep, every heartbeat: recover dead workers' jobs (worker/recovery.py); queue again the jobs leased to this
 worker that no task of it runs any more (a task that could not record its job's failure); settle ended jobs whose
-aftermath nobody did (api/lifecycle.py); send jobs that never got a message; pump the bulk lane.
+aftermath nobody did (api/lifecycle.py); repair the bulk lane's books; send jobs that never got a message; pump the
+bulk lane.
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from api.job_record import JobStatus
 from api.lifecycle import pump, run_again_or_end, settle, sweep_ended
 from api.settings import Settings
 from api.store import JobStore
-from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from engine.engine import LLMEngine
+from engine.engine_process import EngineProcess
+from engine.loader import load_tokenizer
 from worker.output_writer import OutputWriter
 from worker.recovery import JobLeases, repair_lane, send_never_sent
 
@@ -69,12 +70,13 @@ def capacities(max_num_seqs: int) -> dict[str, int]:
 
 @dataclass(slots=True)
 class WorkerRuntime:
-    engine: AsyncEngine
+    engine: EngineProcess
     store: JobStore
     settings: Settings
     model_name: str
     info: dict
     writer: OutputWriter
+    tokenizer: object  # the model's, for prompts and result bodies (the engine process has its own)
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
     active: ActiveJobs = field(default_factory=ActiveJobs)
     leases: JobLeases | None = None
@@ -87,11 +89,7 @@ class WorkerRuntime:
 
     @property
     def capacities(self) -> dict[str, int]:
-        return capacities(self.engine.engine.config.max_num_seqs)
-
-    @property
-    def tokenizer(self):
-        return self.engine.engine.tokenizer
+        return capacities(self.engine.config.max_num_seqs)
 
     def start_background_threads(self) -> None:
         threading.Thread(target=self._heartbeat, name="inferq-heartbeat", daemon=True).start()
@@ -120,6 +118,7 @@ class WorkerRuntime:
         self.requeue_orphans()
         sweep_ended(self.store)
         repair_lane(self.store, self.model_name)
+        self.store.prune_open_interactive(self.model_name)
         send_never_sent(self.store, self.model_name)
         pump(self.store, self.model_name)  # capacity may have grown: this worker is (newly) alive
 
@@ -179,16 +178,16 @@ _runtime: WorkerRuntime | None = None
 
 def start_runtime(config: EngineConfig, model_name: str, settings: Settings, extra_info: dict) -> WorkerRuntime:
     global _runtime
-    llm_engine = LLMEngine(config)
-    info = {"model": model_name, "max_model_len": llm_engine.max_model_len, "device": str(llm_engine.device),
-            "dtype": str(llm_engine.dtype).removeprefix("torch."), "load_in_low_bit": config.load_in_low_bit,
-            **extra_info}
     # One connection per Celery thread, plus the writer, heartbeat, cancel listener and some slack: threads past
     # the pool wait for a connection rather than fail.
     store = JobStore.from_url(settings.redis_url, max_connections=capacities(config.max_num_seqs)["threads"] + 16,
                               prefix=settings.key_prefix, retention_seconds=settings.result_retention_seconds)
-    writer = OutputWriter(store, llm_engine.tokenizer).start()
-    _runtime = WorkerRuntime(AsyncEngine(llm_engine, sink=writer).start(), store, settings, model_name, info, writer)
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
+    writer = OutputWriter(store, tokenizer).start()
+    engine = EngineProcess(config, sink=writer, log_level=logging.getLogger().level).start()
+    info = {"model": model_name, "max_model_len": engine.max_model_len, "device": engine.info["device"],
+            "dtype": engine.info["dtype"], "load_in_low_bit": config.load_in_low_bit, **extra_info}
+    _runtime = WorkerRuntime(engine, store, settings, model_name, info, writer, tokenizer)
     _runtime.start_background_threads()
     return _runtime
 

@@ -138,7 +138,7 @@ def _abort_quietly(runtime: WorkerRuntime, job_id: str) -> None:
 
 
 def _check_context(runtime: WorkerRuntime, prompt_len: int, max_tokens: int | None) -> None:
-    limit = runtime.engine.engine.max_model_len
+    limit = runtime.engine.max_model_len
     if max_tokens is not None and prompt_len + max_tokens > limit:
         raise ValueError(f"this model's context is {limit} tokens, but the prompt has {prompt_len} tokens and "
                          f"max_tokens is {max_tokens} ({prompt_len + max_tokens} in all): shorten the prompt or "
