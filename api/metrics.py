@@ -76,6 +76,9 @@ class _Collector:
         peak = GaugeMetricFamily("inferq_worker_max_batch_size", "Largest engine step batch so far", labels=labels)
         kv = GaugeMetricFamily("inferq_worker_kv_cache_usage_ratio", "Share of KV-cache blocks in use", labels=labels)
         waiting = GaugeMetricFamily("inferq_worker_waiting_requests", "Requests waiting in the engine", labels=labels)
+        steps = CounterMetricFamily("inferq_worker_engine_steps", "Engine steps run", labels=labels)
+        busy = CounterMetricFamily("inferq_worker_engine_busy_seconds", "Time the engine spent in its steps",
+                                   labels=labels)
         for w in workers:
             key = [w["model"], w["worker_id"]]
             batch.add_metric(key, w.get("batch_size", 0))
@@ -83,7 +86,9 @@ class _Collector:
             total = w.get("num_kv_blocks") or 1
             kv.add_metric(key, 1.0 - w.get("num_free_kv_blocks", total) / total)
             waiting.add_metric(key, w.get("num_waiting", 0))
-        yield from (batch, peak, kv, waiting)
+            steps.add_metric(key, w.get("steps", 0))
+            busy.add_metric(key, w.get("engine_busy_seconds", 0.0))
+        yield from (batch, peak, kv, waiting, steps, busy)
 
 
 def render(store: JobStore) -> bytes:

@@ -78,12 +78,25 @@ class AsyncStreams:
 
     async def events(self, job_id: str) -> AsyncIterator[dict]:
         """The job's events in order, up to and including its end event."""
+        async for batch in self.event_batches(job_id):
+            for event in batch:
+                yield event
+
+    async def event_batches(self, job_id: str) -> AsyncIterator[list[dict]]:
+        """The job's events in order, as each read returns them (a reader that falls behind gets more at once), up
+        to and including its end event."""
         last = "0"
         while True:
-            for last, event in await self.read(job_id, last, block_ms=BLOCK_CHUNK_MS, count=1000):
-                yield event
+            entries = await self.read(job_id, last, block_ms=BLOCK_CHUNK_MS, count=1000)
+            if not entries:
+                continue
+            last = entries[-1][0]
+            batch = [event for _, event in entries]
+            for i, event in enumerate(batch):
                 if event.get("type") == EventType.END:
+                    yield batch[:i + 1]
                     return
+            yield batch
 
     async def wait_for_terminal(self, job_id: str, timeout_s: float) -> Job | None:
         """The job as soon as it is terminal, or as it is when `timeout_s` runs out (None if gone)."""

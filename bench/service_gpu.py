@@ -97,9 +97,17 @@ def engine_offline(model_dir: Path, device: str, dtype: str, reqs, prompts: list
     warm = [p for p, _ in workload(16, llm.engine.vocab_size, seed=1)]  # first-use costs, untimed
     llm.generate(warm, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in reqs]
+    steps, step = [0], llm.engine.step
+
+    def counted_step():
+        steps[0] += 1
+        return step()
+
+    llm.engine.step = counted_step
     start = time.monotonic()
     outs = llm.generate([p for p, _ in reqs], params)  # returns once every token is on the host: no sync needed
     seconds = time.monotonic() - start
+    llm.engine.step = step
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     times = []
     for i, prompt in enumerate(prompts):
@@ -116,7 +124,7 @@ def engine_offline(model_dir: Path, device: str, dtype: str, reqs, prompts: list
     gc.collect()
     if device != "cpu":
         torch.cuda.empty_cache()  # the worker sizes its KV cache from the memory left free
-    return {"seconds": seconds, "tokens": tokens, "ttft_s": statistics.median(times[2:])}
+    return {"seconds": seconds, "tokens": tokens, "ttft_s": statistics.median(times[2:]), "steps": steps[0]}
 
 
 # ---- the service ----
@@ -129,7 +137,7 @@ def spawn(name: str, args: list[str], env: dict, log_dir: Path) -> subprocess.Po
 
 
 def start_service(model_dir: Path, device: str, dtype: str, redis_url: str, port: int, log_dir: Path,
-                  children: dict) -> None:
+                  children: dict, api_workers: int = 1) -> None:
     # /metrics shows the batch size of the worker's last heartbeat: beat every second (default 5) for 0.5 s samples.
     env = os.environ | {"INFERQ_REDIS_URL": redis_url, "INFERQ_API_KEYS": "", "PYTHONUNBUFFERED": "1",
                         "INFERQ_WORKER_HEARTBEAT_SECONDS": "1"}
@@ -137,7 +145,7 @@ def start_service(model_dir: Path, device: str, dtype: str, redis_url: str, port
                                           "--device", device, "--dtype", dtype, "--max-num-seqs", "256",
                                           "--max-num-batched-tokens", "8192"], env, log_dir)
     children["webhook-worker"] = spawn("webhook-worker", ["webhook-worker"], env, log_dir)
-    children["api"] = spawn("api", ["api", "--port", str(port)], env, log_dir)
+    children["api"] = spawn("api", ["api", "--port", str(port), "--workers", str(api_workers)], env, log_dir)
 
 
 def wait_ready(url: str, children: dict, log_dir: Path, timeout: float = 900) -> None:
@@ -177,26 +185,76 @@ def metric(text: str, name: str, **labels: str) -> float:
                if line.startswith(name + "{") and all(w in line for w in want))
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each named process with its children (the API's `--workers`),
+    except the worker, whose children are counted apart as "engine" (its engine process); and by the whole
+    machine ("machine")."""
+    import psutil
+
+    def used(processes) -> float:
+        total = 0.0
+        for process in processes:
+            try:
+                total += sum(process.cpu_times()[:2])
+            except psutil.Error:
+                pass
+        return total
+
+    seconds = {}
+    for name, pid in pids.items():
+        try:
+            parent = psutil.Process(pid)
+            children = parent.children(recursive=True)
+        except psutil.Error:
+            seconds[name] = 0.0
+            continue
+        if name == "worker":
+            seconds["worker"], seconds["engine"] = used([parent]), used(children)
+        else:
+            seconds[name] = used([parent, *children])
+    times = psutil.cpu_times()
+    seconds["machine"] = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+    return seconds
+
+
 @contextmanager
-def batch_sizes(url: str):
-    """The worker's engine batch size, sampled from GET /metrics every 0.5 s while the block runs."""
-    samples, stop = [], threading.Event()
+def probe(url: str, pids: dict[str, int]):
+    """While the block runs: the worker's engine batch size, sampled from GET /metrics every 0.5 s; its steps and
+    the time inside them; the CPU (in cores) each service process used."""
+    found = {"batch_sizes": []}
+    stop = threading.Event()
+
+    def counters(client) -> tuple[float, float]:
+        text = client.get("/metrics").text
+        return (metric(text, "inferq_worker_engine_steps_total", model=MODEL),
+                metric(text, "inferq_worker_engine_busy_seconds_total", model=MODEL))
 
     def sample() -> None:
         with httpx.Client(base_url=url, timeout=5) as client:
             while not stop.wait(0.5):
                 try:
-                    samples.append(metric(client.get("/metrics").text, "inferq_worker_batch_size", model=MODEL))
+                    found["batch_sizes"].append(metric(client.get("/metrics").text, "inferq_worker_batch_size",
+                                                       model=MODEL))
                 except httpx.HTTPError:
                     pass
 
+    with httpx.Client(base_url=url, timeout=10) as client:
+        steps0, busy0 = counters(client)
+    cpu0, start = cpu_seconds(pids), time.monotonic()
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     try:
-        yield samples
+        yield found
     finally:
         stop.set()
         thread.join()
+        wall = time.monotonic() - start
+        cpu1 = cpu_seconds(pids)
+        found["cpu_cores"] = {name: round((cpu1[name] - cpu0[name]) / wall, 2) for name in cpu1}
+        time.sleep(1.5)  # the worker announces its counters every second
+        with httpx.Client(base_url=url, timeout=10) as client:
+            steps1, busy1 = counters(client)
+        found["engine_steps"], found["engine_busy_s"] = steps1 - steps0, round(busy1 - busy0, 3)
 
 
 def wait_idle(url: str, timeout: float = 300) -> None:
@@ -404,7 +462,7 @@ def print_report(report: dict) -> None:
     engine, paths = report["engine"], report["paths"]
     engine_tok_s = engine["tokens"] / engine["seconds"]
     print(f"\n== service vs engine, {report['device_name']}, {report['shape']}, {report['requests']} requests, "
-          f"{report['clients']} clients ==")
+          f"{report['clients']} clients, {report['api_workers']} API process(es) ==")
     print("| path | done | s | out tokens | out tok/s | share of the engine offline | engine batch median | errors "
           "| HTTP statuses |")
     print(f"| engine offline | {report['requests']} | {engine['seconds']:.1f} | {engine['tokens']} | "
@@ -423,7 +481,7 @@ def print_report(report: dict) -> None:
         print(f"TTFT: {ttft.get('failed') or 'no request produced a token'}")
 
 
-def run_paths(args, url: str, reqs, prompts: list[list[int]]) -> dict:
+def run_paths(args, url: str, reqs, prompts: list[list[int]], pids: dict[str, int]) -> dict:
     bodies = [{"model": MODEL, "prompt": p, "max_tokens": m, "temperature": 0, "ignore_eos": True} for p, m in reqs]
     # Untimed, as the engine's warm-up: the worker's first prefills of each size pay for kernel compilation.
     warm = [b | {"max_tokens": 8} for b in bodies[:16]]
@@ -435,17 +493,21 @@ def run_paths(args, url: str, reqs, prompts: list[list[int]]) -> dict:
     for name in args.paths:
         print(f"path {name} ...", flush=True)
         try:
-            with batch_sizes(url) as samples:
+            with probe(url, pids) as found:
                 if name == "batch":
                     result = run_batch(url, bodies, args.timeout)
                 elif name == "ttft":
                     result = run_ttft(url, prompts)
                 else:
                     result = run_clients(url, name, bodies, args.clients, args.client_procs, args.timeout)
-            result["batch_sizes"] = samples
+            result |= found
         except Exception as exc:  # report the path and go on with the others
             result = {"failed": f"{type(exc).__name__}: {exc}"}
         print(f"path {name}: { {k: v for k, v in result.items() if k != 'batch_sizes'} }", flush=True)
+        if "engine_steps" in result:
+            steps, busy = result["engine_steps"], result["engine_busy_s"]
+            print(f"  engine: {steps:.0f} steps, {1e3 * busy / max(steps, 1):.1f} ms each, busy {busy:.1f} s of "
+                  f"{result.get('seconds', 0):.1f} s; CPU cores used: {result['cpu_cores']}", flush=True)
         results[name] = result
         wait_idle(url)
     return results
@@ -462,6 +524,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=256)
     parser.add_argument("--client-procs", type=int, default=8, help="processes the clients are spread over")
     parser.add_argument("--timeout", type=float, default=600, help="seconds before a path gives up")
+    parser.add_argument("--api-workers", type=int, default=1, help="API processes (`inferq api --workers`)")
     parser.add_argument("--paths", default="batch,completions,jobs,stream,ttft",
                         type=lambda s: [p for p in s.split(",") if p])
     args = parser.parse_args()
@@ -485,6 +548,7 @@ def main() -> int:
     dtype = "float32" if args.device == "cpu" else "bfloat16"
     shape = Path(args.model).name if args.model else args.shape
     report = {"shape": shape, "device": args.device, "requests": args.requests, "clients": args.clients,
+              "api_workers": args.api_workers,
               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device}
     with tempfile.TemporaryDirectory(prefix="inferq-bench-model-") as tmp:
         model_dir = Path(args.model) if args.model else write_model(args.shape, Path(tmp) / shape, args.device)
@@ -493,14 +557,17 @@ def main() -> int:
         print(f"workload: {len(reqs)} requests, {sum(len(p) for p, _ in reqs)} prompt tokens, "
               f"{sum(m for _, m in reqs)} output tokens; model {shape} in {dtype} on {args.device}", flush=True)
         report["engine"] = engine_offline(model_dir, args.device, dtype, reqs, prompts)
-        print(f"engine offline: {report['engine']}", flush=True)
+        engine = report["engine"]
+        print(f"engine offline: {engine}; {engine['steps']} steps, {1e3 * engine['seconds'] / engine['steps']:.1f} ms "
+              "each", flush=True)
         children, redis = {}, start_redis()
         try:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            start_service(model_dir, args.device, dtype, redis.url, port, log_dir, children)
+            start_service(model_dir, args.device, dtype, redis.url, port, log_dir, children, args.api_workers)
             wait_ready(url, children, log_dir)
-            report["paths"] = run_paths(args, url, reqs, prompts)
+            pids = {name: child.pid for name, child in children.items()} | {"redis": redis.process.pid}
+            report["paths"] = run_paths(args, url, reqs, prompts, pids)
         finally:
             stop_children(children)
             redis.stop()

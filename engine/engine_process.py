@@ -21,6 +21,7 @@ import itertools
 import logging
 import multiprocessing
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -74,6 +75,7 @@ class EngineProcess:
         self._reader: threading.Thread | None = None
         # Counters the worker exports as metrics; written by the reader thread only.
         self.num_steps = 0
+        self.busy_seconds = 0.0  # time the child spent inside its steps: against wall time, how loaded it is
         self.num_generated_tokens = 0
         self.last_batch_size = 0
         self.max_batch_size = 0
@@ -191,8 +193,9 @@ class EngineProcess:
             elif message[0] == "failed":
                 self._fail(message[1], RuntimeError(f"engine step failed: {message[2]}"))
 
-    def _on_step(self, outputs: list[RequestOutput], batch_size: int) -> None:
+    def _on_step(self, outputs: list[RequestOutput], batch_size: int, seconds: float) -> None:
         self.num_steps += 1
+        self.busy_seconds += seconds
         self.last_batch_size = batch_size
         self.max_batch_size = max(self.max_batch_size, batch_size)
         if not outputs:
@@ -294,6 +297,7 @@ class _EngineLoop:
                 return  # the parent is gone
             if not engine.has_unfinished_requests():
                 continue
+            start = time.perf_counter()
             try:
                 outputs = engine.step()
             except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the process
@@ -303,7 +307,8 @@ class _EngineLoop:
             for output in outputs:
                 if output.finished:
                     self.live.discard(output.request_id)
-            conn.send(("step", [_wire(o) for o in outputs], engine.last_step_batch_size))
+            conn.send(("step", [_wire(o) for o in outputs], engine.last_step_batch_size,
+                       time.perf_counter() - start))
 
     def _command(self, name: str, call_id: int, *args) -> None:
         try:

@@ -153,9 +153,9 @@ def cmd_webhook_worker(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from api.main import create_app
-
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level.lower())
+    # An import string, so that uvicorn can start `--workers` processes on one socket, each building its own app.
+    uvicorn.run("api.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                log_level=args.log_level.lower())
     return 0
 
 
@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     api = commands.add_parser("api", help="the HTTP front end (FastAPI)")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=1,
+                     help="API processes on the one port (each streams and waits for many clients at once)")
     api.set_defaults(func=cmd_api)
 
     serve = commands.add_parser("serve", help="local Redis, API, worker and webhook worker, to try inferq locally")

@@ -106,6 +106,7 @@ class WorkerRuntime:
         return {**self.info, **engine.stats(), "worker_id": self.worker_id, "bulk_slots": caps["bulk_slots"],
                 "bulk_slots_idle": caps["bulk_slots_idle"], "batch_size": engine.last_batch_size,
                 "max_batch_size": engine.max_batch_size, "steps": engine.num_steps,
+                "engine_busy_seconds": round(engine.busy_seconds, 3),
                 "generated_tokens": engine.num_generated_tokens, "active_jobs": len(self.active)}
 
     def sweep(self) -> None:

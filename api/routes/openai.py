@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -121,39 +121,56 @@ async def _sse(store: JobStore, streams: AsyncStreams, job_id: str, model: str, 
     started: set[int] = set()
     sent: dict[int, int] = {}  # characters sent so far, per choice
     resend: dict[int, int] = {}  # after a restart: characters the rerun regenerates that were sent already
+    pending: dict[int, list] = {}  # per choice: [text, finish reason] of the deltas read but not sent yet
     ended = False
+
+    def chunks() -> Iterator[str]:
+        """One chunk per choice for the deltas read together: a client that falls behind gets fewer, larger
+        chunks instead of falling further behind (OpenAI's chunks may carry any number of tokens)."""
+        for index, (text, finish_reason) in sorted(pending.items()):
+            if chat:
+                delta = {"content": text}
+                if index not in started:
+                    delta["role"] = "assistant"
+                    started.add(index)
+                item = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            else:
+                item = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            yield _data({**base, "choices": [item]})
+        pending.clear()
+
     try:
-        async for event in streams.events(job_id):
-            if event["type"] == EventType.RESTART:
-                # A new attempt starts from scratch; a client cannot take text back, so the rerun's text is sent
-                # only past what was already sent (greedy or seeded reruns repeat it exactly).
-                resend = dict(sent)
-            elif event["type"] == EventType.DELTA:
-                for choice in event["choices"]:
-                    index, text = choice["index"], choice["text"]
-                    skip = min(resend.get(index, 0), len(text))
-                    resend[index] = resend.get(index, 0) - skip
-                    text = text[skip:]
-                    if not text and choice["finish_reason"] is None:
-                        continue
-                    sent[index] = sent.get(index, 0) + len(text)
-                    if chat:
-                        delta = {"content": text}
-                        if index not in started:
-                            delta["role"] = "assistant"
-                            started.add(index)
-                        item = {"index": index, "delta": delta, "logprobs": None,
-                                "finish_reason": choice["finish_reason"]}
-                    else:
-                        item = {"index": index, "text": text, "logprobs": None, "finish_reason": choice["finish_reason"]}
-                    yield _data({**base, "choices": [item]})
-            elif event["type"] == EventType.END:
-                ended = True
-                job = await streams.get(job_id)
-                if event["status"] == JobStatus.FAILED and job is not None:
-                    yield _data({"error": job.error})
-                elif include_usage and job is not None:
-                    yield _data({**base, "choices": [], "usage": job.usage})
+        async for batch in streams.event_batches(job_id):
+            for event in batch:
+                if event["type"] == EventType.RESTART:
+                    # A new attempt starts from scratch; a client cannot take text back, so the rerun's text is
+                    # sent only past what was already sent (greedy or seeded reruns repeat it exactly).
+                    for chunk in chunks():
+                        yield chunk
+                    resend = dict(sent)
+                elif event["type"] == EventType.DELTA:
+                    for choice in event["choices"]:
+                        index, text = choice["index"], choice["text"]
+                        skip = min(resend.get(index, 0), len(text))
+                        resend[index] = resend.get(index, 0) - skip
+                        text = text[skip:]
+                        if not text and choice["finish_reason"] is None:
+                            continue
+                        sent[index] = sent.get(index, 0) + len(text)
+                        entry = pending.setdefault(index, ["", None])
+                        entry[0] += text
+                        entry[1] = choice["finish_reason"]
+                elif event["type"] == EventType.END:
+                    for chunk in chunks():
+                        yield chunk
+                    ended = True
+                    job = await streams.get(job_id)
+                    if event["status"] == JobStatus.FAILED and job is not None:
+                        yield _data({"error": job.error})
+                    elif include_usage and job is not None:
+                        yield _data({**base, "choices": [], "usage": job.usage})
+            for chunk in chunks():
+                yield chunk
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         # The answer has started: the status cannot change any more, so the error goes in the stream.
         yield _data({"error": {"message": f"the job store became unavailable ({type(exc).__name__})",
