@@ -108,6 +108,7 @@ def engine_offline(model_dir: Path, device: str, dtype: str, reqs, prompts: list
     outs = llm.generate([p for p, _ in reqs], params)  # returns once every token is on the host: no sync needed
     seconds = time.monotonic() - start
     llm.engine.step = step
+    del step, counted_step  # the bound method holds the engine: it must go before the memory is handed back
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     times = []
     for i, prompt in enumerate(prompts):
