@@ -161,10 +161,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step; the outputs of the requests it advanced (and of aborts since the last step).
 
-        With async scheduling, a step of decodes queues the next decode step on the device before reading its own
-        tokens, which then feed the next step on the device: the host's work of one step (reading tokens, stop
-        checks, outputs, scheduling, input preparation) overlaps the device's work on the next, instead of leaving
-        the device idle. The next call finishes that step. Greedy outputs are the same either way."""
+        With async scheduling, a step queues the next step on the device before reading its own tokens, which then
+        feed the next step's decodes on the device (prompt chunks and admitted requests take their known tokens):
+        the host's work of one step (reading tokens, stop checks, outputs, scheduling, input preparation) overlaps
+        the device's work on the next, instead of leaving the device idle. The next call finishes that step.
+        Greedy outputs are the same either way."""
         outputs, self._pending = self._pending, []
         launched, self._ahead = self._ahead, None
         if launched is None:
@@ -178,8 +179,8 @@ class LLMEngine:
             ahead = self.scheduler.schedule_ahead(launched.chunks)
             if ahead is not None:
                 scheduled, rows = ahead
-                tokens = launched.pending.token_ids  # one row per chunk: every chunk of such a step samples
-                if len(rows) < len(launched.chunks):
+                tokens = launched.pending.token_ids  # one per sampled row: the inputs of the first chunks
+                if rows != list(range(len(launched.sampling))):
                     tokens = tokens[torch.tensor(rows, device=tokens.device)]
                 self._ahead = self._launch(scheduled, scheduled.chunks, tokens)
         outputs += self._finish(launched)

@@ -83,7 +83,8 @@ class EngineProcess:
     # ---- lifecycle ----
 
     def start(self) -> EngineProcess:
-        """Start the child and wait until its engine is built; EngineStartError if it cannot be."""
+        """Start the child and wait until its engine is built; ValueError if the configuration cannot work (as
+        LLMEngine raises it), EngineStartError for any other failure."""
         self._spawn()
         self._reader = threading.Thread(target=self._read, name="inferq-engine-reader", daemon=True)
         self._reader.start()
@@ -172,7 +173,9 @@ class EngineProcess:
                 from exc
         if kind != "ready":
             process.join(5)
-            raise EngineStartError(payload)
+            error, message = payload
+            # A ValueError is the caller's (a bad checkpoint, a format the device lacks): it stays one.
+            raise ValueError(message) if error == "ValueError" else EngineStartError(f"{error}: {message}")
         self.info = payload
         self._process, self._conn = process, parent_conn
         self._ready.set()
@@ -252,7 +255,7 @@ class EngineProcess:
             try:
                 self._spawn()
                 return
-            except EngineStartError:
+            except Exception:  # noqa: BLE001 - e.g. the device's memory is still held: try again
                 log.exception("the engine process could not start again; retrying in %.0f s", delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 60.0)
@@ -268,7 +271,8 @@ def _engine_main(config: EngineConfig, conn, log_level) -> None:
         engine = LLMEngine(config)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         log.exception("the engine could not start")
-        conn.send(("failed_to_start", f"{type(exc).__name__}: {exc}"))
+        conn.send(("failed_to_start", ("ValueError" if isinstance(exc, ValueError) else type(exc).__name__,
+                                       str(exc))))
         return
     conn.send(("ready", {"max_model_len": engine.max_model_len, "device": str(engine.device),
                          "dtype": str(engine.dtype).removeprefix("torch."), "max_num_seqs": config.max_num_seqs}))

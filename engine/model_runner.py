@@ -29,10 +29,12 @@ class ModelRunner:
     def execute(self, chunks: list[ScheduledChunk], input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """chunks in `order()` order -> logits [number of chunks with sample=True, vocab] in float32.
 
-        input_ids: for a step of decodes only, their input tokens as a device tensor (the previous step's sampled
-        tokens, not yet on the host); by default each chunk's tokens are read from its request."""
+        input_ids: the input tokens of the first len(input_ids) chunks, which are decodes, as a device tensor (the
+        previous step's sampled tokens, not yet on the host); the other chunks' tokens are read from their
+        requests."""
+        on_device = 0 if input_ids is None else len(input_ids)
         if self.graphs is not None and all(_is_decode(c) for c in chunks) and self.graphs.fits(len(chunks)):
-            return self._replay(chunks, input_ids)
+            return self._replay(chunks, input_ids, on_device)
         bs = self.block_size
         token_ids: list[int] = []
         positions: list[int] = []
@@ -41,11 +43,11 @@ class ModelRunner:
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefill_spans: list[tuple[int, int, int, list[int]]] = []
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
             request = chunk.request
             first = len(positions)
             end = chunk.start + chunk.num_tokens
-            if input_ids is None:
+            if i >= on_device:
                 token_ids.extend(request.token_ids[chunk.start:end])
             positions.extend(range(chunk.start, end))
             table = request.block_ids
@@ -71,16 +73,21 @@ class ModelRunner:
             decode_context_lens_host=decode_lens,
             prefills=[(first, n, ctx, tensor(table, torch.int32)) for first, n, ctx, table in prefill_spans],
         )
-        if input_ids is None:
-            input_ids = tensor(token_ids)
+        input_ids = self._inputs(input_ids, token_ids)
         hidden = self.model(input_ids, tensor(positions), self.kv_caches, meta, self.backend)
         return self.model.compute_logits(hidden[tensor(sample_rows)]).float()
 
-    def _replay(self, chunks: list[ScheduledChunk], input_ids: torch.Tensor | None) -> torch.Tensor:
+    def _inputs(self, on_device: torch.Tensor | None, host: list[int]) -> torch.Tensor:
+        """The step's input ids: those already on the device, then those from the host."""
+        from_host = torch.tensor(host, dtype=torch.long, device=self.device)
+        return from_host if on_device is None else torch.cat([on_device.to(torch.long), from_host])
+
+    def _replay(self, chunks: list[ScheduledChunk], input_ids: torch.Tensor | None, on_device: int) -> torch.Tensor:
         bs = self.block_size
         positions = [c.start for c in chunks]
         tables = [c.request.block_ids[:p // bs + 1] for c, p in zip(chunks, positions)]
-        token_ids = input_ids if input_ids is not None else [c.request.token_ids[c.start] for c in chunks]
+        host = [c.request.token_ids[c.start] for c in chunks[on_device:]]
+        token_ids = host if input_ids is None else input_ids if not host else self._inputs(input_ids, host)
         logits = self.graphs.run(token_ids=token_ids, positions=positions,
                                  slots=[t[-1] * bs + p % bs for t, p in zip(tables, positions)],
                                  block_tables=tables, context_lens=[p + 1 for p in positions])

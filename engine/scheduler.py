@@ -81,25 +81,63 @@ class Scheduler:
 
     def schedule_ahead(self, chunks: list[ScheduledChunk]) -> tuple[SchedulerOutput, list[int]] | None:
         """The step after the one of `chunks`, scheduled before that step's tokens are known (async scheduling,
-        engine.py): one more token for each request that its coming token does not bring to max_tokens, in the
-        same order, and their indices in `chunks`.
+        engine.py), as schedule() would schedule it once they are: first one more token for each request that
+        sampled in `chunks` and whose coming token does not bring it to max_tokens (its input is that coming
+        token, still on the device), longest context first; then the next chunk of each prompt still being
+        prefilled, and waiting requests admitted with the slots and budget left (their tokens are known).
+        Returns that output and, for each of its first chunks, the index among `chunks`' sampled rows of the
+        token it takes as input.
 
-        None unless that is what schedule() would do once the tokens are known: the chunks decoded every running
-        request, nobody waits to be admitted, no request is still under min_tokens (its suppressed tokens depend
-        on the count) and the blocks come without preempting anyone. A stop token or string may still end a
-        request: the engine then drops its extra token."""
-        if (self.waiting or len(chunks) != len(self.running)
-                or not all(c.num_tokens == 1 and c.sample and c.request.status == RequestStatus.RUNNING
-                           and c.request.num_output_tokens >= c.request.params.min_tokens for c in chunks)):
+        None where the result could differ from schedule()'s: a running request the step left out, a request
+        still under min_tokens (its suppressed tokens depend on the count), blocks that would need a preemption,
+        or no token to take from the device. A stop token or string may still end a request: the engine then
+        drops its extra token. A slot freed by such a stop is filled one step later than schedule() would: that
+        moves when a request runs, never what it computes."""
+        if len(chunks) != len(self.running) or not all(
+                c.request.status == RequestStatus.RUNNING
+                and (not c.sample or c.request.num_output_tokens >= c.request.params.min_tokens) for c in chunks):
             return None
-        rows = [i for i, c in enumerate(chunks) if c.request.num_output_tokens + 1 < c.request.max_tokens]
-        for i in rows:
-            if not self.block_manager.allocate(chunks[i].request.block_ids, chunks[i].start + 2):
+        decodes: list[tuple[int, ScheduledChunk]] = []  # (sampled row, the next chunk)
+        prefills: list[ScheduledChunk] = []
+        row = 0
+        for c in chunks:
+            end = c.start + c.num_tokens
+            if c.sample:
+                if c.request.num_output_tokens + 1 < c.request.max_tokens:
+                    decodes.append((row, ScheduledChunk(c.request, end, 1, sample=True)))
+                row += 1
+            else:
+                prefills.append(ScheduledChunk(c.request, end, 0, sample=False))  # sized below
+        if not decodes:
+            return None
+        decodes.sort(key=lambda d: d[1].start, reverse=True)  # as ModelRunner.order(): longest context first
+        budget = self.max_num_batched_tokens - len(decodes)
+        out = SchedulerOutput([chunk for _, chunk in decodes])
+        for _, chunk in decodes:
+            if not self.block_manager.allocate(chunk.request.block_ids, chunk.start + 1):
                 return None  # blocks already taken by earlier requests are theirs next step anyway
-        if not rows:
-            return None
-        return SchedulerOutput([ScheduledChunk(chunks[i].request, chunks[i].start + 1, 1, sample=True)
-                                for i in rows]), rows
+        for chunk in prefills:
+            num_tokens = min(chunk.request.num_tokens - chunk.start, budget)
+            if num_tokens <= 0:
+                return None  # schedule() would leave it out this step: not worth matching here
+            if not self.block_manager.allocate(chunk.request.block_ids, chunk.start + num_tokens):
+                return None
+            out.chunks.append(ScheduledChunk(chunk.request, chunk.start, num_tokens,
+                                             sample=chunk.start + num_tokens == chunk.request.num_tokens))
+            budget -= num_tokens
+        continuing = len(decodes) + len(prefills)
+        while self.waiting and budget > 0 and continuing < self.max_num_seqs:
+            request = self.waiting[0]
+            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.block_manager.allocate(request.block_ids, request.num_computed_tokens + num_tokens):
+                break
+            self.waiting.pop(0)
+            request.status = RequestStatus.RUNNING
+            bisect.insort(self.running, request, key=lambda r: r.sort_key)
+            out.chunks.append(self._chunk(request, num_tokens))
+            budget -= num_tokens
+            continuing += 1
+        return out, [r for r, _ in decodes]
 
     def _allocate_or_preempt(self, request: Request, num_tokens: int, lower: list[Request],
                              out: SchedulerOutput) -> bool:

@@ -352,6 +352,40 @@ def test_async_scheduling_gives_the_same_outputs(tiny):
     assert sync["1"][0][2:] == ("stop", stop_token) and len(sync["1"][0][0]) == 7
 
 
+@pytest.mark.parametrize("options", [dict(max_num_seqs=4, max_num_batched_tokens=16),  # chunked prompts
+                                     dict(max_num_seqs=4, num_kv_blocks=12, block_size=4)])  # and preemption
+def test_steps_stay_queued_ahead_while_requests_wait(tiny, options):
+    """More requests than slots (a full batch with a queue behind it, as a batch job keeps a worker): steps go on
+    being queued ahead while requests finish and waiting ones are admitted, their prompts chunked, and every
+    output is the same as without async scheduling (greedy: as transformers')."""
+    directory, model = tiny
+    work = {f"r{i}": ([3 + i, 5, 7 + i] * (1 + i % 5), 4 + (i * 7) % 13) for i in range(14)}
+
+    def run(async_scheduling: bool):
+        engine = engine_for(directory, async_scheduling=async_scheduling, **options)
+        ahead = count_steps_ahead(engine)
+        steps = [0]
+        step = engine.step
+
+        def counted():
+            steps[0] += 1
+            return step()
+
+        engine.step = counted
+        for request_id, (prompt, max_tokens) in work.items():
+            engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens, **GREEDY))
+        finished = {rid: output.outputs[0].token_ids for rid, output in drain(engine).items()}
+        assert_all_blocks_free(engine)
+        return finished, ahead[0], steps[0]
+
+    sync, _, _ = run(False)
+    overlapped, steps_ahead, steps = run(True)
+    assert overlapped == sync
+    for request_id, (prompt, max_tokens) in work.items():
+        assert sync[request_id] == greedy_reference(model, prompt, max_tokens)
+    assert steps_ahead >= steps // 2, (steps_ahead, steps)
+
+
 def test_abort_while_a_step_is_queued_ahead(tiny):
     """An abort between steps, with the next step already queued: the request ends with the tokens it had, its
     queued token is dropped, the others go on as before and every block comes back."""

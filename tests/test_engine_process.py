@@ -11,7 +11,7 @@ from collections import defaultdict
 import pytest
 
 from engine.config import EngineConfig
-from engine.engine_process import EngineProcess, EngineStartError
+from engine.engine_process import EngineProcess
 from engine.sampling_params import SamplingParams
 from tests.checkpoints import greedy_reference, write_checkpoint
 
@@ -130,6 +130,7 @@ def test_a_dead_engine_process_fails_its_requests_and_starts_again(setup):
 
 
 def test_an_engine_that_cannot_start_raises_at_start(tmp_path):
-    with pytest.raises(EngineStartError):
+    """The engine's own ValueError (the caller's mistake) stays a ValueError: the CLI reports it and exits 2."""
+    with pytest.raises(ValueError, match="is not a model directory"):
         EngineProcess(EngineConfig(model=str(tmp_path / "missing"), skip_tokenizer_init=True),
                       CollectingSink()).start()

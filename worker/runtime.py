@@ -4,8 +4,8 @@ what the worker serves and sweeps, and a listener that aborts cancelled jobs in 
 
 The sweep, every heartbeat: recover dead workers' jobs (worker/recovery.py); queue again the jobs leased to this
 worker that no task of it runs any more (a task that could not record its job's failure); settle ended jobs whose
-aftermath nobody did (api/lifecycle.py); repair the bulk lane's books; send jobs that never got a message; pump the
-bulk lane.
+aftermath nobody did (api/lifecycle.py); repair the books of the bulk lane and of open interactive jobs; send jobs
+that never got a message; pump the bulk lane.
 """
 from __future__ import annotations
 
