@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.streams.ends.close()
             await client.aclose()
 
     app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan)

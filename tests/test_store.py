@@ -240,7 +240,7 @@ def test_wait_for_terminal(store: JobStore, redis_url: str) -> None:
 
     def finish_later() -> None:
         time.sleep(0.2)
-        store.append_stream(job.id, {"type": "delta", "choices": []})  # a non-terminal wake-up first
+        store.append_stream(job.id, {"type": "delta", "choices": []})  # a delta wakes nobody
         time.sleep(0.1)
         store.finish(job.id, "succeeded", result={"text": "x"})
 
@@ -257,6 +257,7 @@ def test_wait_for_terminal(store: JobStore, redis_url: str) -> None:
         assert done.status == "succeeded" and 0.25 < elapsed < 1.0
         assert (await streams.wait_for_terminal(job.id, timeout_s=5)).status == "succeeded"  # terminal: at once
         assert await streams.wait_for_terminal("job_nope", timeout_s=5) is None
+        await streams.ends.close()
         await client.aclose()
 
     asyncio.run(main())
