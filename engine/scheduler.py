@@ -120,6 +120,10 @@ class Scheduler:
             num_tokens = min(chunk.request.num_tokens - chunk.start, budget)
             if num_tokens <= 0:
                 return None  # schedule() would leave it out this step: not worth matching here
+            if num_tokens == 1 and chunk.start > 0:
+                # Shaped as a decode: the runner wants it among the decodes, ordered by length, where the device's
+                # tokens go; rare enough to leave to schedule().
+                return None
             if not self.block_manager.allocate(chunk.request.block_ids, chunk.start + num_tokens):
                 return None
             out.chunks.append(ScheduledChunk(chunk.request, chunk.start, num_tokens,

@@ -353,6 +353,7 @@ def test_async_scheduling_gives_the_same_outputs(tiny):
 
 
 @pytest.mark.parametrize("options", [dict(max_num_seqs=4, max_num_batched_tokens=16),  # chunked prompts
+                                     dict(max_num_seqs=3, max_num_batched_tokens=7),  # one-token prompt chunks
                                      dict(max_num_seqs=4, num_kv_blocks=12, block_size=4)])  # and preemption
 def test_steps_stay_queued_ahead_while_requests_wait(tiny, options):
     """More requests than slots (a full batch with a queue behind it, as a batch job keeps a worker): steps go on
@@ -364,6 +365,20 @@ def test_steps_stay_queued_ahead_while_requests_wait(tiny, options):
     def run(async_scheduling: bool):
         engine = engine_for(directory, async_scheduling=async_scheduling, **options)
         ahead = count_steps_ahead(engine)
+        schedule_ahead = engine.scheduler.schedule_ahead
+
+        def checked(chunks):
+            # The runner's contract: the chunks fed by the device come first, and they are all of the step's
+            # decodes, longest context first (the attention backends group decodes by length).
+            result = schedule_ahead(chunks)
+            if result is not None:
+                out, rows = result
+                decodes = [c for c in out.chunks if c.num_tokens == 1 and c.start > 0]
+                assert out.chunks[:len(rows)] == decodes
+                assert [c.start for c in decodes] == sorted((c.start for c in decodes), reverse=True)
+            return result
+
+        engine.scheduler.schedule_ahead = checked
         steps = [0]
         step = engine.step
 
