@@ -6,8 +6,9 @@ from contextlib import asynccontextmanager
 import redis
 import redis.asyncio as aredis
 from fastapi import FastAPI, Request
-from fastapi.exceptions import HTTPException, RequestValidationError
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException  # FastAPI's subclasses it; the router raises this one (404, 405)
 
 from api.celery_client import create_app as create_celery_app
 from api.files import FileStore
@@ -62,7 +63,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        detail = exc.detail if isinstance(exc.detail, dict) else {"message": str(exc.detail)}
+        if isinstance(exc.detail, dict):
+            detail = exc.detail
+        elif exc.status_code in (404, 405) and exc.detail in ("Not Found", "Method Not Allowed"):
+            # The router's own: no such route, or not with this method (OpenAI says "Invalid URL").
+            detail = {"message": f"Invalid URL ({request.method} {request.url.path})",
+                      "type": "invalid_request_error"}
+        else:
+            detail = {"message": str(exc.detail)}
         kind = detail.get("type") or ("not_found_error" if exc.status_code == 404 else "invalid_request_error")
         return JSONResponse(error_body(detail.get("message", ""), type=kind, param=detail.get("param"),
                                        code=detail.get("code")), status_code=exc.status_code, headers=exc.headers)
@@ -70,6 +78,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
+        if first["type"] == "json_invalid":  # loc holds a character offset, not a parameter
+            where = first["loc"][-1]
+            reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+            return JSONResponse(error_body(f"the request body is not valid JSON ({reason} at character {where})"),
+                                status_code=400)
         param = ".".join(str(p) for p in first["loc"] if p != "body") or None
         return JSONResponse(error_body(f"{param}: {first['msg']}" if param else first["msg"], param=param),
                             status_code=400)

@@ -188,6 +188,21 @@ def test_unknown_job_and_oversized_body(client):
     assert_error(client.post("/v1/completions", json={**COMPLETION, "prompt": "x" * 2_000_000}), 413, "limit")
 
 
+@pytest.mark.parametrize("method, path", [("GET", "/nope"), ("GET", "/v1"), ("DELETE", "/v1/completions"),
+                                          ("PUT", "/v1/jobs")])
+def test_unknown_routes_and_methods_answer_in_openai_shape(client, method, path):
+    status = 404 if method == "GET" else 405
+    error = assert_error(client.request(method, path), status, f"Invalid URL ({method} {path})")
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/jobs", "/v1/batches"])
+def test_invalid_json_says_where(client, path):
+    response = client.post(path, content=b'{"model": "demo", ', headers={"Content-Type": "application/json"})
+    error = assert_error(response, 400, "not valid JSON")
+    assert "at character 18" in error["message"] and error["param"] is None
+
+
 def test_health_ready_models(client):
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json()["workers"] == {MODEL: 1}
@@ -218,6 +233,14 @@ def test_openai_client_chat_and_stream(oai):
     stream = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == done.choices[0].message.content
+
+
+def test_openai_client_retrieves_a_model(oai):
+    model = oai.models.retrieve(MODEL)
+    assert model.id == MODEL and model.object == "model"
+    with pytest.raises(openai.NotFoundError) as raised:
+        oai.models.retrieve("nope")
+    assert raised.value.body["code"] == "model_not_found"
 
 
 def test_openai_client_errors(oai):

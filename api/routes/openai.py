@@ -32,13 +32,23 @@ CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection": lo
 
 @router.get("/models")
 def list_models(store: StoreDep, _: OwnerDep) -> dict:
-    data = []
-    for name, workers in sorted(store.registry.snapshot()[0].items()):
-        data.append({"id": name, "object": "model", "created": 0, "owned_by": "inferq",
-                     "max_model_len": min(int(w.get("max_model_len", 0)) for w in workers),
-                     # The weight formats its workers run (--load-in-low-bit); empty: the checkpoint's own.
-                     "load_in_low_bit": sorted({w["load_in_low_bit"] for w in workers if w.get("load_in_low_bit")})})
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [_model(name, workers)
+                                       for name, workers in sorted(store.registry.snapshot()[0].items())]}
+
+
+@router.get("/models/{model:path}")
+def retrieve_model(model: str, store: StoreDep, _: OwnerDep) -> dict:
+    workers = store.registry.snapshot()[0].get(model)
+    if not workers:
+        raise APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
+    return _model(model, workers)
+
+
+def _model(name: str, workers: list[dict]) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "inferq",
+            "max_model_len": min(int(w.get("max_model_len", 0)) for w in workers),
+            # The weight formats its workers run (--load-in-low-bit); empty: the checkpoint's own.
+            "load_in_low_bit": sorted({w["load_in_low_bit"] for w in workers if w.get("load_in_low_bit")})}
 
 
 @router.post("/completions")
