@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from api.store import JobStore
 
 BATCH_ID_PREFIX = "batch_"
+BATCH_ID = re.compile(BATCH_ID_PREFIX + r"[0-9a-f]{32}")
 
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}
 BATCH_PRIORITY = -10
@@ -156,6 +157,8 @@ class BatchStore:
         return batch
 
     def get(self, batch_id: str, owner: str | None = None) -> Batch | None:
+        if BATCH_ID.fullmatch(batch_id) is None:  # another kind of key, e.g. `batch_<id>:jobs`: no batch
+            return None
         batch = Batch.from_fields(self.r.hgetall(self.key(batch_id)))
         if batch is None or (owner is not None and batch.owner != owner):
             return None

@@ -16,6 +16,7 @@ visible, and its orphaned chunks expire after `UPLOAD_TTL_S`.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -36,6 +37,9 @@ class FileTooLargeError(ValueError):
 
 class FileGoneError(LookupError):
     """The file was deleted or expired while being read."""
+
+
+FILE_ID = re.compile(r"file-[0-9a-f]{32}")  # what FileStore.create mints
 
 
 @dataclass(slots=True)
@@ -153,7 +157,10 @@ class FileStore:
         return self.create(owner, filename, purpose, (ln if ln.endswith(b"\n") else ln + b"\n" for ln in lines))
 
     def get(self, file_id: str, owner: str | None = None) -> FileObject | None:
-        """The file's metadata; None if it does not exist (or expired) or belongs to another owner than `owner`."""
+        """The file's metadata; None if it does not exist (or expired), is no file id, or belongs to another owner
+        than `owner`."""
+        if FILE_ID.fullmatch(file_id) is None:  # another kind of key, e.g. `file-<id>:chunks`: no file
+            return None
         meta = FileObject.from_fields(self.r.hgetall(self._meta_key(file_id)))
         if meta is None or (owner is not None and meta.owner != owner):
             return None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
@@ -29,6 +30,14 @@ TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED
 ENDPOINTS = frozenset({"completions", "chat.completions"})
 _TIMES = ("created_at", "started_at", "first_token_at", "finished_at")
 _JSON_OR_NONE = ("webhook", "result", "usage", "error", "webhook_deliveries")
+
+
+JOB_ID = re.compile(r"job_[0-9a-f]{32}")  # what JobStore.create mints: any other id names no job
+
+
+def is_job_id(value: str) -> bool:
+    """Checked before an id reaches a Redis key: `job_<id>:stream` would name another kind of key."""
+    return JOB_ID.fullmatch(value) is not None
 
 
 @dataclass(slots=True)

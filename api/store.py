@@ -23,7 +23,7 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from api.job_record import ENDPOINTS, TERMINAL, Job, JobStatus, dump
+from api.job_record import ENDPOINTS, TERMINAL, Job, JobStatus, dump, is_job_id
 from api.keys import Keys
 from api.registry import WorkerRegistry
 from api.streams import STREAM_MAXLEN, parse_read
@@ -237,7 +237,10 @@ class JobStore:
         raise RuntimeError("idempotent create kept racing with expiry")  # pragma: no cover
 
     def get(self, job_id: str, owner: str | None = None) -> Job | None:
-        """The job, or None if it does not exist (or expired) or belongs to another owner than `owner`."""
+        """The job, or None if it does not exist (or expired), is no job id, or belongs to another owner than
+        `owner`."""
+        if not is_job_id(job_id):
+            return None
         job = Job.from_fields(self.r.hgetall(self.keys.job(job_id)))
         if job is None or (owner is not None and job.owner != owner):
             return None

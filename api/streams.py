@@ -25,7 +25,7 @@ from typing import TypedDict
 
 import redis.asyncio as aredis
 
-from api.job_record import TERMINAL, Job
+from api.job_record import TERMINAL, Job, is_job_id
 from api.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,8 @@ class AsyncStreams:
         self.ends = EndListener(client, keys)
 
     async def get(self, job_id: str) -> Job | None:
+        if not is_job_id(job_id):
+            return None
         return Job.from_fields(await self.r.hgetall(self.keys.job(job_id)))
 
     async def read(self, job_id: str, last_id: str = "0", block_ms: int = 0,

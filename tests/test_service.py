@@ -183,6 +183,29 @@ def test_auth_errors(service):
         assert_error(wrong.post("/v1/completions", json=COMPLETION), 401, "API key")
 
 
+@pytest.mark.parametrize("kind, path, message", [
+    ("job", "/v1/jobs/{}", "no job"), ("job", "/v1/jobs/{}/events", "no job"), ("job", "/v1/jobs/{}/cancel", "no job"),
+    ("batch", "/v1/batches/{}", "batch"), ("file", "/v1/files/{}", "No such File"),
+    ("file", "/v1/files/{}/content", "No such File")])
+def test_ids_that_name_other_keys_are_unknown(client, kind, path, message):
+    """An id with a suffix reaches another kind of Redis key (`job_<id>:stream`, `file-<id>:chunks`): it must answer
+    as an unknown id does, for a real id of another key too, never 500."""
+    if kind == "job":
+        real = submit(client)["id"]
+    elif kind == "batch":
+        real = "batch_" + "0" * 32
+    else:
+        real = client.post("/v1/files", files={"file": ("a.jsonl", b"{}\n")}, data={"purpose": "batch"}).json()["id"]
+    method = "POST" if path.endswith("/cancel") else "GET"
+    unknown = client.request(method, path.format(f"{kind}_unknown"))
+    assert unknown.status_code == 404
+    for suffix in (":stream", ":chunks", ":jobs", ":out", "x"):
+        response = client.request(method, path.format(real + suffix))
+        error = assert_error(response, 404, message)
+        assert {k: v for k, v in error.items() if k != "message"} == {
+            k: v for k, v in unknown.json()["error"].items() if k != "message"}
+
+
 def test_unknown_job_and_oversized_body(client):
     assert_error(client.get("/v1/jobs/does-not-exist"), 404, "no job")
     assert_error(client.post("/v1/completions", json={**COMPLETION, "prompt": "x" * 2_000_000}), 413, "limit")
