@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
 Stop = str | list[str] | None
 
@@ -67,16 +67,31 @@ class CompletionRequest(SamplingFields):
         return self.logprobs
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content: a text part's `text` must be a string; other kinds pass (and are unread)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: StrictStr
+    text: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _text_part_has_text(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs its text, a string")
+        return self
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = ""
+    content: str | list[ContentPart] | None = ""
 
     def text(self) -> str:
         """Text content; OpenAI also allows a list of parts, of which we take the text ones."""
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part.text for part in self.content if part.type == "text")
         return self.content or ""
 
 
@@ -108,6 +123,39 @@ class JobCreate(BaseModel):
     webhook_events: list[Literal["start", "completed"]] = Field(default_factory=lambda: ["completed"])
     metadata: dict[str, str] = Field(default_factory=dict)
     priority: Annotated[int, Field(ge=-100, le=100)] = 0
+
+
+class BatchCreate(BaseModel):
+    """POST /v1/batches: OpenAI's fields, plus an optional `webhook` URL told when the batch ends."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input_file_id: StrictStr
+    endpoint: StrictStr
+    completion_window: StrictStr = "24h"
+    metadata: Annotated[dict[str, StrictStr], Field(max_length=16)] | None = None
+    webhook: StrictStr | None = None
+
+
+def first_invalid_text(value: Any, path: str = "") -> str | None:
+    """Where in a decoded JSON body a string is not valid Unicode (a lone surrogate, which JSON's `\\ud800`
+    escape allows), or None: such text cannot be encoded for the tokenizer, Redis or a reply."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            where = first_invalid_text(key, path) or first_invalid_text(item, f"{path}.{key}" if path else str(key))
+            if where:
+                return where
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            where = first_invalid_text(item, f"{path}.{index}" if path else str(index))
+            if where:
+                return where
+    return None
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,

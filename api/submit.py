@@ -8,13 +8,20 @@ from pydantic import ValidationError
 from api.celery_client import enqueue
 from api.deps import APIError
 from api.job_record import Job
-from api.schemas import ENDPOINTS, SamplingFields
+from api.schemas import ENDPOINTS, SamplingFields, first_invalid_text
 from api.settings import Settings
 from api.store import JobStore
 
 
+def check_text(body: Any) -> None:
+    """400 for text that is not valid Unicode anywhere in a request body: it could be neither stored nor read."""
+    invalid = first_invalid_text(body)
+    if invalid:
+        raise APIError(400, f"{invalid}: the text is not valid Unicode (a lone surrogate)", param=invalid)
+
 
 def validate_body(endpoint: str, body: dict[str, Any]) -> SamplingFields:
+    check_text(body)
     try:
         return ENDPOINTS[endpoint].model_validate(body)
     except ValidationError as exc:

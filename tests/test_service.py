@@ -170,6 +170,43 @@ def test_invalid_requests(client, body, status, text):
     assert_error(client.post("/v1/completions", json=body), status, text)
 
 
+@pytest.mark.parametrize("path, raw, param", [
+    ("/v1/completions", b'{"model": "demo", "prompt": "a\\ud800b"}', "prompt"),
+    ("/v1/jobs", b'{"model": "demo", "prompt": "\\udfff"}', "prompt"),
+    ("/v1/chat/completions", b'{"model": "demo", "messages": [{"role": "user", "content": "\\ud800"}]}',
+     "messages.0.content"),
+    ("/v1/jobs", b'{"model": "demo", "prompt": "hi", "metadata": {"k": "\\ud800"}}', "metadata.k"),
+    ("/v1/chat/completions",
+     b'{"model": "demo", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}',
+     "messages.0.content"),
+])
+def test_text_that_is_not_unicode_or_not_text_is_refused_at_the_door(client, path, raw, param):
+    """A lone surrogate (JSON's \\ud800 escape) or a text part that is no string: 400, no job, and the owner's
+    jobs still read."""
+    before = client.get("/v1/jobs").json()["data"]
+    error = assert_error(client.post(path, content=raw, headers={"Content-Type": "application/json"}), 400, "")
+    assert error["param"].startswith(param), error
+    assert client.get("/v1/jobs").json()["data"] == before
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"endpoint": ["x"], "input_file_id": "file-x"}, "endpoint"),
+    ({}, "input_file_id"),
+    ({"endpoint": "/v1/completions", "input_file_id": "f", "completion_window": 5}, "completion_window"),
+    ({"endpoint": "/v1/completions", "input_file_id": "f", "webhook": 5}, "webhook"),
+    ({"endpoint": "/v1/completions", "input_file_id": "f", "webhook": True}, "webhook"),
+    ({"endpoint": "/v1/completions", "input_file_id": "f", "metadata": {"a": 1}}, "metadata"),
+    ({"endpoint": "/v1/completions", "input_file_id": "f", "metadata": {"a": "\ud800"}}, "metadata.a"),
+    ({"endpoint": "/v1/completions", "input_file_id": "f", "metadata": {str(i): "v" for i in range(17)}},
+     "metadata"),
+])
+def test_malformed_batch_requests_are_400(client, body, param):
+    # Sent as ASCII JSON: a lone surrogate travels as its \\u escape, as a careless client would send it.
+    response = client.post("/v1/batches", content=json.dumps(body), headers={"Content-Type": "application/json"})
+    error = assert_error(response, 400, "")
+    assert error["param"].startswith(param), error
+
+
 def test_prompt_plus_max_tokens_over_context(client):
     body = {**COMPLETION, "prompt": "word " * 400, "max_tokens": 1900}
     error = assert_error(client.post("/v1/completions", json=body), 400, "max_tokens is 1900")

@@ -1,15 +1,17 @@
 """OpenAI-compatible Batch API: create, retrieve, list, cancel."""
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Query
 
 from api.batches import ENDPOINTS, BatchStore, parse_window
 from api.celery_client import BATCH_EXPAND, BATCH_STOP, send_batch_task
 from api.deps import APIError, CeleryDep, OwnerDep, SettingsDep, StoreDep
 from api.files import FileStore
 from api.lifecycle import check_expiry
+from api.schemas import BatchCreate
+from api.submit import check_text
 from api.webhook_targets import WebhookTargetError, check_target
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -23,33 +25,28 @@ def _get(batches: BatchStore, batch_id: str, owner: str, celery):
 
 
 @router.post("")
-def create_batch(store: StoreDep, settings: SettingsDep, celery: CeleryDep, owner: OwnerDep,
-                 body: dict[str, Any] = Body(...)) -> dict:
+def create_batch(body: BatchCreate, store: StoreDep, settings: SettingsDep, celery: CeleryDep,
+                 owner: OwnerDep) -> dict:
     """OpenAI's fields, plus an optional `webhook` URL told when the batch ends."""
-    endpoint = body.get("endpoint")
+    check_text(body.model_dump())
+    endpoint, window, metadata, file_id, webhook = (body.endpoint, body.completion_window, body.metadata or {},
+                                                    body.input_file_id, body.webhook)
     if endpoint not in ENDPOINTS:
         raise APIError(400, f"endpoint must be one of {sorted(ENDPOINTS)}, got {endpoint!r}", param="endpoint")
-    window = body.get("completion_window", "24h")
     try:
         parse_window(window)
     except ValueError as exc:
         raise APIError(400, str(exc), param="completion_window") from None
-    metadata = body.get("metadata") or {}
-    if not isinstance(metadata, dict) or len(metadata) > 16:
-        raise APIError(400, "metadata must be an object of at most 16 pairs", param="metadata")
-    file_id = body.get("input_file_id")
-    input_file = FileStore(store.r, store.prefix).get(file_id, owner) if isinstance(file_id, str) else None
+    input_file = FileStore(store.r, store.prefix).get(file_id, owner)
     if input_file is None:
-        raise APIError(404 if isinstance(file_id, str) else 400, f"no input file {file_id!r}",
-                       param="input_file_id")
+        raise APIError(404, f"no input file {file_id!r}", param="input_file_id")
     if input_file.purpose != "batch":
         raise APIError(400, f"file {file_id} has purpose {input_file.purpose!r}; a batch needs 'batch'",
                        param="input_file_id")
-    webhook = body.get("webhook")
     if webhook is not None:
         try:  # private/loopback targets are refused now, as for jobs (SSRF)
             check_target(webhook, settings.webhook_allow_hosts)
-        except (WebhookTargetError, TypeError) as exc:
+        except WebhookTargetError as exc:
             raise APIError(400, str(exc), param="webhook", code="invalid_webhook") from None
     batch = BatchStore(store).create(owner, endpoint, file_id, window, metadata, webhook)
     send_batch_task(BATCH_EXPAND, batch.id, celery)

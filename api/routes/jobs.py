@@ -13,7 +13,7 @@ from api.job_record import TERMINAL, Job, JobStatus
 from api.lifecycle import settle
 from api.schemas import JobCreate
 from api.store import JobStore
-from api.submit import submit
+from api.submit import check_text, submit
 from api.webhook_targets import WebhookTargetError, check_target
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -43,6 +43,7 @@ def create_job(store: StoreDep, settings: SettingsDep, celery: CeleryDep, owner:
                body: dict[str, Any] = Body(...),
                idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None):
     """An OpenAI completion body (`prompt`) or chat body (`messages`) plus webhook, metadata and priority."""
+    check_text(body)
     try:
         options = JobCreate.model_validate({k: v for k, v in body.items() if k in DELIVERY_FIELDS})
     except ValidationError as exc:
