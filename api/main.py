@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException  # FastAPI's subclasses it; the router raises this one (404, 405)
 
+from api.body_limit import BodyLimit
 from api.celery_client import create_app as create_celery_app
 from api.files import FileStore
 from api.routes import batches, files, health, jobs, openai
@@ -49,17 +50,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, openai, jobs, files, batches):
         app.include_router(module.router)
 
-    @app.middleware("http")
-    async def limit_body_size(request: Request, call_next):
+    def body_limit(scope) -> int:
         # File uploads are streamed to Redis, never held whole: they get the file limit (plus room for the
         # multipart framing); the exact limit on the content is enforced while storing it.
-        upload = request.method == "POST" and request.url.path.rstrip("/") == "/v1/files"
-        limit = settings.max_file_bytes + MULTIPART_SLACK_BYTES if upload else settings.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return JSONResponse(error_body(f"request body is {length} bytes; the limit is {limit}",
-                                           code="body_too_large"), status_code=413)
-        return await call_next(request)
+        upload = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files"
+        return settings.max_file_bytes + MULTIPART_SLACK_BYTES if upload else settings.max_body_bytes
+
+    app.add_middleware(BodyLimit, limit_for=body_limit)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -225,9 +225,24 @@ def test_size_limits(redis_url: str, tmp_path: Path, client: httpx.Client) -> No
             assert_error(upload(c, big * 5), 413, "limit is 4096")
             assert_error(upload(c, big * 100), 413, "limit")  # over limit + multipart slack: the middleware
             assert_error(c.post("/v1/jobs", json={"prompt": "x" * 2_000_000}), 413, "limit")
+            # Chunked (no Content-Length): the bytes received count, the upload is refused part-way.
+            assert_error(c.post("/v1/files", content=_chunked_upload(big * 100), headers={
+                "Content-Type": f"multipart/form-data; boundary={BOUNDARY.decode()}"}), 413, "limit")
             assert [f["bytes"] for f in c.get("/v1/files").json()["data"]] == [len(big) * 4]
     finally:
         small.stop()
+
+
+BOUNDARY = b"inferq-test-boundary"
+
+
+def _chunked_upload(content: bytes, piece: int = 8192):
+    """A multipart upload of `content` as a generator: httpx sends it chunked, without a Content-Length."""
+    yield (b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--' + BOUNDARY
+           + b'\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n')
+    for start in range(0, len(content), piece):
+        yield content[start:start + piece]
+    yield b"\r\n--" + BOUNDARY + b"--\r\n"
 
 
 def _peak_rss_bytes(pid: int) -> int:

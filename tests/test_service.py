@@ -243,6 +243,24 @@ def test_ids_that_name_other_keys_are_unknown(client, kind, path, message):
             k: v for k, v in unknown.json()["error"].items() if k != "message"}
 
 
+def chunked(total: int, piece: int = 64 * 1024):
+    """A body of `total` bytes sent with Transfer-Encoding: chunked (no Content-Length)."""
+    yield b'{"model": "demo", "prompt": "'
+    for _ in range(total // piece):
+        yield b"x" * piece
+    yield b'"}'
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/jobs", "/v1/batches"])
+def test_chunked_bodies_are_held_to_the_limit(client, path):
+    """The limit counts the bytes received: a chunked body has no Content-Length to check (it used to be read
+    whole, and a 39 MB prompt accepted)."""
+    response = client.post(path, content=chunked(3_000_000), headers={"Content-Type": "application/json"})
+    error = assert_error(response, 413, "the limit is 1000000")
+    assert error["code"] == "body_too_large"
+    assert client.post(path, content=chunked(1000), headers={"Content-Type": "application/json"}).status_code != 413
+
+
 def test_unknown_job_and_oversized_body(client):
     assert_error(client.get("/v1/jobs/does-not-exist"), 404, "no job")
     assert_error(client.post("/v1/completions", json={**COMPLETION, "prompt": "x" * 2_000_000}), 413, "limit")
