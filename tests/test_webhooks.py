@@ -22,7 +22,8 @@ from api.webhook_targets import WebhookTargetError, check_target
 from tests.service import MODEL, WEBHOOK_SECRET, Service, free_port
 from api.celery_client import WEBHOOK_QUEUE, WEBHOOK_TASK
 from api.webhook_events import enqueue_event
-from worker.webhooks import MAX_BACKOFF_S, backoff_seconds, headers_for, secret_key, sign
+from api.settings import Settings
+from worker.webhooks import MAX_BACKOFF_S, backoff_seconds, headers_for, post_once, secret_key, sign
 
 MAX_ATTEMPTS = 5  # more than Celery's default of 3 retries: the attempt count must be ours
 JOB = {"model": MODEL, "prompt": "def main():", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
@@ -86,6 +87,8 @@ DNS = fake_dns({"hooks.example.com": ["93.184.216.34"], "localhost": ["127.0.0.1
     ("http://internal.corp/hook", ["internal.corp"]),  # allow-listed by name
     ("http://internal.corp/hook", ["10.0.0.0/8"]),  # allow-listed by network
     ("http://[::1]:9000/hook", ["::1"]),
+    ("http://[64:ff9b::5db8:d822]/hook", []),  # NAT64 of a public IPv4 address
+    ("http://[2002:5db8:d822::1]/hook", []),  # 6to4 of a public IPv4 address
 ])
 def test_allowed_targets(url, allow):
     check_target(url, allow, resolver=DNS)
@@ -107,10 +110,51 @@ def test_allowed_targets(url, allow):
     ("http:///path", [], "no host"),
     ("http://hooks.example.com:99999/", [], "invalid"),
     ("http://nowhere.invalid/", [], "does not resolve"),
+    # IPv6 forms that carry a private IPv4 address, and private IPv6 ranges is_global misses:
+    ("http://[::127.0.0.1]/", [], "non-public"),  # IPv4-compatible
+    ("http://[64:ff9b::a9fe:a9fe]/", [], "non-public"),  # NAT64 of 169.254.169.254 (cloud metadata)
+    ("http://[64:ff9b:1::a00:1]/", [], "non-public"),  # NAT64 local use
+    ("http://[2002:c0a8:101::1]/", [], "non-public"),  # 6to4 wrapping 192.168.1.1
+    ("http://[2002:7f00:1::1]/", [], "non-public"),  # 6to4 wrapping 127.0.0.1
+    ("http://[fec0::1]/", [], "non-public"),  # site-local
 ])
 def test_refused_targets(url, allow, why):
     with pytest.raises(WebhookTargetError, match=why):
         check_target(url, allow, resolver=DNS)
+
+
+def test_check_returns_the_addresses_it_checked():
+    assert check_target("https://hooks.example.com/x", [], resolver=DNS) == ["93.184.216.34"]
+    assert check_target("http://93.184.216.34/x", [], resolver=DNS) == []  # a literal: nothing to resolve
+    assert check_target("http://internal.corp/x", ["internal.corp"], resolver=DNS) == []  # trusted by name
+
+
+def test_delivery_connects_to_the_checked_address_not_a_second_lookup():
+    """DNS rebinding: the name is resolved once, checked, and the connection goes to that address (the name stays
+    in the Host header). The receiver here is reachable only because the checked address is used: the name does
+    not resolve anywhere else."""
+    seen = {}
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen["host"] = self.headers["Host"]
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        settings = Settings(webhook_allow_hosts=["127.0.0.1"], webhook_secret="")
+        only_once = fake_dns({"hooks.rebind.invalid": ["127.0.0.1"]})
+        status = post_once(f"http://hooks.rebind.invalid:{port}/hook", "msg_1", "{}", settings, resolver=only_once)
+        assert status == 204 and seen["host"] == f"hooks.rebind.invalid:{port}"
+    finally:
+        server.shutdown()
 
 
 def test_real_resolver_refuses_localhost():

@@ -28,7 +28,7 @@ from api.batches import BATCH_ID_PREFIX, BatchStore
 from api.celery_client import WEBHOOK_QUEUE, WEBHOOK_TASK, app
 from api.settings import Settings, get_settings
 from api.store import JobStore
-from api.webhook_targets import WebhookTargetError, check_target
+from api.webhook_targets import Resolver, WebhookTargetError, check_target, resolve
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +80,24 @@ def backoff_seconds(attempt: int, base: float, rng: random.Random | None = None)
     return delay * (0.5 + 0.5 * (rng or random).random())
 
 
-def post_once(url: str, webhook_id: str, body: str, settings: Settings) -> int:
+def post_once(url: str, webhook_id: str, body: str, settings: Settings, resolver: Resolver = resolve) -> int:
     """One attempt; returns the 2xx status or raises DeliveryError (WebhookTargetError if the target is refused)."""
     # Checked again at every attempt: the host's DNS may point somewhere private by now.
-    check_target(url, settings.webhook_allow_hosts)
+    checked = check_target(url, settings.webhook_allow_hosts, resolver)
     headers = headers_for(webhook_id, body, settings.webhook_secret)
+    target, extensions = httpx.URL(url), {}
+    if checked:
+        # Connect to the address just checked, not to whatever a second lookup of the name returns (DNS
+        # rebinding); the name still goes in the Host header and in TLS (SNI and the certificate check).
+        headers["host"] = target.netloc.decode()
+        extensions["sni_hostname"] = target.host
+        target = target.copy_with(host=checked[0])
     try:
         # No redirects: a redirect could lead to an address the target check would refuse. The answer's body is
         # never read: only its status matters, and a hostile receiver could send gigabytes.
         with httpx.Client(timeout=TIMEOUT_S, follow_redirects=False) as client:
-            with client.stream("POST", url, content=body.encode(), headers=headers) as response:
+            with client.stream("POST", target, content=body.encode(), headers=headers,
+                               extensions=extensions) as response:
                 status = response.status_code
     except httpx.HTTPError as exc:
         raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
