@@ -9,8 +9,10 @@ import argparse
 import importlib.util
 import logging
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -77,6 +79,15 @@ class LocalRedis:
         self.stop()
 
 
+def die_with_parent() -> None:
+    """For Popen's preexec_fn: on Linux the child gets SIGTERM when the process that started it dies, even by
+    SIGKILL (prctl PR_SET_PDEATHSIG), so a killed launcher leaves no server behind. Elsewhere: nothing."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def _launch(binary: str, port: int, data_dir: Path, log_path: Path, appendonly: bool) -> subprocess.Popen[bytes]:
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--daemonize", "no",
             "--logfile", ""]
@@ -87,9 +98,9 @@ def _launch(binary: str, port: int, data_dir: Path, log_path: Path, appendonly: 
     with open(log_path, "ab") as log:
         # The server logs to stdout; a file (not a pipe) so a chatty server can never block on a full pipe.
         # Its own session: a Ctrl-C at the terminal must not stop Redis before the processes that use it;
-        # whoever started it stops it, last.
+        # whoever started it stops it, last (or it stops when its starter dies).
         return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent)
 
 
 def _wait_ready(process: subprocess.Popen[bytes], port: int, deadline: float) -> bool:

@@ -212,7 +212,7 @@ def test_the_api_answers_503_while_redis_is_down(demo_model_dir, tmp_path):
         server.stop()
         with service.client() as client:
             for method, path, body in (("POST", "/v1/completions", COMPLETION), ("POST", "/v1/jobs", COMPLETION),
-                                       ("GET", "/v1/jobs/job_x", None), ("GET", "/v1/models", None),
+                                       ("GET", "/v1/jobs/job_" + "0" * 32, None), ("GET", "/v1/models", None),
                                        ("GET", "/v1/jobs", None)):
                 response = client.request(method, path, json=body)
                 assert response.status_code == 503, (path, response.text)

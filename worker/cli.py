@@ -162,7 +162,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Everything on this machine: a local Redis, the API, one worker with the model and the webhook worker;
     Ctrl-C stops them."""
-    from api.local_redis import start_redis
+    from api.local_redis import die_with_parent, start_redis
 
     def interrupt(signum, frame):  # SIGTERM stops everything in order, like Ctrl-C
         raise KeyboardInterrupt
@@ -179,11 +179,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
         if args.load_in_low_bit:
             worker_cmd += ["--load-in-low-bit", args.load_in_low_bit]
-        # Own sessions, so a Ctrl-C reaches only this process, which then stops the children before Redis.
-        children = [subprocess.Popen(worker_cmd, env=env, start_new_session=True),
-                    subprocess.Popen([*base, "api", "--host", args.host, "--port", str(args.port)], env=env,
-                                     start_new_session=True),
-                    subprocess.Popen([*base, "webhook-worker"], env=env, start_new_session=True)]
+        # Own sessions, so a Ctrl-C (or a signal to this process group) reaches only this process, which then stops
+        # the children before Redis; each child also stops if this process dies without doing so (SIGKILL).
+        options = dict(env=env, start_new_session=True, preexec_fn=die_with_parent)
+        children = [subprocess.Popen(worker_cmd, **options),
+                    subprocess.Popen([*base, "api", "--host", args.host, "--port", str(args.port)], **options),
+                    subprocess.Popen([*base, "webhook-worker"], **options)]
         url = f"http://{args.host}:{args.port}"
         print(f"inferq is starting at {url} (Redis at {redis.url}, data in {redis.data_dir}); model {name!r}. Try:\n"
               f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
