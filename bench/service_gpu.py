@@ -7,7 +7,9 @@ Then the service, started from its command line as a user would (local Redis, `w
 `webhook-worker` for batch bookkeeping, `api`), answers the same requests through each path of --paths:
   batch        one JSONL file, POST /v1/files + POST /v1/batches, polled until the batch ends (--timeout);
   completions  --clients concurrent clients of POST /v1/completions;
-  jobs         --clients concurrent clients of POST /v1/jobs, each long-polling GET /v1/jobs/{id}?wait=60;
+  jobs         --clients concurrent clients of POST /v1/jobs, each long-polling GET /v1/jobs/{id}?wait=60 (also
+               reports where each job's time outside the engine went: submit, queued, to its first token, and
+               from its end to the client's answer, median and p90 in ms);
   stream       --clients concurrent SSE streams of POST /v1/completions (include_usage);
   ttft         20 streamed requests one at a time (128-token prompt, 16 out) on the idle service, against the
                engine's own time to first token.
@@ -281,7 +283,11 @@ async def call_completions(client: httpx.AsyncClient, body: dict):
     return [200], r.json()["usage"]["completion_tokens"], None
 
 
+PHASES: dict = {}  # per client process: job id -> where its time went (call_jobs), read back by drive()
+
+
 async def call_jobs(client: httpx.AsyncClient, body: dict):
+    sent = time.time()
     r = await client.post("/v1/jobs", json=body)
     codes = [r.status_code]
     while r.status_code in (200, 202) and r.json()["status"] not in JOB_TERMINAL:
@@ -292,6 +298,10 @@ async def call_jobs(client: httpx.AsyncClient, body: dict):
     job = r.json()
     if job["status"] != "succeeded":
         return codes, 0, f"job {job['status']}: {job.get('error')}"
+    # Wall-clock stamps of one machine: the client's and the job record's (API, worker) agree.
+    PHASES[job["id"]] = {"submit": job["created_at"] - sent, "queued": job["started_at"] - job["created_at"],
+                         "first_token": job["first_token_at"] - job["started_at"],
+                         "answer": time.time() - job["finished_at"]}
     return codes, job["usage"]["completion_tokens"], None
 
 
@@ -343,6 +353,8 @@ async def drive(url: str, kind: str, bodies: list[dict], lanes: int, counter, ba
                                 "error": error})
 
         await asyncio.gather(*(lane() for _ in range(lanes)))
+    if PHASES and records:
+        records[0]["phases"] = list(PHASES.values())
     return records
 
 
@@ -382,6 +394,11 @@ def run_clients(url: str, kind: str, bodies: list[dict], clients: int, procs: in
               "tokens": sum(r["tokens"] for r in records), "done": len(ok), "errors": len(records) - len(ok),
               "codes": Counter(str(c) for r in records for c in r["codes"]),
               "first_errors": [r["error"] for r in records if r["error"]][:5]}
+    phases = [p for r in records for p in r.get("phases", ())]
+    if phases:  # /v1/jobs: where a job's time outside the engine went, median and 90th percentile in ms
+        result["phases_ms"] = {name: [round(1e3 * statistics.median(values), 1),
+                                      round(1e3 * statistics.quantiles(values, n=10)[-1], 1)]
+                               for name in phases[0] for values in [[p[name] for p in phases]]}
     if len(records) < len(bodies):
         result["note"] = f"(did not finish: {len(ok)} of {len(bodies)} done in {timeout:g} s)"
     return result
