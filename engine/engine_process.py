@@ -275,7 +275,7 @@ def _engine_main(config: EngineConfig, conn, log_level) -> None:
                                        str(exc))))
         return
     conn.send(("ready", {"max_model_len": engine.max_model_len, "device": str(engine.device),
-                         "dtype": str(engine.dtype).removeprefix("torch."), "max_num_seqs": config.max_num_seqs}))
+                         "dtype": str(engine.dtype).removeprefix("torch.")}))
     _EngineLoop(engine, conn).run()
 
 

@@ -78,16 +78,19 @@ class ModelRunner:
         return self.model.compute_logits(hidden[tensor(sample_rows)]).float()
 
     def _inputs(self, on_device: torch.Tensor | None, host: list[int]) -> torch.Tensor:
-        """The step's input ids: those already on the device, then those from the host."""
+        """The step's input ids: those already on the device (the sampler's int64 tokens), then those from the
+        host."""
+        if on_device is not None and not host:
+            return on_device
         from_host = torch.tensor(host, dtype=torch.long, device=self.device)
-        return from_host if on_device is None else torch.cat([on_device.to(torch.long), from_host])
+        return from_host if on_device is None else torch.cat([on_device, from_host])
 
     def _replay(self, chunks: list[ScheduledChunk], input_ids: torch.Tensor | None, on_device: int) -> torch.Tensor:
         bs = self.block_size
         positions = [c.start for c in chunks]
         tables = [c.request.block_ids[:p // bs + 1] for c, p in zip(chunks, positions)]
         host = [c.request.token_ids[c.start] for c in chunks[on_device:]]
-        token_ids = host if input_ids is None else input_ids if not host else self._inputs(input_ids, host)
+        token_ids = host if input_ids is None else self._inputs(input_ids, host)
         logits = self.graphs.run(token_ids=token_ids, positions=positions,
                                  slots=[t[-1] * bs + p % bs for t, p in zip(tables, positions)],
                                  block_tables=tables, context_lens=[p + 1 for p in positions])

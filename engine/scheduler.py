@@ -67,7 +67,13 @@ class Scheduler:
         self.running = kept + running
 
         # New work only when nothing had to be preempted: otherwise it would take the blocks just freed.
-        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
+        if not out.preempted:
+            self._admit(out, budget, len(self.running))
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int, num_running: int) -> None:
+        """Start waiting requests, front first, while the budget, the free blocks and the slots allow."""
+        while self.waiting and budget > 0 and num_running < self.max_num_seqs:
             request = self.waiting[0]
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self.block_manager.allocate(request.block_ids, request.num_computed_tokens + num_tokens):
@@ -77,7 +83,7 @@ class Scheduler:
             bisect.insort(self.running, request, key=lambda r: r.sort_key)
             out.chunks.append(self._chunk(request, num_tokens))
             budget -= num_tokens
-        return out
+            num_running += 1
 
     def schedule_ahead(self, chunks: list[ScheduledChunk]) -> tuple[SchedulerOutput, list[int]] | None:
         """The step after the one of `chunks`, scheduled before that step's tokens are known (async scheduling,
@@ -129,18 +135,7 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(chunk.request, chunk.start, num_tokens,
                                              sample=chunk.start + num_tokens == chunk.request.num_tokens))
             budget -= num_tokens
-        continuing = len(decodes) + len(prefills)
-        while self.waiting and budget > 0 and continuing < self.max_num_seqs:
-            request = self.waiting[0]
-            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.block_manager.allocate(request.block_ids, request.num_computed_tokens + num_tokens):
-                break
-            self.waiting.pop(0)
-            request.status = RequestStatus.RUNNING
-            bisect.insort(self.running, request, key=lambda r: r.sort_key)
-            out.chunks.append(self._chunk(request, num_tokens))
-            budget -= num_tokens
-            continuing += 1
+        self._admit(out, budget, num_running=len(decodes) + len(prefills))
         return out, [r for r, _ in decodes]
 
     def _allocate_or_preempt(self, request: Request, num_tokens: int, lower: list[Request],

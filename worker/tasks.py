@@ -35,7 +35,8 @@ T = TypeVar("T")
 class ResendAfterReconnect(bootsteps.StartStopStep):
     """Celery drops the messages a consumer had taken but not started when its broker connection breaks, and
     kombu's Redis transport may fail to give them back: after every reconnect (or restart of the Celery worker in
-    this process), the queued jobs' messages are sent again (older ones become stale), so no queued job waits for a message that is gone."""
+    this process), the queued jobs' messages are sent again (older ones become stale), so no queued job waits for a
+    message that is gone."""
 
     requires = {"celery.worker.consumer.tasks:Tasks"}
     starts = 0  # per process: a Celery worker started again in the same process (worker/cli.py) counts too

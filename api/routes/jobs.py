@@ -43,9 +43,10 @@ def create_job(store: StoreDep, settings: SettingsDep, celery: CeleryDep, owner:
                body: dict[str, Any] = Body(...),
                idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None):
     """An OpenAI completion body (`prompt`) or chat body (`messages`) plus webhook, metadata and priority."""
-    check_text(body)
+    delivery = {k: v for k, v in body.items() if k in DELIVERY_FIELDS}
+    check_text(delivery)  # the request's own text is checked with the rest of it (submit)
     try:
-        options = JobCreate.model_validate({k: v for k, v in body.items() if k in DELIVERY_FIELDS})
+        options = JobCreate.model_validate(delivery)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise APIError(400, f"{first['loc'][0]}: {first['msg']}", param=str(first["loc"][0])) from None
