@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -279,6 +280,40 @@ def test_invalid_json_says_where(client, path):
     response = client.post(path, content=b'{"model": "demo", ', headers={"Content-Type": "application/json"})
     error = assert_error(response, 400, "not valid JSON")
     assert "at character 18" in error["message"] and error["param"] is None
+
+
+def test_the_api_runs_several_processes_on_one_port(service):
+    """`inferq api --workers 2`: uvicorn's worker processes share the port, each with its own app."""
+    import subprocess
+    import sys
+
+    from tests.service import free_port
+
+    port = free_port()
+    api = subprocess.Popen([sys.executable, "-m", "worker.cli", "api", "--port", str(port), "--workers", "2"],
+                           env=service.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5,
+                          headers={"Authorization": f"Bearer {API_KEYS[0]}"}) as client:
+            while time.monotonic() < deadline:
+                assert api.poll() is None, "inferq api --workers 2 exited"
+                try:
+                    if client.get("/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.3)
+            assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [MODEL]
+            children = f"/proc/{api.pid}/task/{api.pid}/children"
+            if os.path.exists(children):  # Linux: the two worker processes
+                deadline = time.monotonic() + 30
+                while len(open(children).read().split()) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.3)
+                assert len(open(children).read().split()) >= 2
+    finally:
+        api.terminate()
+        api.wait(30)
 
 
 def test_health_ready_models(client):

@@ -263,6 +263,76 @@ def test_wait_for_terminal(store: JobStore, redis_url: str) -> None:
     asyncio.run(main())
 
 
+def test_a_waiter_for_a_jobs_end_reads_nothing_per_token() -> None:
+    """Long-polls wait on one subscription to the jobs' ends: the tokens streamed meanwhile cost the waiter no
+    reads (it used to read the stream at every token). Its own Redis, so that nothing else's commands count."""
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    from api.streams import delta_event
+
+    with start_redis() as server:
+        store = JobStore.from_url(server.url, prefix="waits")
+        job = new_job(store)
+        take(store, job.id)
+
+        def stream_then_finish() -> None:
+            time.sleep(0.2)
+            for _ in range(20):
+                store.append_stream(job.id, delta_event([{"index": 0, "text": "t", "finish_reason": None}]))
+                time.sleep(0.02)
+            store.finish(job.id, "succeeded", result={"text": "x"})
+
+        def calls(command: str) -> int:
+            return store.r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+
+        async def main() -> None:
+            client = aredis.Redis.from_url(server.url, decode_responses=True)
+            streams = AsyncStreams(client, store.keys)
+            xreads, hgetalls = calls("xread"), calls("hgetall")
+            writer = threading.Thread(target=stream_then_finish)
+            writer.start()
+            done = await streams.wait_for_terminal(job.id, timeout_s=10)
+            writer.join()
+            assert done.status == "succeeded"
+            assert calls("xread") == xreads and calls("hgetall") - hgetalls <= 4  # start, end, maybe a re-check
+            await streams.ends.close()
+            await client.aclose()
+
+        asyncio.run(main())
+
+
+def test_sse_sends_the_deltas_of_one_read_as_one_chunk(store: JobStore, redis_url: str) -> None:
+    """A stream reader that falls behind catches up: the deltas one read returns go out as one chunk per choice."""
+    import asyncio
+    import json
+
+    import redis.asyncio as aredis
+
+    from api.routes.openai import _sse
+    from api.streams import delta_event
+
+    job = new_job(store)
+    take(store, job.id)
+    for text, finish in (("a", None), ("b", None), ("c", None), ("d", None), ("", "length")):
+        store.append_stream(job.id, delta_event([{"index": 0, "text": text, "finish_reason": finish}]))
+    store.finish(job.id, "succeeded", result={}, usage={"completion_tokens": 4})
+
+    async def main() -> list[str]:
+        client = aredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            return [chunk async for chunk in _sse(store, AsyncStreams(client, store.keys), job.id, "demo",
+                                                  "completions", include_usage=False)]
+        finally:
+            await client.aclose()
+
+    chunks = asyncio.run(main())
+    payloads = [json.loads(c.removeprefix("data: ")) for c in chunks if c.startswith("data: {")]
+    assert [(p["choices"][0]["text"], p["choices"][0]["finish_reason"]) for p in payloads] == [("abcd", "length")]
+    assert chunks[-1] == "data: [DONE]\n\n"
+
+
 def test_worker_registry_expires(store: JobStore) -> None:
     store.registry.announce("w1", {"model": "demo", "device": "cuda:0"}, ttl_s=1)
     store.registry.announce("w2", {"model": "demo"}, ttl_s=30)
