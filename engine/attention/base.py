@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,8 @@ class AttentionMetadata:
     # One entry per prefill chunk: (first token index in the flat batch, new tokens, context length incl. them,
     # block table tensor). Python ints so backends can slice without a device sync.
     prefills: list[tuple[int, int, int, torch.Tensor]]
+    # What a backend derives from the above once per step and reuses in every layer (its own keys).
+    backend_state: dict = field(default_factory=dict)
 
 
 class AttentionBackend(ABC):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
-from engine.attention.triton_kernels import paged_decode, paged_prefill, rotate_and_store_kv, store_kv
+from engine.attention.triton_kernels import (paged_decode, paged_prefill, prefill_plan, rotate_and_store_kv,
+                                             store_kv)
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -30,5 +31,9 @@ class TritonAttentionBackend(AttentionBackend):
             paged_decode(q[:num_decodes], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
                          scale, sliding_window, out=out[:num_decodes])
         if meta.prefills:
-            paged_prefill(q, k_cache, v_cache, meta.prefills, scale, sliding_window, out=out)
+            heads = (q.shape[1], k_cache.shape[2])
+            plan = meta.backend_state.get(("prefill_plan", heads))
+            if plan is None:  # the first layer of the step
+                plan = meta.backend_state[("prefill_plan", heads)] = prefill_plan(meta.prefills, *heads, q.device)
+            paged_prefill(q, k_cache, v_cache, meta.prefills, scale, sliding_window, out=out, plan=plan)
         return out

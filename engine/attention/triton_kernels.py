@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -135,19 +136,51 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, block_s
     return splits
 
 
+@dataclass(slots=True, frozen=True)
+class PrefillPlan:
+    """The launch metadata of a step's prefill chunks, the same in every layer: built once per step (a host list,
+    one host-to-device copy and a padded table each), not once per layer."""
+
+    group: int  # query heads per kv head
+    rows: int  # query rows per tile: tokens_per_tile tokens times their group heads
+    tokens_per_tile: int
+    chunk_info: torch.Tensor  # per chunk: first row in q, num_new, context_len
+    tile_info: torch.Tensor  # per query tile: chunk index, first new token of the tile
+    block_tables: torch.Tensor  # [num_chunks, max_blocks], padded with block 0
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tile_info.numel() // 2
+
+
+def prefill_plan(chunks: Sequence[tuple[int, int, int, torch.Tensor]], num_heads: int, num_kv_heads: int,
+                 device: torch.device) -> PrefillPlan:
+    """chunks: (first row in q, num_new, context_len, block_table) as in AttentionMetadata.prefills (non-empty)."""
+    group = _gqa_group(num_heads, num_kv_heads)
+    rows = max(_PREFILL_ROWS, triton.next_power_of_2(group))
+    tokens_per_tile = rows // group
+    chunk_fields = [field for first, num_new, context_len, _ in chunks for field in (first, num_new, context_len)]
+    tile_fields = [field for index, (_, num_new, _, _) in enumerate(chunks)
+                   for start in range(0, num_new, tokens_per_tile) for field in (index, start)]
+    packed = torch.tensor(chunk_fields + tile_fields, dtype=torch.int32, device=device)
+    block_tables = torch.nn.utils.rnn.pad_sequence([table for *_, table in chunks], batch_first=True)
+    return PrefillPlan(group, rows, tokens_per_tile, packed[:len(chunk_fields)], packed[len(chunk_fields):],
+                       block_tables)
+
+
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   chunks: Sequence[tuple[int, int, int, torch.Tensor]], scale: float, sliding_window: int | None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, plan: PrefillPlan | None = None) -> torch.Tensor:
     """Causal attention of every prefill chunk of a step, in one launch.
 
     chunks: (first row in q, num_new, context_len, block_table) as in AttentionMetadata.prefills; the chunk's
     queries sit at positions [context_len - num_new, context_len) and attend to the request's cached keys up to
     their own position (the chunk's own keys must already be stored). q [num_tokens, num_heads, head_dim]; rows of
-    q outside the chunks are left untouched in `out`.
+    q outside the chunks are left untouched in `out`. plan: prefill_plan() of these chunks, when the caller reuses
+    it across layers.
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    group = _gqa_group(num_heads, num_kv_heads)
     if out is None:
         out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if not chunks:
@@ -156,24 +189,17 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     _check_caches(k_cache, v_cache)
     if out.stride(-1) != 1:
         raise ValueError("paged_prefill needs an output with contiguous head_dim")
-    rows = max(_PREFILL_ROWS, triton.next_power_of_2(group))
-    tokens_per_tile = rows // group
-    # One host-to-device copy for all the step's metadata: per chunk (first row, num_new, context_len), then per
-    # query tile (chunk index, first new token of the tile).
-    chunk_fields = [field for first, num_new, context_len, _ in chunks for field in (first, num_new, context_len)]
-    tile_fields = [field for index, (_, num_new, _, _) in enumerate(chunks)
-                   for start in range(0, num_new, tokens_per_tile) for field in (index, start)]
-    packed = torch.tensor(chunk_fields + tile_fields, dtype=torch.int32, device=q.device)
-    chunk_info, tile_info = packed[:len(chunk_fields)], packed[len(chunk_fields):]
-    block_tables = torch.nn.utils.rnn.pad_sequence([table for *_, table in chunks], batch_first=True)
+    if plan is None:
+        plan = prefill_plan(chunks, num_heads, num_kv_heads, q.device)
     head_dim_pad = _head_dim_pad(head_dim)
-    _prefill_kernel[(len(tile_fields) // 2, num_kv_heads)](
-        q, k_cache, v_cache, out, block_tables, chunk_info, tile_info,
+    _prefill_kernel[(plan.num_tiles, num_kv_heads)](
+        q, k_cache, v_cache, out, plan.block_tables, plan.chunk_info, plan.tile_info,
         scale * _LOG2_E, sliding_window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, ROWS=rows, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_SIZE=block_size, TILE_N=_key_tile(head_dim_pad), USE_WINDOW=sliding_window is not None)
+        plan.block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=plan.group, ROWS=plan.rows, TOKENS_PER_TILE=plan.tokens_per_tile, HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, TILE_N=_key_tile(head_dim_pad),
+        USE_WINDOW=sliding_window is not None)
     return out
 
 
