@@ -10,6 +10,10 @@ job gets its end event. Long-polls and synchronous requests wait for a job's end
 through one subscription per API process (EndListener): a waiter then wakes once, at the end, not at every token
 its stream gets (256 long-polls of streaming jobs made one API process re-read thousands of events a second).
 
+Streams are read the same way (StreamHub): one blocking XREAD per API process covers every followed job stream,
+instead of one per stream per token (256 SSE streams made one API process issue a read per stream at every engine
+step, and it became the limit of the streaming path).
+
 The API reads with `redis.asyncio`: a waiting client holds a socket, never a thread.
 """
 from __future__ import annotations
@@ -18,8 +22,9 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from enum import Enum
 from typing import TypedDict
 
@@ -126,6 +131,114 @@ class EndListener:
                 event.set()
 
 
+def _entry_key(entry_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = entry_id.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+class _Follower:
+    """One reader of one job stream: the entries the hub found for it, in order, or the error that ended the
+    hub's read."""
+
+    def __init__(self, last_id: str) -> None:
+        self.last_id = last_id
+        self.entries: list[tuple[str, dict]] = []
+        self.error: BaseException | None = None
+        self.ready = asyncio.Event()
+
+    def push(self, entries: list[tuple[str, dict]]) -> None:
+        last = _entry_key(self.last_id)
+        new = [entry for entry in entries if _entry_key(entry[0]) > last]  # another follower of the key lags
+        if new:
+            self.entries += new
+            self.last_id = new[-1][0]
+            self.ready.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.ready.set()
+
+    async def take(self) -> list[tuple[str, dict]]:
+        """Everything found since the last take (a reader that falls behind gets more at once)."""
+        await self.ready.wait()
+        self.ready.clear()
+        if self.error is not None:
+            raise self.error
+        entries, self.entries = self.entries, []
+        return entries
+
+
+class StreamHub:
+    """One reader, per API process, of every job stream a client follows: a blocking XREAD over all of them, the
+    entries handed to each stream's followers. A new follower wakes a read in progress through this process's own
+    small wake stream, so that it is read from the next round on without waiting out the block."""
+
+    WAKE_TTL_S = 60
+
+    def __init__(self, client: aredis.Redis, keys: Keys) -> None:
+        self.r = client
+        self._wake_key = f"{keys.prefix}:api-stream-hub:{uuid.uuid4().hex}"
+        self._wake_last = "0"
+        self._followers: dict[str, set[_Follower]] = {}
+        self._task: asyncio.Task | None = None
+        self._reading = False
+
+    @asynccontextmanager
+    async def follow(self, stream_key: str, last_id: str) -> AsyncIterator[_Follower]:
+        """A follower of the stream's entries after `last_id`, for the duration of the block."""
+        follower = _Follower(last_id)
+        self._followers.setdefault(stream_key, set()).add(follower)
+        try:
+            if self._task is None or self._task.done():
+                self._task = asyncio.get_running_loop().create_task(self._run())
+            elif self._reading:
+                async with self.r.pipeline(transaction=False) as pipe:
+                    pipe.xadd(self._wake_key, {"w": "1"}, maxlen=16, approximate=True)
+                    pipe.expire(self._wake_key, self.WAKE_TTL_S)
+                    await pipe.execute()
+            yield follower
+        finally:
+            followers = self._followers.get(stream_key)
+            if followers is not None:
+                followers.discard(follower)
+                if not followers:
+                    del self._followers[stream_key]
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
+                pass
+
+    async def _run(self) -> None:
+        while self._followers:
+            wanted = {key: min((f.last_id for f in followers), key=_entry_key)
+                      for key, followers in self._followers.items()}
+            self._reading = True
+            try:
+                reply = await self.r.xread({self._wake_key: self._wake_last, **wanted}, count=1000,
+                                           block=BLOCK_CHUNK_MS)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. Redis away: each follower gets the error, as its own read would
+                for followers in self._followers.values():
+                    for follower in followers:
+                        follower.fail(exc)
+                self._followers.clear()
+                return
+            finally:
+                self._reading = False
+            for key, entries in (reply.items() if isinstance(reply, dict) else reply or ()):
+                if key == self._wake_key:
+                    self._wake_last = entries[-1][0]
+                    continue
+                parsed = [(entry_id, json.loads(fields["data"])) for entry_id, fields in entries]
+                for follower in self._followers.get(key, ()):
+                    follower.push(parsed)
+
+
 class AsyncStreams:
     """The API side: read a job's events, or wait until it ends, without holding a thread."""
 
@@ -133,6 +246,7 @@ class AsyncStreams:
         self.r = client
         self.keys = keys
         self.ends = EndListener(client, keys)
+        self.hub = StreamHub(client, keys)
 
     async def get(self, job_id: str) -> Job | None:
         if not is_job_id(job_id):
@@ -153,19 +267,24 @@ class AsyncStreams:
 
     async def event_batches(self, job_id: str) -> AsyncIterator[list[dict]]:
         """The job's events in order, as each read returns them (a reader that falls behind gets more at once), up
-        to and including its end event."""
-        last = "0"
-        while True:
-            entries = await self.read(job_id, last, block_ms=BLOCK_CHUNK_MS, count=1000)
-            if not entries:
-                continue
-            last = entries[-1][0]
-            batch = [event for _, event in entries]
-            for i, event in enumerate(batch):
-                if event.get("type") == EventType.END:
-                    yield batch[:i + 1]
-                    return
+        to and including its end event. What is already written is read at once; the rest through the hub."""
+        entries = await self.read(job_id, "0", count=1000)
+        last = entries[-1][0] if entries else "0"
+        batch = _through_end([event for _, event in entries])
+        if batch:
             yield batch
+            if batch[-1].get("type") == EventType.END:
+                return
+        async with self.hub.follow(self.keys.stream(job_id), last) as follower:
+            while True:
+                batch = _through_end([event for _, event in await follower.take()])
+                yield batch
+                if batch[-1].get("type") == EventType.END:
+                    return
+
+    async def close(self) -> None:
+        await self.ends.close()
+        await self.hub.close()
 
     async def wait_for_terminal(self, job_id: str, timeout_s: float) -> Job | None:
         """The job as soon as it is terminal, or as it is when `timeout_s` runs out (None if gone)."""
@@ -184,3 +303,11 @@ class AsyncStreams:
                 ended.clear()
                 job = await self.get(job_id)
         return job
+
+
+def _through_end(batch: list[dict]) -> list[dict]:
+    """The events up to and including the first end event (nothing after a job's end belongs to it)."""
+    for i, event in enumerate(batch):
+        if event.get("type") == EventType.END:
+            return batch[:i + 1]
+    return batch

@@ -257,7 +257,7 @@ def test_wait_for_terminal(store: JobStore, redis_url: str) -> None:
         assert done.status == "succeeded" and 0.25 < elapsed < 1.0
         assert (await streams.wait_for_terminal(job.id, timeout_s=5)).status == "succeeded"  # terminal: at once
         assert await streams.wait_for_terminal("job_nope", timeout_s=5) is None
-        await streams.ends.close()
+        await streams.close()
         await client.aclose()
 
     asyncio.run(main())
@@ -297,10 +297,97 @@ def test_a_waiter_for_a_jobs_end_reads_nothing_per_token() -> None:
             writer.join()
             assert done.status == "succeeded"
             assert calls("xread") == xreads and calls("hgetall") - hgetalls <= 4  # start, end, maybe a re-check
-            await streams.ends.close()
+            await streams.close()
             await client.aclose()
 
         asyncio.run(main())
+
+
+def test_stream_readers_share_one_read_per_round() -> None:
+    """Every stream an API process follows is read by one blocking XREAD per round (StreamHub), not one per
+    stream per token; every reader still gets every event once, in order, through the end event, a late second
+    reader of a stream too. Its own Redis, so that nothing else's commands count."""
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    from api.streams import delta_event
+
+    num_jobs, num_deltas = 40, 15
+    with start_redis() as server:
+        store = JobStore.from_url(server.url, prefix="hub")
+        jobs = [new_job(store) for _ in range(num_jobs)]
+        for job in jobs:
+            take(store, job.id)
+
+        def write() -> None:
+            time.sleep(0.3)  # the readers have caught up and follow through the hub
+            for i in range(num_deltas):  # a round as the worker writes an engine step: one pipeline
+                pipe = store.r.pipeline(transaction=False)
+                for job in jobs:
+                    store.append_stream(job.id, delta_event([{"index": 0, "text": str(i), "finish_reason": None}]),
+                                        pipe=pipe)
+                pipe.execute()
+                time.sleep(0.02)
+            for job in jobs:
+                store.finish(job.id, "succeeded", result={"text": "x"})
+
+        def calls(command: str) -> int:
+            return store.r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+
+        async def main() -> None:
+            client = aredis.Redis.from_url(server.url, decode_responses=True)
+            streams = AsyncStreams(client, store.keys)
+
+            async def texts(job_id: str, delay: float = 0.0) -> list[str]:
+                await asyncio.sleep(delay)
+                return [e["choices"][0]["text"] if e["type"] == "delta" else e["type"]
+                        async for e in streams.events(job_id)]
+
+            xreads = calls("xread")
+            writer = threading.Thread(target=write)
+            writer.start()
+            got = await asyncio.gather(*(texts(job.id) for job in jobs), texts(jobs[0].id, delay=0.4))
+            writer.join()
+            expected = [str(i) for i in range(num_deltas)] + ["end"]
+            assert all(texts_ == expected for texts_ in got)
+            # One catch-up read per reader, then about a read per written round (and at most one per job's end,
+            # each its own write): not one per stream and round (num_jobs * num_deltas = 600).
+            assert calls("xread") - xreads < 2 * num_jobs + 3 * num_deltas, calls("xread") - xreads
+            await streams.close()
+            await client.aclose()
+
+        asyncio.run(main())
+
+
+def test_a_new_stream_reader_does_not_wait_out_the_hubs_blocking_read(store: JobStore, redis_url: str) -> None:
+    """The hub is blocked on a quiet stream (up to a second); a reader of another stream that joins is read from
+    at once (it wakes the hub), so its end arrives in a moment, not when the block runs out."""
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    quiet, joining = new_job(store), new_job(store)
+    for job in (quiet, joining):
+        take(store, job.id)
+
+    async def main() -> None:
+        client = aredis.Redis.from_url(redis_url, decode_responses=True)
+        streams = AsyncStreams(client, store.keys)
+        quiet_reader = asyncio.ensure_future(streams.events(quiet.id).__anext__())
+        await asyncio.sleep(0.1)  # the hub's read of the quiet stream is blocked now
+        start = time.monotonic()
+        finisher = threading.Timer(0.05, lambda: store.finish(joining.id, "succeeded", result={"text": "x"}))
+        finisher.start()
+        events = [event["type"] async for event in streams.events(joining.id)]
+        elapsed = time.monotonic() - start
+        finisher.join()
+        assert events == ["end"] and elapsed < 0.5, elapsed
+        quiet_reader.cancel()
+        await streams.close()
+        await client.aclose()
+
+    asyncio.run(main())
 
 
 def test_sse_sends_the_deltas_of_one_read_as_one_chunk(store: JobStore, redis_url: str) -> None:
