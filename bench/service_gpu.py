@@ -2,7 +2,8 @@
 
 Workload: N requests (--requests, 1024) of random token-id prompts (64-512 tokens) and random max_tokens (16-256),
 greedy, EOS ignored, seeded; random-weight Llama of --shape written to a temporary directory (or --model DIR).
-  engine    engine.llm.LLM.generate on every request at once, in this process: the ceiling for the service.
+  engine    engine.llm.LLM.generate on every request at once, in this process: the ceiling for the service. It
+            runs before and after the service, and the faster run is the reference (GPU hosts drift).
 Then the service, started from its command line as a user would (local Redis, `worker.cli worker`,
 `webhook-worker` for batch bookkeeping, `api`), answers the same requests through each path of --paths:
   batch        one JSONL file, POST /v1/files + POST /v1/batches, polled until the batch ends (--timeout);
@@ -128,6 +129,13 @@ def engine_offline(model_dir: Path, device: str, dtype: str, reqs, prompts: list
     if device != "cpu":
         torch.cuda.empty_cache()  # the worker sizes its KV cache from the memory left free
     return {"seconds": seconds, "tokens": tokens, "ttft_s": statistics.median(times[2:]), "steps": steps[0]}
+
+
+def offline_run(model_dir: Path, device: str, dtype: str, reqs, prompts: list[list[int]]) -> dict:
+    engine = engine_offline(model_dir, device, dtype, reqs, prompts)
+    print(f"engine offline: {engine}; {engine['steps']} steps, {1e3 * engine['seconds'] / engine['steps']:.1f} ms "
+          "each", flush=True)
+    return engine
 
 
 # ---- the service ----
@@ -483,8 +491,9 @@ def print_report(report: dict) -> None:
           f"{report['clients']} clients, {report['api_workers']} API process(es) ==")
     print("| path | done | s | out tokens | out tok/s | share of the engine offline | engine batch median | errors "
           "| HTTP statuses |")
-    print(f"| engine offline | {report['requests']} | {engine['seconds']:.1f} | {engine['tokens']} | "
-          f"{engine_tok_s:.0f} | 1.00 | - | 0 | - |")
+    run_seconds = ", ".join(f"{run['seconds']:.1f}" for run in report["engine_runs"])
+    print(f"| engine offline (faster of runs of {run_seconds} s) | {report['requests']} | {engine['seconds']:.1f} | "
+          f"{engine['tokens']} | {engine_tok_s:.0f} | 1.00 | - | 0 | - |")
     for name, result in paths.items():
         if name != "ttft":
             print(row(name, result, engine_tok_s))
@@ -574,10 +583,7 @@ def main() -> int:
         reqs, prompts = workload(args.requests, vocab), ttft_prompts(vocab)
         print(f"workload: {len(reqs)} requests, {sum(len(p) for p, _ in reqs)} prompt tokens, "
               f"{sum(m for _, m in reqs)} output tokens; model {shape} in {dtype} on {args.device}", flush=True)
-        report["engine"] = engine_offline(model_dir, args.device, dtype, reqs, prompts)
-        engine = report["engine"]
-        print(f"engine offline: {engine}; {engine['steps']} steps, {1e3 * engine['seconds'] / engine['steps']:.1f} ms "
-              "each", flush=True)
+        runs = [offline_run(model_dir, args.device, dtype, reqs, prompts)]
         children, redis = {}, start_redis()
         try:
             port = free_port()
@@ -589,6 +595,11 @@ def main() -> int:
         finally:
             stop_children(children)
             redis.stop()
+        # The GPU hosts drift (the same steps have taken 11.5-20 ms each): the engine runs again after the service
+        # and the faster run is the reference, so no share is flattered by a slow engine run.
+        runs.append(offline_run(model_dir, args.device, dtype, reqs, prompts))
+        report["engine_runs"] = runs
+        report["engine"] = min(runs, key=lambda run: run["seconds"])
     print_report(report)
     print(f"service logs: {log_dir}")
     if out:
