@@ -3,7 +3,8 @@
 Workload: N requests (--requests, 1024) of random token-id prompts (64-512 tokens) and random max_tokens (16-256),
 greedy, EOS ignored, seeded; random-weight Llama of --shape written to a temporary directory (or --model DIR).
   engine    engine.llm.LLM.generate on every request at once, in this process: the ceiling for the service. It
-            runs before and after the service, and the faster run is the reference (GPU hosts drift).
+            stays loaded beside the service and runs before and after every path; a path's share is of the mean
+            of those two runs (GPU hosts drift: the same offline run has taken 6.3 to 13.9 s).
 Then the service, started from its command line as a user would (local Redis, `worker.cli worker`,
 `webhook-worker` for batch bookkeeping, `api`), answers the same requests through each path of --paths:
   batch        one JSONL file, POST /v1/files + POST /v1/batches, polled until the batch ends (--timeout);
@@ -15,10 +16,11 @@ Then the service, started from its command line as a user would (local Redis, `w
   ttft         20 streamed requests one at a time (128-token prompt, 16 out) on the idle service, against the
                engine's own time to first token.
 Each path reports out tok/s (completion tokens of its answers), its share of the engine's, the worker's median
-engine batch size (GET /metrics, sampled every 0.5 s) and every answer that was not a success. Clients run in
+engine batch size (GET /metrics, sampled every 0.5 s) and every answer that was not a success; with --rounds N
+every path runs N times and the table shows medians (and the range of the shares). Clients run in
 several processes (asyncio + httpx each) so that the client is never the limit. A benchmark: nothing is asserted.
 
-    python bench/service_gpu.py                                  # TinyLlama-1.1B shape on cuda
+    python bench/service_gpu.py --rounds 3                       # TinyLlama-1.1B shape on cuda
     python bench/service_gpu.py --shape llama2-7b --paths batch,stream
     python bench/service_gpu.py --shape tiny --device cpu --requests 48 --clients 16   # smoke test
 
@@ -90,52 +92,53 @@ def write_model(shape: str, out: Path, device: str) -> Path:
     return out
 
 
-def engine_offline(model_dir: Path, device: str, dtype: str, reqs, prompts: list[list[int]]) -> dict:
-    """Path A: every request into one LLM.generate call; then the engine's TTFT of one request alone."""
-    import torch
-    from engine.llm import LLM
-    from engine.sampling_params import SamplingParams
+class OfflineEngine:
+    """Path A, the ceiling: every request into one LLM.generate call. Loaded once and kept beside the service (each
+    with --memory-share of the device's memory), so that an offline run comes right before and right after every
+    path: the GPU hosts drift (the same offline steps have taken 8.9 to 19.5 ms each), and each path is compared
+    with the engine of that moment."""
 
-    llm = LLM(str(model_dir), device=device, dtype=dtype, max_num_seqs=256, max_num_batched_tokens=8192)
-    warm = [p for p, _ in workload(16, llm.engine.vocab_size, seed=1)]  # first-use costs, untimed
-    llm.generate(warm, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in reqs]
-    steps, step = [0], llm.engine.step
+    def __init__(self, model_dir: Path, device: str, dtype: str, memory_share: float) -> None:
+        from engine.llm import LLM
+        from engine.sampling_params import SamplingParams
 
-    def counted_step():
-        steps[0] += 1
-        return step()
+        self.llm = LLM(str(model_dir), device=device, dtype=dtype, max_num_seqs=256, max_num_batched_tokens=8192,
+                       gpu_memory_utilization=memory_share)
+        self.params = SamplingParams
+        warm = [p for p, _ in workload(16, self.llm.engine.vocab_size, seed=1)]  # first-use costs, untimed
+        self.llm.generate(warm, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        self.steps, step = 0, self.llm.engine.step
 
-    llm.engine.step = counted_step
-    start = time.monotonic()
-    outs = llm.generate([p for p, _ in reqs], params)  # returns once every token is on the host: no sync needed
-    seconds = time.monotonic() - start
-    llm.engine.step = step
-    del step, counted_step  # the bound method holds the engine: it must go before the memory is handed back
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    times = []
-    for i, prompt in enumerate(prompts):
-        start = time.monotonic()
-        llm.engine.add_request(f"ttft{i}", prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-        first = None
-        while llm.engine.has_unfinished_requests():
-            outputs = llm.engine.step()  # with async scheduling a step may return nothing yet: time the first tokens
-            if first is None and any(o.outputs[0].token_ids for o in outputs):
-                first = time.monotonic() - start
-        times.append(first)
-    del llm, outs
-    gc.unfreeze()  # the engine froze the heap (engine/engine.py): let the collector free it for the worker's copy
-    gc.collect()
-    if device != "cpu":
-        torch.cuda.empty_cache()  # the worker sizes its KV cache from the memory left free
-    return {"seconds": seconds, "tokens": tokens, "ttft_s": statistics.median(times[2:]), "steps": steps[0]}
+        def counted_step():
+            self.steps += 1
+            return step()
 
+        self.llm.engine.step = counted_step
 
-def offline_run(model_dir: Path, device: str, dtype: str, reqs, prompts: list[list[int]]) -> dict:
-    engine = engine_offline(model_dir, device, dtype, reqs, prompts)
-    print(f"engine offline: {engine}; {engine['steps']} steps, {1e3 * engine['seconds'] / engine['steps']:.1f} ms "
-          "each", flush=True)
-    return engine
+    def run(self, reqs) -> dict:
+        params = [self.params(temperature=0, max_tokens=m, ignore_eos=True) for _, m in reqs]
+        steps, start = self.steps, time.monotonic()
+        outs = self.llm.generate([p for p, _ in reqs], params)  # returns once every token is on the host
+        seconds = time.monotonic() - start
+        run = {"seconds": seconds, "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+               "steps": self.steps - steps}
+        print(f"engine offline: {run['tokens'] / seconds:.0f} out tok/s, {seconds:.2f} s, {run['steps']} steps, "
+              f"{1e3 * seconds / run['steps']:.1f} ms each", flush=True)
+        return run
+
+    def ttft(self, prompts: list[list[int]]) -> float:
+        """The engine's time to first token of one request alone (p50, the first two untimed)."""
+        engine, times = self.llm.engine, []
+        for i, prompt in enumerate(prompts):
+            start = time.monotonic()
+            engine.add_request(f"ttft{i}", prompt, self.params(temperature=0, max_tokens=16, ignore_eos=True))
+            first = None
+            while engine.has_unfinished_requests():
+                outputs = engine.step()  # with async scheduling a step may return nothing yet: time the first tokens
+                if first is None and any(o.outputs[0].token_ids for o in outputs):
+                    first = time.monotonic() - start
+            times.append(first)
+        return statistics.median(times[2:])
 
 
 # ---- the service ----
@@ -148,13 +151,14 @@ def spawn(name: str, args: list[str], env: dict, log_dir: Path) -> subprocess.Po
 
 
 def start_service(model_dir: Path, device: str, dtype: str, redis_url: str, port: int, log_dir: Path,
-                  children: dict, api_workers: int = 1) -> None:
+                  children: dict, api_workers: int, memory_share: float) -> None:
     # /metrics shows the batch size of the worker's last heartbeat: beat every second (default 5) for 0.5 s samples.
     env = os.environ | {"INFERQ_REDIS_URL": redis_url, "INFERQ_API_KEYS": "", "PYTHONUNBUFFERED": "1",
                         "INFERQ_WORKER_HEARTBEAT_SECONDS": "1"}
     children["worker"] = spawn("worker", ["worker", "--model", str(model_dir), "--served-model-name", MODEL,
                                           "--device", device, "--dtype", dtype, "--max-num-seqs", "256",
-                                          "--max-num-batched-tokens", "8192"], env, log_dir)
+                                          "--max-num-batched-tokens", "8192",
+                                          "--gpu-memory-utilization", str(memory_share)], env, log_dir)
     children["webhook-worker"] = spawn("webhook-worker", ["webhook-worker"], env, log_dir)
     children["api"] = spawn("api", ["api", "--port", str(port), "--workers", str(api_workers)], env, log_dir)
 
@@ -474,41 +478,79 @@ def run_ttft(url: str, prompts: list[list[int]]) -> dict:
 
 # ---- report ----
 
-def row(name: str, result: dict, engine_tok_s: float) -> str:
-    if "failed" in result:
-        return f"| {name} | FAILED: {result['failed']} |"
-    tok_s = result["tokens"] / result["seconds"]
-    batch = f"{statistics.median(result['batch_sizes']):.0f}" if result.get("batch_sizes") else "-"
-    statuses = " ".join(f"{code}x{n}" for code, n in sorted(result["codes"].items()))
-    return (f"| {name} | {result['done']} | {result['seconds']:.1f} | {result['tokens']} | {tok_s:.0f} | "
-            f"{tok_s / engine_tok_s:.2f} | {batch} | {result['errors']} {result.get('note', '')} | {statuses} |")
+def tok_s(result: dict) -> float:
+    return result["tokens"] / result["seconds"]
+
+
+def row(name: str, rounds: list[dict]) -> str:
+    failed = [r["failed"] for r in rounds if "failed" in r]
+    if failed:
+        return f"| {name} | FAILED: {failed[0]} |"
+    shares = [r["share"] for r in rounds]
+    share = f"{statistics.median(shares):.2f}" + (f" ({min(shares):.2f}-{max(shares):.2f})" if len(shares) > 1 else "")
+    batches = [b for r in rounds for b in r.get("batch_sizes", [])]
+    steps = statistics.median(r["engine_steps"] for r in rounds)
+    ms = statistics.median(1e3 * r["engine_busy_s"] / max(r["engine_steps"], 1) for r in rounds)
+    busy = statistics.median(r["engine_busy_s"] / r["seconds"] for r in rounds)
+    statuses = Counter()
+    for r in rounds:
+        statuses.update(r["codes"])
+    return (f"| {name} | {statistics.median(tok_s(r) for r in rounds):.0f} | "
+            f"{statistics.median(r['engine_tok_s'] for r in rounds):.0f} | {share} | {steps:.0f} ({ms:.1f}) | "
+            f"{busy:.0%} | {f'{statistics.median(batches):.0f}' if batches else '-'} | {sum(r['errors'] for r in rounds)} | "
+            f"{' '.join(f'{code}x{n}' for code, n in sorted(statuses.items()))} |")
 
 
 def print_report(report: dict) -> None:
-    engine, paths = report["engine"], report["paths"]
-    engine_tok_s = engine["tokens"] / engine["seconds"]
+    paths, offline = report["paths"], report["engine_runs"]
     print(f"\n== service vs engine, {report['device_name']}, {report['shape']}, {report['requests']} requests, "
-          f"{report['clients']} clients, {report['api_workers']} API process(es) ==")
-    print("| path | done | s | out tokens | out tok/s | share of the engine offline | engine batch median | errors "
-          "| HTTP statuses |")
-    run_seconds = ", ".join(f"{run['seconds']:.1f}" for run in report["engine_runs"])
-    print(f"| engine offline (faster of runs of {run_seconds} s) | {report['requests']} | {engine['seconds']:.1f} | "
-          f"{engine['tokens']} | {engine_tok_s:.0f} | 1.00 | - | 0 | - |")
-    for name, result in paths.items():
+          f"{report['clients']} clients, {report['api_workers']} API process(es), {report['rounds']} round(s) ==")
+    print(f"engine offline: {len(offline)} runs, {min(map(tok_s, offline)):.0f}-{max(map(tok_s, offline)):.0f} "
+          f"out tok/s ({statistics.median(r['steps'] for r in offline):.0f} steps)")
+    print("| path | out tok/s | engine offline around it | share of the engine offline | engine steps (ms each) "
+          "| engine busy | engine batch median | errors | HTTP statuses |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, rounds in paths.items():
         if name != "ttft":
-            print(row(name, result, engine_tok_s))
-        if result.get("first_errors"):
-            print(f"  {name}, first errors: {result['first_errors']}")
-    ttft = paths.get("ttft", {})
+            print(row(name, rounds))
+        for r in rounds:
+            if r.get("first_errors"):
+                print(f"  {name}, first errors: {r['first_errors']}")
+    ttft = paths.get("ttft", [{}])[0]
     if ttft.get("ttft_s") is not None:
-        print(f"TTFT p50 (128-token prompt, idle): engine {1e3 * engine['ttft_s']:.1f} ms, service "
-              f"{1e3 * ttft['ttft_s']:.1f} ms, difference {1e3 * (ttft['ttft_s'] - engine['ttft_s']):.1f} ms; "
+        engine = report["engine_ttft_s"]
+        print(f"TTFT p50 (128-token prompt, idle): engine {1e3 * engine:.1f} ms, service "
+              f"{1e3 * ttft['ttft_s']:.1f} ms, difference {1e3 * (ttft['ttft_s'] - engine):.1f} ms; "
               f"{ttft['errors']} errors, HTTP statuses {dict(ttft['codes'])}")
     elif ttft:
         print(f"TTFT: {ttft.get('failed') or 'no request produced a token'}")
 
 
-def run_paths(args, url: str, reqs, prompts: list[list[int]], pids: dict[str, int]) -> dict:
+def run_path(args, name: str, url: str, bodies: list[dict], prompts: list[list[int]], pids: dict[str, int]) -> dict:
+    print(f"path {name} ...", flush=True)
+    try:
+        with probe(url, pids) as found:
+            if name == "batch":
+                result = run_batch(url, bodies, args.timeout)
+            elif name == "ttft":
+                result = run_ttft(url, prompts)
+            else:
+                result = run_clients(url, name, bodies, args.clients, args.client_procs, args.timeout)
+        result |= found
+    except Exception as exc:  # report the path and go on with the others
+        result = {"failed": f"{type(exc).__name__}: {exc}"}
+    print(f"path {name}: { {k: v for k, v in result.items() if k != 'batch_sizes'} }", flush=True)
+    if "engine_steps" in result:
+        steps, busy = result["engine_steps"], result["engine_busy_s"]
+        print(f"  engine: {steps:.0f} steps, {1e3 * busy / max(steps, 1):.1f} ms each, busy {busy:.1f} s of "
+              f"{result.get('seconds', 0):.1f} s; CPU cores used: {result['cpu_cores']}", flush=True)
+    wait_idle(url)
+    return result
+
+
+def run_paths(args, url: str, reqs, prompts: list[list[int]], pids: dict[str, int], offline: OfflineEngine,
+              offline_runs: list[dict]) -> dict:
+    """Every path --rounds times, each between two offline runs: its share is of their mean. TTFT runs once."""
     bodies = [{"model": MODEL, "prompt": p, "max_tokens": m, "temperature": 0, "ignore_eos": True} for p, m in reqs]
     # Untimed, as the engine's warm-up: the worker's first prefills of each size pay for kernel compilation.
     warm = [b | {"max_tokens": 8} for b in bodies[:16]]
@@ -516,27 +558,18 @@ def run_paths(args, url: str, reqs, prompts: list[list[int]], pids: dict[str, in
         print(f"warm-up: {run_clients(url, 'completions', warm, len(warm), 1, args.timeout)}", flush=True)
     except Exception as exc:  # the paths will show what is wrong
         print(f"warm-up failed: {exc!r}", flush=True)
-    results = {}
-    for name in args.paths:
-        print(f"path {name} ...", flush=True)
-        try:
-            with probe(url, pids) as found:
-                if name == "batch":
-                    result = run_batch(url, bodies, args.timeout)
-                elif name == "ttft":
-                    result = run_ttft(url, prompts)
-                else:
-                    result = run_clients(url, name, bodies, args.clients, args.client_procs, args.timeout)
-            result |= found
-        except Exception as exc:  # report the path and go on with the others
-            result = {"failed": f"{type(exc).__name__}: {exc}"}
-        print(f"path {name}: { {k: v for k, v in result.items() if k != 'batch_sizes'} }", flush=True)
-        if "engine_steps" in result:
-            steps, busy = result["engine_steps"], result["engine_busy_s"]
-            print(f"  engine: {steps:.0f} steps, {1e3 * busy / max(steps, 1):.1f} ms each, busy {busy:.1f} s of "
-                  f"{result.get('seconds', 0):.1f} s; CPU cores used: {result['cpu_cores']}", flush=True)
-        results[name] = result
-        wait_idle(url)
+    results: dict[str, list[dict]] = {name: [] for name in args.paths}
+    if "ttft" in results:
+        results["ttft"].append(run_path(args, "ttft", url, bodies, prompts, pids))
+    offline_runs.append(offline.run(reqs))
+    for _ in range(args.rounds):
+        for name in (n for n in args.paths if n != "ttft"):
+            result = run_path(args, name, url, bodies, prompts, pids)
+            offline_runs.append(offline.run(reqs))
+            if "failed" not in result:
+                result["engine_tok_s"] = statistics.mean(tok_s(r) for r in offline_runs[-2:])
+                result["share"] = tok_s(result) / result["engine_tok_s"]
+            results[name].append(result)
     return results
 
 
@@ -552,6 +585,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--client-procs", type=int, default=8, help="processes the clients are spread over")
     parser.add_argument("--timeout", type=float, default=600, help="seconds before a path gives up")
     parser.add_argument("--api-workers", type=int, default=1, help="API processes (`inferq api --workers`)")
+    parser.add_argument("--rounds", type=int, default=1, help="times each path runs (the table shows medians)")
+    parser.add_argument("--memory-share", type=float, default=0.4,
+                        help="the device's memory for each of the two engines (offline, the service's)")
     parser.add_argument("--paths", default="batch,completions,jobs,stream,ttft",
                         type=lambda s: [p for p in s.split(",") if p])
     args = parser.parse_args()
@@ -575,7 +611,7 @@ def main() -> int:
     dtype = "float32" if args.device == "cpu" else "bfloat16"
     shape = Path(args.model).name if args.model else args.shape
     report = {"shape": shape, "device": args.device, "requests": args.requests, "clients": args.clients,
-              "api_workers": args.api_workers,
+              "api_workers": args.api_workers, "rounds": args.rounds,
               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device}
     with tempfile.TemporaryDirectory(prefix="inferq-bench-model-") as tmp:
         model_dir = Path(args.model) if args.model else write_model(args.shape, Path(tmp) / shape, args.device)
@@ -583,23 +619,21 @@ def main() -> int:
         reqs, prompts = workload(args.requests, vocab), ttft_prompts(vocab)
         print(f"workload: {len(reqs)} requests, {sum(len(p) for p, _ in reqs)} prompt tokens, "
               f"{sum(m for _, m in reqs)} output tokens; model {shape} in {dtype} on {args.device}", flush=True)
-        runs = [offline_run(model_dir, args.device, dtype, reqs, prompts)]
+        offline = OfflineEngine(model_dir, args.device, dtype, args.memory_share)
+        report["engine_ttft_s"] = offline.ttft(prompts)
+        report["engine_runs"] = []
         children, redis = {}, start_redis()
         try:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            start_service(model_dir, args.device, dtype, redis.url, port, log_dir, children, args.api_workers)
+            start_service(model_dir, args.device, dtype, redis.url, port, log_dir, children, args.api_workers,
+                          args.memory_share)
             wait_ready(url, children, log_dir)
             pids = {name: child.pid for name, child in children.items()} | {"redis": redis.process.pid}
-            report["paths"] = run_paths(args, url, reqs, prompts, pids)
+            report["paths"] = run_paths(args, url, reqs, prompts, pids, offline, report["engine_runs"])
         finally:
             stop_children(children)
             redis.stop()
-        # The GPU hosts drift (the same steps have taken 11.5-20 ms each): the engine runs again after the service
-        # and the faster run is the reference, so no share is flattered by a slow engine run.
-        runs.append(offline_run(model_dir, args.device, dtype, reqs, prompts))
-        report["engine_runs"] = runs
-        report["engine"] = min(runs, key=lambda run: run["seconds"])
     print_report(report)
     print(f"service logs: {log_dir}")
     if out:
