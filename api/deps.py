@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from api.settings import Settings
 from api.job_record import owner_id
+from api.settings import Settings
 from api.store import JobStore
 from api.streams import AsyncStreams
 
@@ -36,13 +37,18 @@ def get_celery(request: Request):
     return request.app.state.celery
 
 
-def get_owner(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str:
+# Parses `Authorization: Bearer <key>` and declares the scheme in /openapi.json; it never answers by itself
+# (auto_error=False): a missing or wrong key is our 401 below, in OpenAI's shape.
+bearer = HTTPBearer(auto_error=False)
+
+
+def get_owner(settings: Annotated[Settings, Depends(get_settings)],
+              credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
     """The caller: the hash of its bearer key (401 if keys are configured and it is missing or wrong)."""
     if not settings.api_keys:
         return owner_id(None)
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or key not in settings.api_keys:
+    key = credentials.credentials if credentials else None
+    if key not in settings.api_keys:
         raise APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
                        type="authentication_error", code="invalid_api_key")
     return owner_id(key)

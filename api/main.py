@@ -10,11 +10,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException  # FastAPI's subclasses it; the router raises this one (404, 405)
 
+from api import docs
 from api.body_limit import BodyLimit
 from api.celery_client import create_app as create_celery_app
 from api.files import FileStore
 from api.routes import batches, files, health, jobs, openai
 from api.schemas import error_body
+from api.server_errors import ServerErrors
 from api.settings import Settings, get_settings
 from api.store import JobStore
 from api.streams import AsyncStreams
@@ -37,10 +39,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await app.state.streams.ends.close()
+            await app.state.streams.close()
             await client.aclose()
 
-    app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="inferq", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    docs.install(app)  # /openapi.json, and /docs and /redoc without a CDN
     app.state.settings = settings
     # The sync store serves the short calls (create, get, cancel), which run in the threadpool.
     app.state.store = JobStore.from_url(settings.redis_url, max_connections=64, retries=API_REDIS_RETRIES,
@@ -57,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return settings.max_file_bytes + MULTIPART_SLACK_BYTES if upload else settings.max_body_bytes
 
     app.add_middleware(BodyLimit, limit_for=body_limit)
+    app.add_middleware(ServerErrors)  # added last: outside BodyLimit, so it answers for everything within
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

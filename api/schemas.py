@@ -7,7 +7,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    StrictStr,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 Stop = str | list[str] | None
 
@@ -23,7 +33,8 @@ class SamplingFields(BaseModel):
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stop: Stop = None
-    seed: int | None = None
+    # A 64-bit integer, as OpenAI's and vLLM's: the engine seeds a torch generator per choice with seed + index.
+    seed: Annotated[int, Field(ge=-2**63, le=2**63 - 1)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     stream: bool = False
@@ -62,6 +73,17 @@ class CompletionRequest(SamplingFields):
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_tokens(cls, value: str | list[int]) -> str | list[int]:
+        # The engine refuses an empty prompt (nothing to continue from) and negative token ids; refused here, they
+        # are the caller's 400 rather than a job failed in the engine. (The ids' upper bound is the model's.)
+        if not value:
+            raise ValueError("the prompt is empty")
+        if isinstance(value, list) and min(value) < 0:
+            raise ValueError("token ids are never negative")
+        return value
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
@@ -125,14 +147,46 @@ class JobCreate(BaseModel):
     priority: Annotated[int, Field(ge=-100, le=100)] = 0
 
 
+class CompletionJob(JobCreate, CompletionRequest):
+    """POST /v1/jobs with `prompt` (for the OpenAPI document only; the route splits the body itself)."""
+
+    stream: Literal[False] = False  # a job's text is read from /v1/jobs/{id}/events
+
+
+class ChatJob(JobCreate, ChatCompletionRequest):
+    """POST /v1/jobs with `messages` (for the OpenAPI document only)."""
+
+    stream: Literal[False] = False
+
+
+def raw_json_object(documented_as: Any) -> Any:
+    """The type of a request body that reaches its route as the JSON object received (a dict), documented in
+    /openapi.json as `documented_as`. For the generation routes: they validate the body themselves (submit's
+    checks and messages), and the body as sent is what is stored and handed to the worker."""
+    adapter = TypeAdapter(documented_as)
+
+    class RawJsonObject:
+        @classmethod
+        def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler):
+            return handler.generate_schema(dict[str, Any])
+
+        @classmethod
+        def __get_pydantic_json_schema__(cls, schema: Any, handler: GetJsonSchemaHandler):
+            return handler(adapter.core_schema)
+
+    return RawJsonObject
+
+
 class BatchCreate(BaseModel):
     """POST /v1/batches: OpenAI's fields, plus an optional `webhook` URL told when the batch ends."""
 
     model_config = ConfigDict(extra="ignore")
 
     input_file_id: StrictStr
-    endpoint: StrictStr
-    completion_window: StrictStr = "24h"
+    # What the route accepts (api/batches.py's ENDPOINTS and parse_window), documented; the route checks them
+    # itself, with its own messages.
+    endpoint: Annotated[StrictStr, Field(json_schema_extra={"enum": ["/v1/completions", "/v1/chat/completions"]})]
+    completion_window: Annotated[StrictStr, Field(json_schema_extra={"pattern": "^[0-9]+[smh]$"})] = "24h"
     metadata: Annotated[dict[str, StrictStr], Field(max_length=16)] | None = None
     webhook: StrictStr | None = None
 

@@ -55,6 +55,18 @@ def assert_error(response: httpx.Response, status: int, text: str) -> dict:
     return error
 
 
+
+@pytest.mark.parametrize("endpoint, body, text", [
+    # The demo chat template renders a lone system message as nothing.
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "Be brief."}]}, "prompt must not be empty"),
+    ("/v1/completions", {"prompt": [10**9]}, "prompt token ids must be"),
+], ids=["lone-system-message", "token-id-past-the-vocabulary"])
+def test_requests_the_engine_refuses_are_the_callers_errors(client, endpoint, body, text):
+    """What only the engine can check (the rendered prompt, the vocabulary) is a 400 on the first attempt, not a
+    worker failure retried and then answered as a 500."""
+    response = client.post(endpoint, json={"model": MODEL, "max_tokens": 4, **body})
+    assert_error(response, 400, text)
+
 # ---- jobs ----
 
 def test_submit_poll_result(client):

@@ -86,16 +86,26 @@ def run(runtime: WorkerRuntime, job: Job) -> None:
         prompt_ids = _prompt_ids(runtime, body)
         _check_context(runtime, len(prompt_ids), params.max_tokens)
     except ValueError as exc:
-        if store.finish(job.id, JobStatus.FAILED, error=error_body(str(exc))["error"] | {"status_code": 400}):
-            settle(store, store.get(job.id))
+        _fail_as_invalid(store, job, exc)
         return
     chat = isinstance(body, ChatCompletionRequest)
     tracked = runtime.writer.track(job, chat, (body.top_logprobs or 0) if chat else 0)
-    # Non-streaming jobs get outputs only at their first token and their end: no per-token work at all.
-    runtime.engine.submit_to_sink(job.id, prompt_ids, params, job.priority, incremental=job.stream)
+    try:
+        # Non-streaming jobs get outputs only at their first token and their end: no per-token work at all.
+        runtime.engine.submit_to_sink(job.id, prompt_ids, params, job.priority, incremental=job.stream)
+    except ValueError as exc:  # the engine refused it (an empty prompt, a token id past the vocabulary): no rerun
+        runtime.writer.forget(job.id)
+        _fail_as_invalid(store, job, exc)
+        return
     if store.cancel_requested(job.id):  # a cancel that came before the listener could see this job
         runtime.engine.abort(job.id)
     if tracked.wait():
+        settle(store, store.get(job.id))
+
+
+def _fail_as_invalid(store, job: Job, exc: ValueError) -> None:
+    """The request itself is wrong: the job fails as the caller's error (400), on its first attempt."""
+    if store.finish(job.id, JobStatus.FAILED, error=error_body(str(exc))["error"] | {"status_code": 400}):
         settle(store, store.get(job.id))
 
 

@@ -10,6 +10,7 @@ from api.celery_client import BATCH_EXPAND, BATCH_STOP, send_batch_task
 from api.deps import APIError, CeleryDep, OwnerDep, SettingsDep, StoreDep
 from api.files import FileStore
 from api.lifecycle import check_expiry
+from api.responses import BatchList, BatchObject, errors, ok
 from api.schemas import BatchCreate
 from api.submit import check_text
 from api.webhook_targets import WebhookTargetError, check_target
@@ -24,7 +25,7 @@ def _get(batches: BatchStore, batch_id: str, owner: str, celery):
     return check_expiry(batches, batch, celery)
 
 
-@router.post("")
+@router.post("", response_model=None, responses=ok(BatchObject) | errors(400, 401, 404, 413, 503))
 def create_batch(body: BatchCreate, store: StoreDep, settings: SettingsDep, celery: CeleryDep,
                  owner: OwnerDep) -> dict:
     """OpenAI's fields, plus an optional `webhook` URL told when the batch ends."""
@@ -53,7 +54,7 @@ def create_batch(body: BatchCreate, store: StoreDep, settings: SettingsDep, cele
     return batch.public()
 
 
-@router.get("")
+@router.get("", response_model=None, responses=ok(BatchList) | errors(400, 401, 503))
 def list_batches(store: StoreDep, celery: CeleryDep, owner: OwnerDep,
                  limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None) -> dict:
     batches = BatchStore(store)
@@ -63,12 +64,12 @@ def list_batches(store: StoreDep, celery: CeleryDep, owner: OwnerDep,
             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 
-@router.get("/{batch_id}")
+@router.get("/{batch_id}", response_model=None, responses=ok(BatchObject) | errors(401, 404, 503))
 def get_batch(batch_id: str, store: StoreDep, celery: CeleryDep, owner: OwnerDep) -> dict:
     return _get(BatchStore(store), batch_id, owner, celery).public()
 
 
-@router.post("/{batch_id}/cancel")
+@router.post("/{batch_id}/cancel", response_model=None, responses=ok(BatchObject) | errors(401, 404, 409, 503))
 def cancel_batch(batch_id: str, store: StoreDep, celery: CeleryDep, owner: OwnerDep) -> dict:
     batches = BatchStore(store)
     batch = _get(batches, batch_id, owner, celery)

@@ -15,6 +15,8 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import APIError, OwnerDep, SettingsDep
 from api.files import CHUNK_BYTES, FileGoneError, FileObject, FileStore, FileTooLargeError
+from api.responses import FileDeleted, FileList, errors, ok
+from api.responses import FileObject as FileReply
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -36,9 +38,9 @@ def _get(files: FileStore, file_id: str, owner: str) -> FileObject:
     return meta
 
 
-@router.post("")
+@router.post("", response_model=None, responses=ok(FileReply) | errors(400, 401, 413, 503))
 def upload_file(files: FilesDep, settings: SettingsDep, owner: OwnerDep, file: Annotated[UploadFile, File()],
-                purpose: Annotated[str, Form()]) -> dict:
+                purpose: Annotated[str, Form(json_schema_extra={"enum": sorted(UPLOAD_PURPOSES)})]) -> dict:
     """multipart/form-data with `file` (JSONL, one batch request per line) and `purpose` ("batch")."""
     if purpose not in UPLOAD_PURPOSES:
         raise APIError(400, f"purpose must be one of {sorted(UPLOAD_PURPOSES)}, got {purpose!r}", param="purpose")
@@ -56,7 +58,7 @@ def upload_file(files: FilesDep, settings: SettingsDep, owner: OwnerDep, file: A
     return meta.public()
 
 
-@router.get("")
+@router.get("", response_model=None, responses=ok(FileList) | errors(400, 401, 503))
 def list_files(files: FilesDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
                after: str | None = None, purpose: str | None = None,
                order: Literal["asc", "desc"] = "desc") -> dict:
@@ -65,12 +67,14 @@ def list_files(files: FilesDep, owner: OwnerDep, limit: Annotated[int, Query(ge=
             "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
 
 
-@router.get("/{file_id}")
+@router.get("/{file_id}", response_model=None, responses=ok(FileReply) | errors(401, 404, 503))
 def retrieve_file(file_id: str, files: FilesDep, owner: OwnerDep) -> dict:
     return _get(files, file_id, owner).public()
 
 
-@router.get("/{file_id}/content")
+@router.get("/{file_id}/content", response_class=StreamingResponse, responses=errors(401, 404, 503) | {
+    200: {"description": "The file's bytes",
+          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
 def file_content(file_id: str, files: FilesDep, owner: OwnerDep) -> StreamingResponse:
     meta = _get(files, file_id, owner)
 
@@ -85,7 +89,7 @@ def file_content(file_id: str, files: FilesDep, owner: OwnerDep) -> StreamingRes
                              headers={"Content-Length": str(meta.bytes)})
 
 
-@router.delete("/{file_id}")
+@router.delete("/{file_id}", response_model=None, responses=ok(FileDeleted) | errors(401, 404, 503))
 def delete_file(file_id: str, files: FilesDep, owner: OwnerDep) -> dict:
     if not files.delete(file_id, owner):
         raise APIError(404, f"No such File object: {file_id}", param="file_id", code="file_not_found")

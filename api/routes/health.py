@@ -7,17 +7,19 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.deps import StoreDep
 from api.metrics import render
+from api.responses import Health, Ready, errors, ok
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
+@router.get("/health", response_model=None, responses=ok(Health) | errors())
 def health() -> dict:
     """The process is up."""
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", response_model=None,
+            responses=ok(Ready) | errors() | ok(Ready, 503, "Redis is unavailable, or a model has no live worker."))
 def ready(store: StoreDep) -> JSONResponse:
     """Redis answers and every model known to the cluster has a live worker."""
     try:
@@ -31,7 +33,8 @@ def ready(store: StoreDep) -> JSONResponse:
                         status_code=200 if ok else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses=errors(503) | {
+    200: {"description": "Prometheus text format", "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
 def metrics(store: StoreDep) -> Response:
     """Prometheus text format (unauthenticated, like /health: scrapers rarely hold API keys)."""
     return Response(render(store), media_type=CONTENT_TYPE_LATEST)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, Query
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from api.deps import APIError, CeleryDep, OwnerDep, SettingsDep, StoreDep, StreamsDep
 from api.job_record import TERMINAL, Job, JobStatus
 from api.lifecycle import settle
-from api.schemas import JobCreate
+from api.responses import JobList, JobObject, errors, events, ok
+from api.schemas import ChatJob, CompletionJob, JobCreate, raw_json_object
 from api.store import JobStore
 from api.submit import check_text, submit
 from api.webhook_targets import WebhookTargetError, check_target
@@ -20,6 +21,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 MAX_WAIT_S = 60.0
 DELIVERY_FIELDS = set(JobCreate.model_fields)
+JobBody = raw_json_object(CompletionJob | ChatJob)
 
 
 def _links(job: Job) -> dict:
@@ -38,9 +40,11 @@ def _get(store: JobStore, job_id: str, owner: str) -> Job:
     return _owned(store.get(job_id), job_id, owner)
 
 
-@router.post("", status_code=202)
+@router.post("", status_code=202, response_model=None, responses=(
+    ok(JobObject, 202, "The job, queued") | ok(JobObject, 200, "The job this Idempotency-Key already created")
+    | errors(400, 401, 404, 413, 429, 503)))
 def create_job(store: StoreDep, settings: SettingsDep, celery: CeleryDep, owner: OwnerDep,
-               body: dict[str, Any] = Body(...),
+               body: JobBody = Body(...),
                idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None):
     """An OpenAI completion body (`prompt`) or chat body (`messages`) plus webhook, metadata and priority."""
     delivery = {k: v for k, v in body.items() if k in DELIVERY_FIELDS}
@@ -68,7 +72,7 @@ def create_job(store: StoreDep, settings: SettingsDep, celery: CeleryDep, owner:
     return JSONResponse(_links(job), status_code=202 if created else 200)
 
 
-@router.get("")
+@router.get("", response_model=None, responses=ok(JobList) | errors(400, 401, 503))
 def list_jobs(store: StoreDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: str | None = None, status: str | None = None) -> dict:
     jobs, has_more = store.list(owner, limit=limit, after=after, status=status)
@@ -76,7 +80,7 @@ def list_jobs(store: StoreDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1
             "last_id": jobs[-1].id if jobs else None}
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", response_model=None, responses=ok(JobObject) | errors(400, 401, 404, 503))
 async def get_job(job_id: str, streams: StreamsDep, owner: OwnerDep,
                   wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0.0) -> dict:
     job = _owned(await streams.get(job_id), job_id, owner)
@@ -85,7 +89,7 @@ async def get_job(job_id: str, streams: StreamsDep, owner: OwnerDep,
     return _links(job)
 
 
-@router.post("/{job_id}/cancel")
+@router.post("/{job_id}/cancel", response_model=None, responses=ok(JobObject) | errors(401, 404, 409, 503))
 def cancel_job(job_id: str, store: StoreDep, celery: CeleryDep, owner: OwnerDep) -> dict:
     before = _get(store, job_id, owner)
     outcome = store.request_cancel(job_id)
@@ -96,7 +100,8 @@ def cancel_job(job_id: str, store: StoreDep, celery: CeleryDep, owner: OwnerDep)
     return _links(_get(store, job_id, owner))
 
 
-@router.get("/{job_id}/events")
+@router.get("/{job_id}/events", response_class=StreamingResponse, responses=errors(401, 404, 503) | events(
+    "`event: delta` with the text generated so far, then `event: end` with the final status"))
 async def job_event_stream(job_id: str, streams: StreamsDep, owner: OwnerDep) -> StreamingResponse:
     """Text deltas as they are generated (`event: delta`), then `event: end` with the final status."""
     _owned(await streams.get(job_id), job_id, owner)

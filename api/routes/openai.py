@@ -19,6 +19,8 @@ from fastapi.responses import Response, StreamingResponse
 
 from api.deps import APIError, CeleryDep, OwnerDep, SettingsDep, StoreDep, StreamsDep
 from api.job_record import TERMINAL, Job, JobStatus
+from api.responses import ChatCompletion, Completion, ModelCard, ModelList, errors, json_or_events, ok
+from api.schemas import ChatCompletionRequest, CompletionRequest, raw_json_object
 from api.store import JobStore
 from api.streams import AsyncStreams, EventType
 from api.submit import submit
@@ -30,13 +32,18 @@ SYNC_TIMEOUT_S = 600.0
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection": logged, never seen by the client
 
 
-@router.get("/models")
+GENERATION_ERRORS = errors(400, 401, 404, 409, 413, 429, 503, 504)
+CompletionBody = raw_json_object(CompletionRequest)
+ChatCompletionBody = raw_json_object(ChatCompletionRequest)
+
+
+@router.get("/models", response_model=None, responses=ok(ModelList) | errors(401, 503))
 def list_models(store: StoreDep, _: OwnerDep) -> dict:
     return {"object": "list", "data": [_model(name, workers)
                                        for name, workers in sorted(store.registry.snapshot()[0].items())]}
 
 
-@router.get("/models/{model:path}")
+@router.get("/models/{model:path}", response_model=None, responses=ok(ModelCard) | errors(401, 404, 503))
 def retrieve_model(model: str, store: StoreDep, _: OwnerDep) -> dict:
     workers = store.registry.snapshot()[0].get(model)
     if not workers:
@@ -51,15 +58,17 @@ def _model(name: str, workers: list[dict]) -> dict:
             "load_in_low_bit": sorted({w["load_in_low_bit"] for w in workers if w.get("load_in_low_bit")})}
 
 
-@router.post("/completions")
+@router.post("/completions", response_model=None, responses=GENERATION_ERRORS | json_or_events(
+    Completion, "The completion; with `stream`, server-sent `text_completion` chunks, then `data: [DONE]`."))
 async def completions(request: Request, store: StoreDep, streams: StreamsDep, settings: SettingsDep,
-                      celery: CeleryDep, owner: OwnerDep, body: dict[str, Any] = Body(...)):
+                      celery: CeleryDep, owner: OwnerDep, body: CompletionBody = Body(...)):
     return await _run(request, store, streams, settings, celery, owner, "completions", body)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", response_model=None, responses=GENERATION_ERRORS | json_or_events(
+    ChatCompletion, "The chat completion; with `stream`, server-sent `chat.completion.chunk`s, then `data: [DONE]`."))
 async def chat_completions(request: Request, store: StoreDep, streams: StreamsDep, settings: SettingsDep,
-                           celery: CeleryDep, owner: OwnerDep, body: dict[str, Any] = Body(...)):
+                           celery: CeleryDep, owner: OwnerDep, body: ChatCompletionBody = Body(...)):
     return await _run(request, store, streams, settings, celery, owner, "chat.completions", body)
 
 
