@@ -60,7 +60,7 @@ class Job:
     attempts: int = 0
     dispatch: int = 0  # number of the newest message sent for this job (0 = not sent yet)
     bulk: bool = False  # a batch line: waits in the bulk lane, not in the queued set
-    stream: bool = False  # its text deltas are written to its stream as they come (someone may read them)
+    stream: bool = False  # its text deltas are written to its stream as they come (it streams, or has a reader)
     worker: str = ""  # the worker that runs it (or ran it last)
     result: dict | None = None
     usage: dict | None = None

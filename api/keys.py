@@ -16,6 +16,8 @@
   {p}:ended                     sorted set of jobs that ended and whose aftermath (metrics, batch counts, lanes,
                                 webhooks: api/lifecycle.py) is not done yet, score = when a sweeper may do it
   {p}:cancel                    pub/sub channel; job ids whose cancellation was requested while running
+  {p}:deltas                    pub/sub channel; job ids whose events someone began to read (their worker writes
+                                their text deltas from then on)
 """
 from __future__ import annotations
 
@@ -64,3 +66,7 @@ class Keys:
     @property
     def cancel(self) -> str:
         return f"{self.prefix}:cancel"
+
+    @property
+    def deltas(self) -> str:
+        return f"{self.prefix}:deltas"

@@ -390,6 +390,16 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return self.r.hget(self.keys.job(job_id), "cancel_requested") == "1"
 
+    def deltas_requested(self, job_id: str) -> bool:
+        """Whether the job's deltas are to be written (it streams, or someone reads its events)."""
+        return self.requests_while_starting(job_id)[1]
+
+    def requests_while_starting(self, job_id: str) -> tuple[bool, bool]:
+        """(cancel requested, deltas requested), in one read: what a task checks once its job is in the engine
+        (a request published before then reached no listener that knew the job)."""
+        cancel, stream = self.r.hmget(self.keys.job(job_id), ["cancel_requested", "stream"])
+        return cancel == "1", stream == "1"
+
     def claim_ended(self, count: int = 100) -> list[str]:
         """Ended jobs whose aftermath nobody did within the grace period (their process died or failed)."""
         return list(self._claim_ended(keys=[self.keys.ended], args=[repr(time.time()), SETTLE_GRACE_S, count]))

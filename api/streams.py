@@ -5,8 +5,10 @@ Events (the JSON under each entry's "data" field):
   {"type": "restart", "attempt": n}       the job runs again after a failure: readers drop what came before
   {"type": "end", "status": "succeeded" | "failed" | "cancelled"}        always the last one
 
-Only jobs that stream (OpenAI `stream: true`, and /v1/jobs, whose events may be read at any time) get deltas; every
-job gets its end event. Long-polls and synchronous requests wait for a job's end on its `done` channel instead,
+Only jobs that stream get deltas as they come: OpenAI `stream: true` from the start, and a /v1/jobs job from when
+someone begins to read its events (request_deltas: its worker then writes what came before, and the rest as it
+comes; a reader that finds no deltas when the job ends gets its text from the result, result_deltas). Every job
+gets its end event. Long-polls and synchronous requests wait for a job's end on its `done` channel instead,
 through one subscription per API process (EndListener): a waiter then wakes once, at the end, not at every token
 its stream gets (256 long-polls of streaming jobs made one API process re-read thousands of events a second).
 
@@ -64,6 +66,25 @@ def restart_event(attempt: int) -> dict:
 
 def end_event(status: str) -> dict:
     return {"type": EventType.END.value, "status": str(status)}
+
+
+def result_deltas(job: Job) -> list[DeltaChoice]:
+    """A finished job's whole text as one delta per choice, from its result (completion or chat body)."""
+    choices = (job.result or {}).get("choices") or []
+    return [{"index": c.get("index", i),
+             "text": c.get("text") if "text" in c else (c.get("message") or {}).get("content") or "",
+             "finish_reason": c.get("finish_reason")} for i, c in enumerate(choices)]
+
+
+# Sets the job's `stream` field (only if the job still exists: HSET would create a record) and tells the workers.
+_REQUEST_DELTAS_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HGET', KEYS[1], 'stream') ~= '1' then
+  redis.call('HSET', KEYS[1], 'stream', '1')
+  redis.call('PUBLISH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
 
 
 def parse_read(reply) -> list[tuple[str, dict]]:
@@ -247,11 +268,16 @@ class AsyncStreams:
         self.keys = keys
         self.ends = EndListener(client, keys)
         self.hub = StreamHub(client, keys)
+        self._request_deltas = client.register_script(_REQUEST_DELTAS_LUA)
 
     async def get(self, job_id: str) -> Job | None:
         if not is_job_id(job_id):
             return None
         return Job.from_fields(await self.r.hgetall(self.keys.job(job_id)))
+
+    async def request_deltas(self, job_id: str) -> bool:
+        """Someone reads the job's events: its deltas are written from now on. False if they already were."""
+        return bool(await self._request_deltas(keys=[self.keys.job(job_id), self.keys.deltas], args=[job_id]))
 
     async def read(self, job_id: str, last_id: str = "0", block_ms: int = 0,
                    count: int | None = None) -> list[tuple[str, dict]]:

@@ -153,6 +153,15 @@ class LLMEngine:
         self._pending.append(self._output(group))
         return True
 
+    def stream_request(self, request_id: str) -> bool:
+        """From the next step on, an output after every step for a request added with `stream=False` (its next
+        delta carries everything since its last output). False if it is unknown or already done."""
+        group = self._groups.get(request_id)
+        if group is None:
+            return False
+        group.stream = True
+        return True
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups or self._pending or self._ahead)
 

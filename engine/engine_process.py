@@ -125,6 +125,11 @@ class EngineProcess:
                 self._requests.pop(request_id, None)
             raise
 
+    def stream(self, request_id: str) -> bool:
+        """Outputs after every step from now on for a request submitted with incremental=False (LLMEngine.
+        stream_request). False if unknown or already done."""
+        return self._call("stream", request_id)
+
     def abort(self, request_id: str) -> bool:
         """Stop a request; its last output then has finish_reason "abort". False if unknown or already done."""
         return self._call("abort", request_id)
@@ -323,6 +328,8 @@ class _EngineLoop:
                 value = None
             elif name == "abort":
                 value = self.engine.abort_request(*args)
+            elif name == "stream":
+                value = self.engine.stream_request(*args)
             elif name == "stats":
                 value = self.engine.stats()
             else:

@@ -171,6 +171,41 @@ def test_job_events_deliver_the_final_text(client):
     assert text == wait_done(client, job["id"])["result"]["choices"][0]["text"]
 
 
+
+def read_events(client: httpx.Client, job_id: str) -> list[dict]:
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_a_job_nobody_reads_writes_no_deltas(client, service):
+    """A /v1/jobs job writes its text deltas only once someone reads its events: unread, its stream holds no
+    delta; read after its end, its events give the whole text (from its result) and the end."""
+    job = submit(client, {**COMPLETION, "max_tokens": 30})
+    done = wait_done(client, job["id"])
+    assert [e["type"] for _, e in service.store.read_stream(job["id"])] == ["end"]
+    events = read_events(client, job["id"])
+    assert [e["type"] for e in events] == ["delta", "end"]
+    assert events[0]["choices"] == [{"index": 0, "text": done["result"]["choices"][0]["text"],
+                                     "finish_reason": "length"}]
+
+
+def test_a_reader_that_comes_mid_run_gets_the_whole_text_then_live_deltas(client, service):
+    """A reader that begins while the job runs: the worker writes the text so far, then every step's delta; the
+    reader's text is the result's."""
+    job = submit(client, {**COMPLETION, "max_tokens": 1500})
+    deadline = time.monotonic() + 30
+    while service.store.get(job["id"]).first_token_at is None:  # running, with text already generated
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    events = read_events(client, job["id"])
+    done = wait_done(client, job["id"])
+    assert done["status"] == "succeeded" and events[-1] == {"type": "end", "status": "succeeded"}
+    deltas = [e for e in events if e["type"] == "delta"]
+    assert len(deltas) > 2, "the deltas came as they were generated, not only at the end"
+    assert "".join(c["text"] for e in deltas for c in e["choices"]) == done["result"]["choices"][0]["text"]
+    written = [e["type"] for _, e in service.store.read_stream(job["id"])]
+    assert written.count("delta") == len(deltas)  # the reader's deltas are the worker's, none made up
+
 # ---- errors ----
 
 @pytest.mark.parametrize("body, status, text", [

@@ -7,6 +7,7 @@ import asyncio
 import collections
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -94,6 +95,11 @@ def test_a_queue_limit_below_the_load_answers_429_and_loses_nothing(redis_url, d
         service.stop()
 
 
+def read_events(service, job_id: str) -> list[dict]:
+    with service.client() as client, client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=120) as response:
+        return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+
+
 def test_a_redis_error_in_a_running_task_retries_the_job(demo_model_dir, tmp_path):
     """Redis refuses every write (out of memory) while a job runs: its result cannot be recorded, so the attempt
     fails; once Redis takes writes again the job is queued again and succeeds on its second run."""
@@ -104,8 +110,10 @@ def test_a_redis_error_in_a_running_task_retries_the_job(demo_model_dir, tmp_pat
         start(service)
         with service.client() as client:
             job_id = client.post("/v1/jobs", json={**COMPLETION, "max_tokens": 400}).json()["id"]
+            reader = ThreadPoolExecutor(1)  # someone reads its events: its deltas are written
+            read = reader.submit(read_events, service, job_id)
             deadline = time.monotonic() + 30
-            while service.store.get(job_id).status != "running":
+            while service.store.get(job_id).status != "running" or not service.store.deltas_requested(job_id):
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
             admin.config_set("maxmemory", "1")  # noeviction: every write command now fails with OOM
@@ -115,10 +123,15 @@ def test_a_redis_error_in_a_running_task_retries_the_job(demo_model_dir, tmp_pat
             job = service.wait_for_job(job_id, timeout_s=60)
             assert job.status == "succeeded" and job.attempts == 2, job
             assert job.usage["completion_tokens"] == 400
-            # Its stream tells readers that the text starts over, and the final text is whole.
-            events = [e["type"] for _, e in service.store.read_stream(job_id)]
-            assert "restart" in events and events[-1] == "end"
-            assert client.get(f"/v1/jobs/{job_id}").json()["result"]["choices"][0]["finish_reason"] == "length"
+            # Its reader was told that the text starts over, and the text after that is the whole result.
+            events = read.result(timeout=60)
+            reader.shutdown()
+            assert "restart" in [e["type"] for e in events] and events[-1]["type"] == "end"
+            restart = max(i for i, e in enumerate(events) if e["type"] == "restart")
+            result = client.get(f"/v1/jobs/{job_id}").json()["result"]["choices"][0]
+            assert result["finish_reason"] == "length"
+            assert "".join(c["text"] for e in events[restart:] if e["type"] == "delta" for c in e["choices"]) \
+                == result["text"]
     finally:
         admin.config_set("maxmemory", "0")
         service.stop()

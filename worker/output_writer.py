@@ -40,6 +40,10 @@ class Tracked:
     chat: bool
     top_logprobs: int
     first_token_seen: bool = False
+    # Whether its text deltas are written as they come: from the start for a job that streams, or from when
+    # someone begins to read its events (stream()); until then they are held here, and written first.
+    streaming: bool = False
+    held: dict[int, DeltaChoice] = field(default_factory=dict)
     stream_expiry_set: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     won: bool = False  # its finish was the one that ended the job
@@ -75,10 +79,18 @@ class OutputWriter:
 
     def track(self, job: Job, chat: bool, top_logprobs: int = 0) -> Tracked:
         """Call before submitting the job to the engine."""
-        tracked = Tracked(job, chat, top_logprobs)
+        tracked = Tracked(job, chat, top_logprobs, streaming=job.stream)
         with self._lock:
             self._jobs[job.id] = tracked
         return tracked
+
+    def stream(self, job_id: str) -> bool:
+        """Write the job's deltas from now on, beginning with what came before. False if it is not here."""
+        with self._lock:
+            tracked = self._jobs.get(job_id)
+            if tracked is not None:
+                tracked.streaming = True
+        return tracked is not None
 
     def forget(self, job_id: str) -> None:
         with self._lock:
@@ -134,14 +146,17 @@ class OutputWriter:
             if not tracked.first_token_seen and any(c.token_ids for c in output.outputs):
                 tracked.first_token_seen = True
                 first.append(output.request_id)
-            if tracked.job.stream:
-                merged = deltas.setdefault(output.request_id, {})
-                for c in output.outputs:
-                    if not (c.delta_token_ids or c.delta_text or c.finish_reason):
-                        continue
-                    entry = merged.setdefault(c.index, {"index": c.index, "text": "", "finish_reason": None})
-                    entry["text"] += c.delta_text
-                    entry["finish_reason"] = c.finish_reason
+            if tracked.streaming:
+                merged = deltas.setdefault(output.request_id, tracked.held)
+                tracked.held = {}
+            else:
+                merged = tracked.held
+            for c in output.outputs:
+                if not (c.delta_token_ids or c.delta_text or c.finish_reason):
+                    continue
+                entry = merged.setdefault(c.index, {"index": c.index, "text": "", "finish_reason": None})
+                entry["text"] += c.delta_text
+                entry["finish_reason"] = c.finish_reason
             if output.finished:
                 finals[output.request_id] = (tracked, output)
         try:

@@ -157,17 +157,29 @@ class WorkerRuntime:
                 log.warning("heartbeat failed", exc_info=True)
             self._stop.wait(period)
 
+    def stream_deltas(self, job_id: str) -> None:
+        """Someone began to read the job's events: its deltas are written from now on (what came before first),
+        and the engine sends its outputs after every step."""
+        if self.writer.stream(job_id):
+            self.engine.stream(job_id)
+
     def _cancel_listener(self) -> None:
-        """Revoke cannot stop a task running in a thread: cancels come by pub/sub and abort in the engine."""
+        """Revoke cannot stop a task running in a thread: cancels come by pub/sub and abort in the engine. So do
+        the requests for a job's deltas (a reader of its events)."""
+        keys = self.store.keys
         while not self._stop.is_set():
             try:
                 pubsub = self.store.r.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self.store.keys.cancel)
+                pubsub.subscribe(keys.cancel, keys.deltas)
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
-                    if message and message["data"] in self.active:
+                    if not message or message["data"] not in self.active:
+                        continue
+                    if message["channel"] == keys.cancel:
                         log.info("aborting cancelled job %s", message["data"])
                         self.engine.abort(message["data"])
+                    else:
+                        self.stream_deltas(message["data"])
             except Exception:  # noqa: BLE001 - reconnect after a Redis error
                 if not self._stop.is_set():
                     log.warning("cancel listener error; reconnecting", exc_info=True)

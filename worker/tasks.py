@@ -97,8 +97,12 @@ def run(runtime: WorkerRuntime, job: Job) -> None:
         runtime.writer.forget(job.id)
         _fail_as_invalid(store, job, exc)
         return
-    if store.cancel_requested(job.id):  # a cancel that came before the listener could see this job
+    # A cancel, or a reader of its events, that came before the listener could know this job.
+    cancel, deltas = store.requests_while_starting(job.id)
+    if cancel:
         runtime.engine.abort(job.id)
+    elif deltas and not job.stream:
+        runtime.stream_deltas(job.id)
     if tracked.wait():
         settle(store, store.get(job.id))
 

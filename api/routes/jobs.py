@@ -14,6 +14,7 @@ from api.lifecycle import settle
 from api.responses import JobList, JobObject, errors, events, ok
 from api.schemas import ChatJob, CompletionJob, JobCreate, raw_json_object
 from api.store import JobStore
+from api.streams import EventType, delta_event, result_deltas
 from api.submit import check_text, submit
 from api.webhook_targets import WebhookTargetError, check_target
 
@@ -66,9 +67,9 @@ def create_job(store: StoreDep, settings: SettingsDep, celery: CeleryDep, owner:
             check_target(webhook["url"], settings.webhook_allow_hosts)
         except WebhookTargetError as exc:
             raise APIError(400, str(exc), param="webhook", code="invalid_webhook") from None
-    # stream: its events may be read at any time (/events), so its deltas are written as they come.
+    # Its events may be read at any time (/events); its deltas are written once someone does (request_deltas).
     job, created = submit(store, settings, celery, owner, endpoint, request, priority=options.priority,
-                          metadata=options.metadata, webhook=webhook, idempotency_key=idempotency_key, stream=True)
+                          metadata=options.metadata, webhook=webhook, idempotency_key=idempotency_key)
     return JSONResponse(_links(job), status_code=202 if created else 200)
 
 
@@ -104,10 +105,22 @@ def cancel_job(job_id: str, store: StoreDep, celery: CeleryDep, owner: OwnerDep)
     "`event: delta` with the text generated so far, then `event: end` with the final status"))
 async def job_event_stream(job_id: str, streams: StreamsDep, owner: OwnerDep) -> StreamingResponse:
     """Text deltas as they are generated (`event: delta`), then `event: end` with the final status."""
-    _owned(await streams.get(job_id), job_id, owner)
+    job = _owned(await streams.get(job_id), job_id, owner)
+    if job.status not in TERMINAL and not job.stream:
+        await streams.request_deltas(job_id)  # a job's deltas are written only once someone reads them
 
     async def events():
+        deltas_seen = False
         async for event in streams.events(job_id):
-            yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+            if event["type"] == EventType.END and not deltas_seen:  # it ended before its worker wrote any
+                ended = await streams.get(job_id)
+                if ended is not None and ended.result:
+                    yield _event(delta_event(result_deltas(ended)))
+            deltas_seen = (deltas_seen or event["type"] == EventType.DELTA) and event["type"] != EventType.RESTART
+            yield _event(event)
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _event(event: dict) -> str:
+    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
