@@ -294,6 +294,25 @@ def test_a_request_that_does_not_stream_gets_its_first_and_its_final_output(tiny
     assert_all_blocks_free(engine)
 
 
+
+def test_a_quiet_request_streams_from_when_asked(tiny):
+    """stream_request: a request added with stream=False gets an output after every step from then on; the first
+    of them carries every token since its first output, so nothing is lost or repeated."""
+    directory, model = tiny
+    engine = engine_for(directory)
+    engine.add_request("quiet", [5, 6, 7], SamplingParams(max_tokens=12, **GREEDY), stream=False)
+    seen, steps = [], 0
+    while engine.has_unfinished_requests():
+        steps += 1
+        if steps == 6:
+            assert engine.stream_request("quiet")
+        seen += [o.outputs[0] for o in engine.step()]
+    expected = greedy_reference(model, [5, 6, 7], 12)
+    assert seen[0].delta_token_ids == expected[:1] and len(seen[1].delta_token_ids) > 1
+    assert [t for o in seen for t in o.delta_token_ids] == expected
+    assert all(len(o.delta_token_ids) == 1 for o in seen[2:])
+    assert not engine.stream_request("quiet")  # done: unknown now
+
 # ---- async scheduling: the next decode step is queued before this step's tokens are read ----
 
 def count_steps_ahead(engine: LLMEngine) -> list[int]:
