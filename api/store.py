@@ -390,10 +390,6 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return self.r.hget(self.keys.job(job_id), "cancel_requested") == "1"
 
-    def deltas_requested(self, job_id: str) -> bool:
-        """Whether the job's deltas are to be written (it streams, or someone reads its events)."""
-        return self.requests_while_starting(job_id)[1]
-
     def requests_while_starting(self, job_id: str) -> tuple[bool, bool]:
         """(cancel requested, deltas requested), in one read: what a task checks once its job is in the engine
         (a request published before then reached no listener that knew the job)."""

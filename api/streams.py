@@ -94,6 +94,24 @@ def parse_read(reply) -> list[tuple[str, dict]]:
     return [(entry_id, json.loads(fields["data"])) for entry_id, fields in reply[0][1]]
 
 
+def _discard(registry: dict[str, set], key: str, item) -> None:
+    """Take `item` out of `registry[key]`, and the key out once its set is empty."""
+    items = registry.get(key)
+    if items is not None:
+        items.discard(item)
+        if not items:
+            del registry[key]
+
+
+async def _cancel(task: asyncio.Task | None) -> None:
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
+            pass
+
+
 class EndListener:
     """One subscription, per API process, to every job's `done` channel (by pattern): wakes the waiters of a job
     when it ends. Started on first use, inside the running event loop."""
@@ -115,19 +133,10 @@ class EndListener:
         try:
             yield event
         finally:
-            waiters = self._waiters.get(job_id)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._waiters[job_id]
+            _discard(self._waiters, job_id, event)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
-                pass
+        await _cancel(self._task)
 
     async def _listen(self) -> None:
         while True:
@@ -219,19 +228,10 @@ class StreamHub:
                     await pipe.execute()
             yield follower
         finally:
-            followers = self._followers.get(stream_key)
-            if followers is not None:
-                followers.discard(follower)
-                if not followers:
-                    del self._followers[stream_key]
+            _discard(self._followers, stream_key, follower)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
-                pass
+        await _cancel(self._task)
 
     async def _run(self) -> None:
         while self._followers:

@@ -104,7 +104,7 @@ class OfflineEngine:
 
         self.llm = LLM(str(model_dir), device=device, dtype=dtype, max_num_seqs=256, max_num_batched_tokens=8192,
                        gpu_memory_utilization=memory_share)
-        self.params = SamplingParams
+        self.sampling = SamplingParams
         warm = [p for p, _ in workload(16, self.llm.engine.vocab_size, seed=1)]  # first-use costs, untimed
         self.llm.generate(warm, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
         self.steps, step = 0, self.llm.engine.step
@@ -116,7 +116,7 @@ class OfflineEngine:
         self.llm.engine.step = counted_step
 
     def run(self, reqs) -> dict:
-        params = [self.params(temperature=0, max_tokens=m, ignore_eos=True) for _, m in reqs]
+        params = [self.sampling(temperature=0, max_tokens=m, ignore_eos=True) for _, m in reqs]
         steps, start = self.steps, time.monotonic()
         outs = self.llm.generate([p for p, _ in reqs], params)  # returns once every token is on the host
         seconds = time.monotonic() - start
@@ -131,7 +131,7 @@ class OfflineEngine:
         engine, times = self.llm.engine, []
         for i, prompt in enumerate(prompts):
             start = time.monotonic()
-            engine.add_request(f"ttft{i}", prompt, self.params(temperature=0, max_tokens=16, ignore_eos=True))
+            engine.add_request(f"ttft{i}", prompt, self.sampling(temperature=0, max_tokens=16, ignore_eos=True))
             first = None
             while engine.has_unfinished_requests():
                 outputs = engine.step()  # with async scheduling a step may return nothing yet: time the first tokens

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -25,6 +27,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+
+@contextmanager
+def running(service: Service, worker: bool = True) -> Iterator[Service]:
+    """The service's API (and a worker, unless `worker=False`) for the duration of the block; then all stopped."""
+    try:
+        if worker:
+            service.start_worker()
+        service.start_api()
+        yield service
+    finally:
+        service.stop()
 
 
 class Service:

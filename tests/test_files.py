@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from api.files import FileGoneError, FileStore, FileTooLargeError, rechunk
-from tests.service import API_KEYS, Service
+from tests.service import API_KEYS, Service, running
 from tests.test_service import assert_error
 
 # Lines longer than a chunk (64 bytes in the store tests), one cut inside a 2-byte character, CRLF, a blank line,
@@ -132,12 +132,8 @@ def test_too_large_or_failing_uploads_leave_nothing(files: FileStore) -> None:
 def service(redis_url, tmp_path_factory) -> Iterator[Service]:
     """Only the API process: the Files API needs no worker (so no model either)."""
     logs = tmp_path_factory.mktemp("files-logs")
-    svc = Service(redis_url, model_dir=logs / "no-model", log_dir=logs)
-    try:
-        svc.start_api()
+    with running(Service(redis_url, model_dir=logs / "no-model", log_dir=logs), worker=False) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.fixture

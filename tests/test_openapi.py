@@ -10,7 +10,7 @@ import httpx
 import pytest
 from openapi_spec_validator import validate
 
-from tests.service import Service
+from tests.service import Service, running
 
 ERROR_REF = "#/components/schemas/ErrorResponse"
 UNKEYED = {"/health", "/ready", "/metrics"}  # probes and scrapers hold no API key
@@ -44,12 +44,8 @@ ERRORS = {
 def service(redis_url, tmp_path_factory) -> Iterator[Service]:
     """Only the API process: the document and the pages need no worker."""
     logs = tmp_path_factory.mktemp("openapi-logs")
-    svc = Service(redis_url, model_dir=logs / "no-model", log_dir=logs)
-    try:
-        svc.start_api()
+    with running(Service(redis_url, model_dir=logs / "no-model", log_dir=logs), worker=False) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.fixture(scope="module")

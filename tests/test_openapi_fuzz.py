@@ -22,7 +22,7 @@ from schemathesis.specs.openapi.checks import (
 
 from api.main import create_app
 from api.settings import Settings
-from tests.service import API_KEYS, MODEL, Service
+from tests.service import API_KEYS, MODEL, Service, running
 from tests.test_service import COMPLETION
 
 pytestmark = pytest.mark.load
@@ -41,13 +41,8 @@ MAX_TOKENS = 8  # generated lengths are capped: the fuzz is about the API, not a
 
 @pytest.fixture(scope="module")
 def service(redis_url, demo_model_dir, tmp_path_factory):
-    svc = Service(redis_url, demo_model_dir, tmp_path_factory.mktemp("fuzz-logs"))
-    try:
-        svc.start_worker()
-        svc.start_api()
+    with running(Service(redis_url, demo_model_dir, tmp_path_factory.mktemp("fuzz-logs"))) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 def the_document() -> dict:

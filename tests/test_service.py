@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.service import API_KEYS, MODEL, Service
+from tests.service import API_KEYS, MODEL, Service, running
 from worker.runtime import capacities
 
 COMPLETION = {"model": MODEL, "prompt": "def main():", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
@@ -18,13 +18,8 @@ COMPLETION = {"model": MODEL, "prompt": "def main():", "max_tokens": 12, "temper
 
 @pytest.fixture(scope="module")
 def service(redis_url, demo_model_dir, tmp_path_factory):
-    svc = Service(redis_url, demo_model_dir, tmp_path_factory.mktemp("service-logs"))
-    try:
-        svc.start_worker()
-        svc.start_api()
+    with running(Service(redis_url, demo_model_dir, tmp_path_factory.mktemp("service-logs"))) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.fixture

@@ -113,7 +113,8 @@ def test_a_redis_error_in_a_running_task_retries_the_job(demo_model_dir, tmp_pat
             reader = ThreadPoolExecutor(1)  # someone reads its events: its deltas are written
             read = reader.submit(read_events, service, job_id)
             deadline = time.monotonic() + 30
-            while service.store.get(job_id).status != "running" or not service.store.deltas_requested(job_id):
+            while (service.store.get(job_id).status != "running"
+                   or not service.store.requests_while_starting(job_id)[1]):  # its reader's request is in
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
             admin.config_set("maxmemory", "1")  # noeviction: every write command now fails with OOM

@@ -263,6 +263,11 @@ def test_wait_for_terminal(store: JobStore, redis_url: str) -> None:
     asyncio.run(main())
 
 
+def command_calls(store: JobStore, command: str) -> int:
+    """How many times the store's Redis server has run `command`."""
+    return store.r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+
+
 def test_a_waiter_for_a_jobs_end_reads_nothing_per_token() -> None:
     """Long-polls wait on one subscription to the jobs' ends: the tokens streamed meanwhile cost the waiter no
     reads (it used to read the stream at every token). Its own Redis, so that nothing else's commands count."""
@@ -284,19 +289,17 @@ def test_a_waiter_for_a_jobs_end_reads_nothing_per_token() -> None:
                 time.sleep(0.02)
             store.finish(job.id, "succeeded", result={"text": "x"})
 
-        def calls(command: str) -> int:
-            return store.r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
-
         async def main() -> None:
             client = aredis.Redis.from_url(server.url, decode_responses=True)
             streams = AsyncStreams(client, store.keys)
-            xreads, hgetalls = calls("xread"), calls("hgetall")
+            xreads, hgetalls = command_calls(store, "xread"), command_calls(store, "hgetall")
             writer = threading.Thread(target=stream_then_finish)
             writer.start()
             done = await streams.wait_for_terminal(job.id, timeout_s=10)
             writer.join()
             assert done.status == "succeeded"
-            assert calls("xread") == xreads and calls("hgetall") - hgetalls <= 4  # start, end, maybe a re-check
+            # No read of the stream; the record read at the start, the end, maybe a re-check.
+            assert command_calls(store, "xread") == xreads and command_calls(store, "hgetall") - hgetalls <= 4
             await streams.close()
             await client.aclose()
 
@@ -332,9 +335,6 @@ def test_stream_readers_share_one_read_per_round() -> None:
             for job in jobs:
                 store.finish(job.id, "succeeded", result={"text": "x"})
 
-        def calls(command: str) -> int:
-            return store.r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
-
         async def main() -> None:
             client = aredis.Redis.from_url(server.url, decode_responses=True)
             streams = AsyncStreams(client, store.keys)
@@ -344,7 +344,7 @@ def test_stream_readers_share_one_read_per_round() -> None:
                 return [e["choices"][0]["text"] if e["type"] == "delta" else e["type"]
                         async for e in streams.events(job_id)]
 
-            xreads = calls("xread")
+            xreads = command_calls(store, "xread")
             writer = threading.Thread(target=write)
             writer.start()
             got = await asyncio.gather(*(texts(job.id) for job in jobs), texts(jobs[0].id, delay=0.4))
@@ -353,7 +353,8 @@ def test_stream_readers_share_one_read_per_round() -> None:
             assert all(texts_ == expected for texts_ in got)
             # One catch-up read per reader, then about a read per written round (and at most one per job's end,
             # each its own write): not one per stream and round (num_jobs * num_deltas = 600).
-            assert calls("xread") - xreads < 2 * num_jobs + 3 * num_deltas, calls("xread") - xreads
+            reads = command_calls(store, "xread") - xreads
+            assert reads < 2 * num_jobs + 3 * num_deltas, reads
             await streams.close()
             await client.aclose()
 

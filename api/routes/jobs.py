@@ -116,7 +116,8 @@ async def job_event_stream(job_id: str, streams: StreamsDep, owner: OwnerDep) ->
                 ended = await streams.get(job_id)
                 if ended is not None and ended.result:
                     yield _event(delta_event(result_deltas(ended)))
-            deltas_seen = (deltas_seen or event["type"] == EventType.DELTA) and event["type"] != EventType.RESTART
+            if event["type"] in (EventType.DELTA, EventType.RESTART):  # a restart drops what came before
+                deltas_seen = event["type"] == EventType.DELTA
             yield _event(event)
 
     return StreamingResponse(events(), media_type="text/event-stream")
