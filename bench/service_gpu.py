@@ -3,8 +3,10 @@
 Workload: N requests (--requests, 1024) of random token-id prompts (64-512 tokens) and random max_tokens (16-256),
 greedy, EOS ignored, seeded; random-weight Llama of --shape written to a temporary directory (or --model DIR).
   engine    engine.llm.LLM.generate on every request at once, in this process: the ceiling for the service. It
-            stays loaded beside the service and runs before and after every path; a path's share is of the mean
-            of those two runs (GPU hosts drift: the same offline run has taken 6.3 to 13.9 s).
+            stays loaded beside the service and runs before and after every path, so that its runs sample the
+            whole bench. A path's share is its median over the rounds against the median of every offline run:
+            on these hosts the same offline run takes 7 to 12 s from one run to the next, with no trend, so one
+            pair of runs around a path is a poor reference (the table also shows that paired share).
 Then the service, started from its command line as a user would (local Redis, `worker.cli worker`,
 `webhook-worker` for batch bookkeeping, `api`), answers the same requests through each path of --paths:
   batch        one JSONL file, POST /v1/files + POST /v1/batches, polled until the batch ends (--timeout);
@@ -95,8 +97,8 @@ def write_model(shape: str, out: Path, device: str) -> Path:
 class OfflineEngine:
     """Path A, the ceiling: every request into one LLM.generate call. Loaded once and kept beside the service (each
     with --memory-share of the device's memory), so that an offline run comes right before and right after every
-    path: the GPU hosts drift (the same offline steps have taken 8.9 to 19.5 ms each), and each path is compared
-    with the engine of that moment."""
+    path: the GPU hosts drift (the same offline steps have taken 8.9 to 19.5 ms each), and the offline runs then
+    sample the same stretch of time as the paths."""
 
     def __init__(self, model_dir: Path, device: str, dtype: str, memory_share: float) -> None:
         from engine.llm import LLM
@@ -482,12 +484,13 @@ def tok_s(result: dict) -> float:
     return result["tokens"] / result["seconds"]
 
 
-def row(name: str, rounds: list[dict]) -> str:
+def row(name: str, rounds: list[dict], reference: float) -> str:
     failed = [r["failed"] for r in rounds if "failed" in r]
     if failed:
         return f"| {name} | FAILED: {failed[0]} |"
-    shares = [r["share"] for r in rounds]
-    share = f"{statistics.median(shares):.2f}" + (f" ({min(shares):.2f}-{max(shares):.2f})" if len(shares) > 1 else "")
+    shares = [tok_s(r) / reference for r in rounds]
+    share = (f"{statistics.median(shares):.2f}" + (f" ({min(shares):.2f}-{max(shares):.2f})" if len(shares) > 1 else ""))
+    paired = statistics.median(r["paired_share"] for r in rounds)
     batches = [b for r in rounds for b in r.get("batch_sizes", [])]
     steps = statistics.median(r["engine_steps"] for r in rounds)
     ms = statistics.median(1e3 * r["engine_busy_s"] / max(r["engine_steps"], 1) for r in rounds)
@@ -496,7 +499,7 @@ def row(name: str, rounds: list[dict]) -> str:
     for r in rounds:
         statuses.update(r["codes"])
     return (f"| {name} | {statistics.median(tok_s(r) for r in rounds):.0f} | "
-            f"{statistics.median(r['engine_tok_s'] for r in rounds):.0f} | {share} | {steps:.0f} ({ms:.1f}) | "
+            f"{share} | {paired:.2f} | {steps:.0f} ({ms:.1f}) | "
             f"{busy:.0%} | {f'{statistics.median(batches):.0f}' if batches else '-'} | {sum(r['errors'] for r in rounds)} | "
             f"{' '.join(f'{code}x{n}' for code, n in sorted(statuses.items()))} |")
 
@@ -505,14 +508,16 @@ def print_report(report: dict) -> None:
     paths, offline = report["paths"], report["engine_runs"]
     print(f"\n== service vs engine, {report['device_name']}, {report['shape']}, {report['requests']} requests, "
           f"{report['clients']} clients, {report['api_workers']} API process(es), {report['rounds']} round(s) ==")
-    print(f"engine offline: {len(offline)} runs, {min(map(tok_s, offline)):.0f}-{max(map(tok_s, offline)):.0f} "
-          f"out tok/s ({statistics.median(r['steps'] for r in offline):.0f} steps)")
-    print("| path | out tok/s | engine offline around it | share of the engine offline | engine steps (ms each) "
+    reference = statistics.median(map(tok_s, offline))
+    print(f"engine offline: {len(offline)} runs, median {reference:.0f} out tok/s "
+          f"({min(map(tok_s, offline)):.0f}-{max(map(tok_s, offline)):.0f}; "
+          f"{statistics.median(r['steps'] for r in offline):.0f} steps)")
+    print("| path | out tok/s | share of the engine offline (range) | paired share | engine steps (ms each) "
           "| engine busy | engine batch median | errors | HTTP statuses |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, rounds in paths.items():
         if name != "ttft":
-            print(row(name, rounds))
+            print(row(name, rounds, reference))
         for r in rounds:
             if r.get("first_errors"):
                 print(f"  {name}, first errors: {r['first_errors']}")
@@ -550,7 +555,8 @@ def run_path(args, name: str, url: str, bodies: list[dict], prompts: list[list[i
 
 def run_paths(args, url: str, reqs, prompts: list[list[int]], pids: dict[str, int], offline: OfflineEngine,
               offline_runs: list[dict]) -> dict:
-    """Every path --rounds times, each between two offline runs: its share is of their mean. TTFT runs once."""
+    """Every path --rounds times, each between two offline runs (its paired share: tokens over the mean time of
+    those two). TTFT runs once."""
     bodies = [{"model": MODEL, "prompt": p, "max_tokens": m, "temperature": 0, "ignore_eos": True} for p, m in reqs]
     # Untimed, as the engine's warm-up: the worker's first prefills of each size pay for kernel compilation.
     warm = [b | {"max_tokens": 8} for b in bodies[:16]]
@@ -567,8 +573,8 @@ def run_paths(args, url: str, reqs, prompts: list[list[int]], pids: dict[str, in
             result = run_path(args, name, url, bodies, prompts, pids)
             offline_runs.append(offline.run(reqs))
             if "failed" not in result:
-                result["engine_tok_s"] = statistics.mean(tok_s(r) for r in offline_runs[-2:])
-                result["share"] = tok_s(result) / result["engine_tok_s"]
+                around = statistics.mean(r["seconds"] for r in offline_runs[-2:])
+                result["paired_share"] = tok_s(result) * around / offline_runs[-1]["tokens"]
             results[name].append(result)
     return results
 

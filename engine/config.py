@@ -17,8 +17,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     # None: the checkpoint's max_position_embeddings.
     max_model_len: int | None = None
-    # KV cache size. Explicit block count wins; else a fraction of the accelerator's free memory after the weights
-    # are loaded (like vLLM's gpu_memory_utilization); on the CPU a fixed byte budget.
+    # KV cache size. Explicit block count wins; else this engine's share of the accelerator's memory for weights +
+    # KV cache (like vLLM's gpu_memory_utilization: other processes' memory is not counted, free memory caps it);
+    # on the CPU a fixed byte budget.
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_bytes: int = 1 << 30

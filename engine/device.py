@@ -59,3 +59,11 @@ def free_device_memory(device: torch.device) -> tuple[int, int]:
     if get_memory_info is not None:
         return get_memory_info(device)
     return getattr(torch, device.type).mem_get_info(device)
+
+
+def reserved_device_memory(device: torch.device) -> int:
+    """Bytes this process's caching allocator holds on an accelerator (its weights and buffers so far)."""
+    memory_reserved = getattr(torch.accelerator, "memory_reserved", None)  # torch >= 2.9
+    if memory_reserved is not None:
+        return memory_reserved(device)
+    return getattr(torch, device.type).memory_reserved(device)

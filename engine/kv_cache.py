@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.device import free_device_memory
+from engine.device import free_device_memory, reserved_device_memory
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +27,17 @@ class KVCacheSpec:
 
 def num_blocks_for_budget(spec: KVCacheSpec, device: torch.device, *, num_blocks: int | None,
                           gpu_memory_utilization: float, cpu_bytes: int, activation_reserve: int = 0) -> int:
-    """Blocks that fit: an explicit count, else the CPU byte budget, else the share of accelerator memory that
-    gpu_memory_utilization leaves once weights (already allocated) and an activation reserve are counted."""
+    """Blocks that fit: an explicit count, else the CPU byte budget, else this engine's share of the accelerator
+    (gpu_memory_utilization of its memory) less what this process already holds (the weights) and an activation
+    reserve, and never more than is free. The share is this engine's alone, as in vLLM: two engines of 0.4 each fit
+    one device, whichever starts first."""
     if num_blocks is not None:
         return num_blocks
     if device.type == "cpu":
         budget = cpu_bytes
     else:
         free, total = free_device_memory(device)
-        used = total - free
-        budget = int(total * gpu_memory_utilization) - used - activation_reserve
+        budget = min(int(total * gpu_memory_utilization) - reserved_device_memory(device), free) - activation_reserve
     blocks = budget // spec.bytes_per_block
     if blocks < 1:
         raise ValueError(f"no memory left for the KV cache on {device} (budget {budget} bytes, "
