@@ -26,7 +26,7 @@ for stage in "$@"; do
     lanes) python3 -m worker.cli demo-model /tmp/inferq-100m --size 100m >/dev/null &&
       python3 bench/lanes_ttft.py --model /tmp/inferq-100m --device cuda --max-num-seqs 64 --batch-max-tokens 128 \
         2>&1 | tee "$OUT/lanes.txt" ;;
-    service) python3 bench/service_gpu.py --rounds 3 2>&1 | tee "$OUT/service.txt" ;;
+    service) python3 bench/service_gpu.py --rounds 4 2>&1 | tee "$OUT/service.txt" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
