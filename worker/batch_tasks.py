@@ -18,6 +18,7 @@ from api.schemas import ENDPOINTS as REQUEST_SCHEMAS
 from api.settings import get_settings
 from api.store import JobStore
 from api.webhook_events import enqueue_batch_event
+from worker.patience import patiently
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 # within milliseconds instead of after hundreds of them are recorded (measured on an H200, a 1,024-line batch of
 # ~8 s spent its first 0.5-1 s expanding before any line ran), and a long file still costs few lane calls.
 FIRST_PAGE, LAST_PAGE = 16, 512
+EXPAND_PATIENCE_S = 600.0  # a batch left `validating` stays so for good: ride out long Redis outages
 
 
 @lru_cache(maxsize=1)
@@ -38,7 +40,14 @@ def _stores() -> tuple[JobStore, BatchStore, FileStore]:
 
 @app.task(name=BATCH_EXPAND, ignore_result=True)
 def expand(batch_id: str) -> None:
-    """Validate every line of the input file; queue the valid ones as jobs, report the others in the error file."""
+    """Validate every line of the input file; queue the valid ones as jobs, report the others in the error file.
+    Every step can run twice (a line's job is created once, by its idempotency key; a line's outcome is recorded
+    once): a Redis outage half-way starts the expansion again once Redis is back, and a redelivered message (this
+    process killed half-way) does the same."""
+    patiently(lambda: _expand(batch_id), EXPAND_PATIENCE_S)
+
+
+def _expand(batch_id: str) -> None:
     jobs, batches, files = _stores()
     batch = batches.get(batch_id)
     if batch is None or batch.status != "validating":
@@ -62,7 +71,7 @@ def expand(batch_id: str) -> None:
             batches.record_line(batch_id, f"line-{number}", error_line(custom_id, "invalid_request", problem), False)
             continue
         job, _ = jobs.create(owner=batch.owner, model=body["model"], endpoint=job_endpoint, request=body,
-                             priority=BATCH_PRIORITY, bulk=True,
+                             priority=BATCH_PRIORITY, bulk=True, idempotency_key=f"{batch_id}:line:{number}",
                              metadata={"batch_id": batch_id, "custom_id": custom_id, "line": str(number)})
         batches.add_job(batch_id, job.id)
         pending.setdefault(body["model"], []).append(job.id)

@@ -89,10 +89,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.pinning import pin_device
 
     device = pin_device(args.device)  # before anything initialises the GPU
-    import threading
-
-    from celery.signals import worker_shutting_down
-
     from api.celery_client import app, queue_for
     from api.settings import get_settings
     from engine.config import EngineConfig
@@ -109,6 +105,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     threads = capacities(args.max_num_seqs)["threads"]
     argv = ["worker", "--pool=threads", f"--concurrency={threads}", "-Q", queue_for(name),
             "-n", f"{runtime.worker_id}@%h", f"--loglevel={args.log_level}", "--without-gossip", "--without-mingle"]
+    # The engine and the jobs running in it outlive a restart of the Celery worker; its consumer then sends again
+    # the messages the old one may have dropped (worker/tasks.py).
+    run_celery_worker(app, argv)
+    runtime.stop()
+    return 0
+
+
+def run_celery_worker(app, argv: list[str]) -> None:
+    """Celery's worker until it is asked to stop. Celery gives up on some broker failures (kombu cannot restore its
+    unacknowledged messages while Redis is away, and calls that unrecoverable): the worker starts again here."""
+    import threading
+
+    from celery.signals import worker_shutting_down
+
     asked_to_stop = threading.Event()
     # Sent by Celery's signal handlers only (Ctrl-C, SIGTERM): an "unrecoverable error" stops the worker too, with
     # an exit code that does not tell the two apart.
@@ -116,15 +126,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     while True:
         app.worker_main(argv)
         if asked_to_stop.is_set():
-            break
-        # Celery gives up on some broker failures (kombu cannot restore its unacknowledged messages while Redis
-        # is away, and calls that unrecoverable): it starts again here, with the engine and the jobs running in
-        # it left as they are; its consumer then sends again the messages the old one may have dropped
-        # (worker/tasks.py).
+            return
         logging.getLogger(__name__).error("the Celery worker stopped on an error; starting it again")
         time.sleep(1.0)
-    runtime.stop()
-    return 0
 
 
 def cmd_webhook_worker(args: argparse.Namespace) -> int:
@@ -144,9 +148,9 @@ def cmd_webhook_worker(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning("INFERQ_WEBHOOK_SECRET is empty: webhooks are sent unsigned")
     # Threads: deliveries wait on the network, not the CPU; a slow receiver holds one thread for at most the
     # per-attempt timeout.
-    app.worker_main(["worker", "--pool=threads", f"--concurrency={args.concurrency}", "-Q", f"{WEBHOOK_QUEUE},{BATCH_QUEUE}",
-                     "-n", f"webhooks-{uuid.uuid4().hex[:8]}@%h", f"--loglevel={args.log_level}",
-                     "--without-gossip", "--without-mingle"])
+    run_celery_worker(app, ["worker", "--pool=threads", f"--concurrency={args.concurrency}", "-Q",
+                            f"{WEBHOOK_QUEUE},{BATCH_QUEUE}", "-n", f"webhooks-{uuid.uuid4().hex[:8]}@%h",
+                            f"--loglevel={args.log_level}", "--without-gossip", "--without-mingle"])
     return 0
 
 
