@@ -9,7 +9,10 @@ import atexit
 import gc
 import itertools
 import logging
+from concurrent import futures
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +31,9 @@ from engine.request import Request, RequestStatus
 from engine.sampler import PendingSample, Sampler, SamplingRow, uses_penalties
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+
+if TYPE_CHECKING:
+    from engine.structured_output import StructuredOutputs
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +110,9 @@ class LLMEngine:
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.device.type != "cpu")
         self._ahead: _LaunchedStep | None = None  # the step queued ahead, finished by the next step() call
+        self._structured: StructuredOutputs | None = None  # built with the first structured-output request
+        # Requests whose grammar is compiling, with its Future: they enter the scheduler once it is ready.
+        self._compiling: list[tuple[Future, list[Request]]] = []
         self.last_step_batch_size = 0  # requests that computed tokens in the last step (for metrics)
         if self.device.type != "cpu":
             self._warm_up()
@@ -139,7 +148,12 @@ class LLMEngine:
                 detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
             choices.append(Request(f"{request_id}/{index}", prompt_ids, params, max_tokens, arrival, priority,
                                    self.eos_token_ids, generator, detokenizer))
+        spec = params.structured_outputs
+        compiling = self._structured_outputs().compile(spec) if spec is not None else None
         self._groups[request_id] = _Group(request_id, prompt_ids, choices, [0] * params.n, [""] * params.n, stream)
+        if compiling is not None:
+            self._compiling.append((compiling, choices))
+            return
         for request in choices:
             self.scheduler.add(request)
 
@@ -175,6 +189,8 @@ class LLMEngine:
         the host's work of one step (reading tokens, stop checks, outputs, scheduling, input preparation) overlaps
         the device's work on the next, instead of leaving the device idle. The next call finishes that step.
         Greedy outputs are the same either way."""
+        if self._compiling:
+            self._admit_compiled()
         outputs, self._pending = self._pending, []
         launched, self._ahead = self._ahead, None
         if launched is None:
@@ -183,8 +199,10 @@ class LLMEngine:
                 self.last_step_batch_size = 0
                 return outputs
             launched = self._launch(scheduled, self.runner.order(scheduled))
+        # Not ahead of rows whose next sampling depends on this step's tokens on the host: penalties count them,
+        # a grammar's state advances with them.
         if self.async_scheduling and launched.pending is not None and not any(
-                uses_penalties(r.params) for r in launched.sampling):
+                uses_penalties(r.params) or r.grammar is not None for r in launched.sampling):
             ahead = self.scheduler.schedule_ahead(launched.chunks)
             if ahead is not None:
                 scheduled, rows = ahead
@@ -201,6 +219,8 @@ class LLMEngine:
         self.last_step_batch_size = len(chunks)
         logits = self.runner.execute(chunks, input_ids)
         sampling = [c.request for c in chunks if c.sample]
+        if self._structured is not None:
+            self._structured.apply(logits, [r.grammar for r in sampling])
         rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, r.suppressed_token_ids())
                 for r in sampling]
         return _LaunchedStep(scheduled, chunks, sampling, self.sampler.launch(logits, rows) if rows else None)
@@ -232,6 +252,13 @@ class LLMEngine:
             entry[token.token_id] = token.logprob
             request.logprobs.append(entry)
         status = request.stop_by_token()
+        if request.grammar is not None:
+            # A grammar that has ended (its stop token accepted) allows nothing more, even with ignore_eos.
+            if not request.grammar.accept_token(token.token_id):
+                log.error("request %s: token %d is outside its grammar", request.request_id, token.token_id)
+                status = status or RequestStatus.FINISHED_ABORTED
+            elif request.grammar.is_terminated():
+                status = status or RequestStatus.FINISHED_STOPPED
         if request.detokenizer is not None:
             stop = request.detokenizer.add_tokens([token.token_id])
             if stop is not None:
@@ -273,6 +300,39 @@ class LLMEngine:
             return self.runner.execute([ScheduledChunk(request, 0, len(ids), sample=True)])[0]
         finally:
             block_manager.free(request.block_ids)
+
+    # ---- structured outputs ----
+
+    def _structured_outputs(self) -> StructuredOutputs:
+        if self._structured is None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need the model's tokenizer (this engine has none)")
+            from engine.structured_output import StructuredOutputs  # xgrammar, only once a request needs it
+
+            self._structured = StructuredOutputs(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids),
+                                                 self.config.max_num_seqs)
+        return self._structured
+
+    def _admit_compiled(self) -> None:
+        """Move requests whose grammar is ready into the scheduler; a failed grammar aborts its request. With
+        nothing else to run, wait a little for a grammar rather than spin."""
+        if not (self.scheduler.running or self.scheduler.waiting or self._ahead or self._pending):
+            futures.wait([f for f, _ in self._compiling], timeout=0.005, return_when=futures.FIRST_COMPLETED)
+        still = []
+        for future, choices in self._compiling:
+            if not future.done():
+                still.append((future, choices))
+                continue
+            group_id = choices[0].request_id.rpartition("/")[0]
+            if future.exception() is not None:
+                log.error("request %s: its grammar did not compile: %s", group_id, future.exception())
+                self.abort_request(group_id)
+                continue
+            for request in choices:
+                if not request.status.finished:  # not aborted while its grammar compiled
+                    request.grammar = self._structured.matcher(future)
+                    self.scheduler.add(request)
+        self._compiling = still
 
     # ---- helpers ----
 

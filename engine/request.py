@@ -54,6 +54,8 @@ class Request:
     stop_reason: str | int | None = None
     logprobs: list[dict[int, float]] | None = None
     num_preemptions: int = 0
+    # Its grammar's state (an xgrammar matcher) under structured outputs (engine/structured_output.py), else None.
+    grammar: object | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -88,8 +88,8 @@ class Sampler:
         assert num_rows == len(rows), f"{num_rows} logits rows for {len(rows)} sampling rows"
         device = logits.device
         params = [r.params for r in rows]
-        if all(p.greedy and p.logprobs is None and not uses_penalties(p) for p in params) and not any(
-                r.suppressed_token_ids for r in rows):
+        if all(p.greedy and p.logprobs is None and not uses_penalties(p) and not p.logit_bias for p in params) \
+                and not any(r.suppressed_token_ids for r in rows):
             # Plain greedy batch (the common case of benchmarks and batch jobs): argmax, nothing else.
             tokens = logits.argmax(dim=-1)
             return PendingSample(tokens, tokens, params, max_top=0)
@@ -119,6 +119,15 @@ class Sampler:
         # 2. Penalties, skipped entirely when no row uses them.
         if any(uses_penalties(p) for p in params):
             self._apply_penalties(x, rows, repetition, frequency, presence)
+
+        # 2b. logit_bias (OpenAI's): added to the logits; ids outside the vocab are ignored.
+        if any(p.logit_bias for p in params):
+            biased = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items() if t < vocab]
+            if biased:
+                index = torch.tensor([[i for i, _, _ in biased], [t for _, t, _ in biased]], dtype=torch.long,
+                                     device=device)
+                x.index_put_((index[0], index[1]), torch.tensor([b for _, _, b in biased], device=device),
+                             accumulate=True)
 
         # 3. Suppressed tokens (ids outside the vocab are ignored: nothing to suppress there).
         sup_rows = [i for i, r in enumerate(rows) for t in r.suppressed_token_ids if t < vocab]

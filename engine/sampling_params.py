@@ -1,9 +1,50 @@
 """Per-request sampling parameters, validated at construction (ValueError names the parameter and its range)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutputsParams:
+    """What a request's output must match (vLLM's StructuredOutputsParams): exactly one of a JSON schema (`json`, a
+    dict or its JSON text), any JSON object (`json_object`), a regular expression, one of several strings
+    (`choice`), an EBNF grammar (`grammar`, xgrammar's dialect, which reads GBNF), or an xgrammar structural tag
+    (`structural_tag`, its JSON text: how tool calls are constrained). engine/structured_output.py compiles it."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    structural_tag: str | None = None
+    # JSON schemas: only the compact layout (single spaces) instead of any whitespace, as vLLM's option.
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs needs exactly one of " + ", ".join(_CONSTRAINTS)
+                             + (f"; got {', '.join(given)}" if given else ""))
+        if self.choice is not None and (not self.choice or any(not isinstance(c, str) or not c for c in self.choice)):
+            raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in _CONSTRAINTS if getattr(self, name) not in (None, False))
+
+    def key(self) -> tuple[str, str]:
+        """Identifies the compiled grammar: equal keys compile once."""
+        value = getattr(self, self.kind)
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        return (f"{self.kind}:{int(self.disable_any_whitespace)}", text)
+
+
+_CONSTRAINTS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 
 
 @dataclass(slots=True)
@@ -29,8 +70,15 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
+    # {token id: bias}: added to the logits before sampling (OpenAI's logit_bias, -100 bans a token).
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.logit_bias:
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -75,6 +123,8 @@ class SamplingParams:
             raise bad("stop", "a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of non-negative integers")
+        if self.logit_bias and any(t < 0 or not -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()):
+            raise bad("logit_bias", "a map of token ids to biases in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

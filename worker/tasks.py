@@ -10,11 +10,7 @@ away for long), the job stays leased to this worker with no task running it, and
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
-from typing import TypeVar
 
-import redis
 from celery import bootsteps
 
 from api.celery_client import GENERATE_TASK, app
@@ -24,12 +20,11 @@ from api.schemas import ENDPOINTS, ChatCompletionRequest, CompletionRequest, err
 from api.streams import restart_event
 from api.webhook_events import enqueue_event
 from engine.sampling_params import SamplingParams
+from engine.structured_output import grammar_for
+from worker.patience import patiently
 from worker.runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger(__name__)
-
-REDIS_PATIENCE_S = 120.0  # how long a task rides out a Redis outage before it gives its job to the sweeper
-T = TypeVar("T")
 
 
 class ResendAfterReconnect(bootsteps.StartStopStep):
@@ -83,6 +78,8 @@ def run(runtime: WorkerRuntime, job: Job) -> None:
     try:
         body = ENDPOINTS[job.endpoint].model_validate(job.request)
         params = SamplingParams(**body.sampling_kwargs())
+        if params.structured_outputs is not None:  # a bad schema, regex or grammar: the caller's, before the engine
+            grammar_for(params.structured_outputs)
         prompt_ids = _prompt_ids(runtime, body)
         _check_context(runtime, len(prompt_ids), params.max_tokens)
     except ValueError as exc:
@@ -123,26 +120,6 @@ def retry_or_fail(runtime: WorkerRuntime, job: Job, exc: BaseException) -> None:
             log.warning("job %s queued again after attempt %d", job.id, job.attempts)
     except Exception:  # noqa: BLE001 - still leased here: the sweeper takes it once Redis answers
         log.exception("job %s could not be queued again; the sweeper will", job.id)
-
-
-def patiently(call: Callable[[], T], patience_s: float = REDIS_PATIENCE_S) -> T:
-    """`call()`, retried for up to `patience_s` while Redis is away (restarting) or refuses writes (out of memory):
-    both pass, and a task that gave up instead would leave its job to the slower sweeper."""
-    deadline, delay = time.monotonic() + patience_s, 0.2
-    while True:
-        try:
-            return call()
-        except redis.RedisError as exc:
-            if not _passing(exc) or time.monotonic() > deadline:
-                raise
-            log.warning("Redis unavailable; retrying in %.1f s", delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-
-def _passing(exc: redis.RedisError) -> bool:
-    """Redis away, or out of memory (a write inside a script fails with a plain ResponseError saying OOM)."""
-    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) or "OOM" in str(exc)
 
 
 def _abort_quietly(runtime: WorkerRuntime, job_id: str) -> None:
