@@ -2,7 +2,8 @@
 the jobs end, then written as output and error files.
 
 Keys, under the job store's prefix:
-  {p}:batch:{id}           hash: the batch record and its counters (total, completed, failed, done)
+  {p}:batch:{id}           hash: the batch record and its counters (total, completed, failed, done, and the
+                           tokens of its lines: input_tokens, output_tokens), and the model of its first line
   {p}:batch:{id}:jobs      set of the batch's job ids (for cancel and expiry)
   {p}:batch:{id}:out       list of output lines (JSON), one per succeeded line
   {p}:batch:{id}:err       list of error lines (JSON): invalid, failed, cancelled or expired lines
@@ -30,7 +31,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600}
 MAX_WINDOW_S = 7 * 24 * 3600
 _TIMES = ("created_at", "expires_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
           "cancelling_at", "cancelled_at")
-_COUNTS = ("total", "completed", "failed", "done")
+_COUNTS = ("total", "completed", "failed", "done", "input_tokens", "output_tokens")
 # Status -> the statuses it may be entered from (compare-and-set in Lua: one winner for racing writers).
 _TRANSITIONS = {"in_progress": ("validating",), "failed": ("validating",),
                 "cancelling": ("validating", "in_progress"), "finalizing": ("in_progress", "cancelling"),
@@ -46,14 +47,25 @@ end
 return false
 """
 
-# KEYS: batch, recorded set, out or err list. ARGV: line key, line JSON, counter. Idempotent per line key.
+# KEYS: batch, recorded set, out or err list. ARGV: line key, line JSON, counter, input tokens, output tokens.
+# Idempotent per line key.
 _RECORD_LINE_LUA = """
 if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
   redis.call('RPUSH', KEYS[3], ARGV[2])
   redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
   redis.call('HINCRBY', KEYS[1], 'done', 1)
+  redis.call('HINCRBY', KEYS[1], 'input_tokens', ARGV[4])
+  redis.call('HINCRBY', KEYS[1], 'output_tokens', ARGV[5])
 end
 return {redis.call('HGET', KEYS[1], 'done'), redis.call('HGET', KEYS[1], 'total')}
+"""
+
+# KEYS: batch's job set, batch, job. ARGV: job id. The batch's model is its first line's (OpenAI's batches are of
+# one model).
+_ADD_JOB_LUA = """
+redis.call('SADD', KEYS[1], ARGV[1])
+local model = redis.call('HGET', KEYS[3], 'model')
+if model then redis.call('HSETNX', KEYS[2], 'model', model) end
 """
 
 
@@ -78,6 +90,7 @@ class Batch:
     output_file_id: str | None = None
     error_file_id: str | None = None
     webhook: str | None = None
+    model: str | None = None
     # Outcome of each batch webhook event, as job webhooks keep theirs: {"completed": {"status", "attempts", ...}}
     webhook_deliveries: dict | None = None
     expiring: bool = False
@@ -94,6 +107,8 @@ class Batch:
     completed: int = 0
     failed: int = 0
     done: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
 
     def public(self) -> dict:
         body = {"id": self.id, "object": "batch", "endpoint": self.endpoint, "input_file_id": self.input_file_id,
@@ -101,7 +116,11 @@ class Batch:
                 "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
                 "errors": {"object": "list", "data": self.errors} if self.errors else None,
                 "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
-                "metadata": self.metadata or None}
+                "metadata": self.metadata or None, "model": self.model,
+                # OpenAI's BatchUsage, summed over the lines that ended (cached and reasoning tokens: none here).
+                "usage": {"input_tokens": self.input_tokens, "input_tokens_details": {"cached_tokens": 0},
+                          "output_tokens": self.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                          "total_tokens": self.input_tokens + self.output_tokens}}
         if self.webhook:
             body["webhook_deliveries"] = self.webhook_deliveries or {}
         return body | {name: getattr(self, name) for name in _TIMES}
@@ -133,6 +152,7 @@ class BatchStore:
         self.prefix = store.prefix
         self._set_status = self.r.register_script(_SET_STATUS_LUA)
         self._record = self.r.register_script(_RECORD_LINE_LUA)
+        self._add_job = self.r.register_script(_ADD_JOB_LUA)
 
     def key(self, batch_id: str, part: str = "") -> str:
         return f"{self.prefix}:batch:{batch_id}" + (f":{part}" if part else "")
@@ -185,17 +205,22 @@ class BatchStore:
                                                  for k, v in values.items()})
 
     def add_job(self, batch_id: str, job_id: str) -> None:
-        self.r.sadd(self.key(batch_id, "jobs"), job_id)
+        self._add_job(keys=[self.key(batch_id, "jobs"), self.key(batch_id), self.jobs.keys.job(job_id)],
+                      args=[job_id])
 
     def job_ids(self, batch_id: str) -> set[str]:
         return self.r.smembers(self.key(batch_id, "jobs"))
 
-    def record_line(self, batch_id: str, line_key: str, line: dict, ok: bool) -> tuple[int, int]:
+    def record_line(self, batch_id: str, line_key: str, line: dict, ok: bool,
+                    usage: dict | None = None) -> tuple[int, int]:
         """Store one line's outcome, once per line_key (a job id, or the input line number) however often it is
-        reported; returns (lines done, total). total is 0 until every line is queued."""
+        reported, and its job's token usage; returns (lines done, total). total is 0 until every line is queued."""
+        usage = usage or {}
         done, total = self._record(keys=[self.key(batch_id), self.key(batch_id, "recorded"),
                                          self.key(batch_id, "out" if ok else "err")],
-                                   args=[line_key, json.dumps(line), "completed" if ok else "failed"])
+                                   args=[line_key, json.dumps(line), "completed" if ok else "failed",
+                                         int(usage.get("prompt_tokens") or 0),
+                                         int(usage.get("completion_tokens") or 0)])
         return int(done), int(total or 0)
 
     def iter_lines(self, batch_id: str, part: str, page: int = 1000):

@@ -80,7 +80,7 @@ def _settle_batch_line(store: JobStore, job: Job, celery) -> None:
         if batch is not None and batch.expiring:
             line = error_line(line["custom_id"], "batch_expired", "the batch expired before this request ran",
                               line["id"])
-    finalize_when_counted(batch_id, *batches.record_line(batch_id, job.id, line, ok), celery=celery)
+    finalize_when_counted(batch_id, *batches.record_line(batch_id, job.id, line, ok, job.usage), celery=celery)
 
 
 def finalize_when_counted(batch_id: str, done: int, total: int, celery=None) -> None:

@@ -14,12 +14,13 @@ from api import docs
 from api.body_limit import BodyLimit
 from api.celery_client import create_app as create_celery_app
 from api.files import FileStore
-from api.routes import batches, files, health, jobs, openai
+from api.routes import batches, files, health, jobs, openai, tokenize
 from api.schemas import error_body
 from api.server_errors import ServerErrors
 from api.settings import Settings, get_settings
 from api.store import JobStore
 from api.streams import AsyncStreams
+from api.tokenization import TokenizerCache
 
 MULTIPART_SLACK_BYTES = 64 * 1024  # form fields and part headers around an uploaded file
 API_REDIS_RETRIES = 3  # while Redis is away the API answers 503 at once rather than after a long retry
@@ -50,7 +51,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                         prefix=settings.key_prefix, retention_seconds=settings.result_retention_seconds)
     app.state.files = FileStore(app.state.store.r, settings.key_prefix, settings.file_retention_seconds)
     app.state.celery = create_celery_app(settings)
-    for module in (health, openai, jobs, files, batches):
+    app.state.tokenizers = TokenizerCache(app.state.store.r, settings.key_prefix)  # for /tokenize, /detokenize
+    for module in (health, openai, jobs, files, batches, tokenize):
         app.include_router(module.router)
 
     def body_limit(scope) -> int:

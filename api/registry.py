@@ -1,7 +1,8 @@
 """The worker registry: which workers are alive and what each serves, from their heartbeats.
 
 Keys: {p}:worker:{model}:{wid} (string, JSON of the worker's info, TTL = its heartbeat lease),
-{p}:workers:{model} (sorted set of worker ids, score = lease expiry), {p}:models (every model ever announced).
+{p}:workers:{model} (sorted set of worker ids, score = lease expiry), {p}:models (every model ever announced),
+{p}:models:created (hash, model -> when a worker first announced it: the model object's `created`).
 """
 from __future__ import annotations
 
@@ -27,7 +28,15 @@ class WorkerRegistry:
         pipe.set(f"{self.prefix}:worker:{model}:{worker_id}", dump(record), px=max(1, int(ttl_s * 1000)))
         pipe.zadd(f"{self.prefix}:workers:{model}", {worker_id: now + ttl_s})
         pipe.sadd(f"{self.prefix}:models", model)
+        pipe.hsetnx(f"{self.prefix}:models:created", model, int(now))
         pipe.execute()
+
+    def created(self, models: list[str]) -> dict[str, int]:
+        """When a worker first announced each model (Unix seconds); models never announced are left out."""
+        if not models:
+            return {}
+        values = self.r.hmget(f"{self.prefix}:models:created", models)
+        return {model: int(value) for model, value in zip(models, values) if value is not None}
 
     def workers(self, model: str | None = None) -> list[dict]:
         """Live workers (of one model, or of all), by model then worker id."""

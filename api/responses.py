@@ -114,10 +114,15 @@ class ModelList(BaseModel):
 
 # ---- completions (the worker builds these: worker/openai_format.py) ----
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # 0: no prefix caching (yet)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionChoice(BaseModel):
@@ -134,6 +139,7 @@ class Completion(BaseModel):
     object: Literal["text_completion"]
     created: int
     model: str
+    system_fingerprint: str
     choices: list[CompletionChoice]
     usage: Usage
 
@@ -157,6 +163,7 @@ class ChatCompletion(BaseModel):
     object: Literal["chat.completion"]
     created: int
     model: str
+    system_fingerprint: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -239,6 +246,24 @@ class RequestCounts(BaseModel):
     failed: int
 
 
+class BatchInputTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class BatchOutputTokensDetails(BaseModel):
+    reasoning_tokens: int
+
+
+class BatchUsage(BaseModel):
+    """OpenAI's BatchUsage: the tokens of the batch's lines that ended, summed."""
+
+    input_tokens: int
+    input_tokens_details: BatchInputTokensDetails
+    output_tokens: int
+    output_tokens_details: BatchOutputTokensDetails
+    total_tokens: int
+
+
 class BatchErrors(BaseModel):
     object: Literal["list"]
     data: list[dict[str, Any]]
@@ -259,6 +284,8 @@ class BatchObject(BaseModel):
     errors: BatchErrors | None
     request_counts: RequestCounts
     metadata: dict[str, str] | None
+    model: str | None  # its lines' model, once the first line is queued
+    usage: BatchUsage
     webhook_deliveries: dict[str, Any] | None = None
     created_at: int | None
     expires_at: int | None
@@ -277,3 +304,16 @@ class BatchList(BaseModel):
     has_more: bool
     first_id: str | None
     last_id: str | None
+
+
+# ---- tokenization (vLLM's /tokenize and /detokenize) ----
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None  # the vocabulary's pieces, with return_token_strs
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -18,8 +18,64 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError, ValidationError
 
 Stop = str | list[str] | None
+
+
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema (OpenAI's): the schema the output must match."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    description: StrictStr | None = None
+    schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None  # None: any JSON (OpenAI's default)
+    strict: bool | None = None  # every output matches the schema whatever this says: the grammar enforces it
+
+
+class ResponseFormat(BaseModel):
+    """response_format (OpenAI's): plain text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is json_schema")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: exactly one constraint (engine.sampling_params.StructuredOutputsParams)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: Annotated[dict[str, Any] | StrictStr | None, Field(alias="json")] = None
+    json_object: bool | None = None
+    regex: StrictStr | None = None
+    choice: Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1)] | None = None
+    grammar: StrictStr | None = None
+    structural_tag: StrictStr | None = None
+    disable_any_whitespace: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [name for name in ("json_", "json_object", "regex", "choice", "grammar", "structural_tag")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, json_object, regex, choice, grammar, structural_tag")
+        return self
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        kwargs = self.model_dump(by_alias=True, exclude_none=True)
+        if not kwargs.get("json_object"):
+            kwargs.pop("json_object", None)
+        return kwargs
 
 
 class SamplingFields(BaseModel):
@@ -39,7 +95,10 @@ class SamplingFields(BaseModel):
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    user: str | None = None
+    user: str | None = None  # accepted and ignored, as vLLM does
+    # OpenAI's: {"token id": bias in [-100, 100]} added to the logits; an id past the vocabulary is ignored.
+    logit_bias: dict[str, float] | None = None
+    service_tier: SkipJsonSchema[Any] = None  # refused unless auto/default (see _unsupported)
     # vLLM extensions
     top_k: Annotated[int, Field(ge=0)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
@@ -47,6 +106,40 @@ class SamplingFields(BaseModel):
     min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs and its older guided_* fields
+    # (at most one of them; the worker checks the schema, regex or grammar itself and answers 400 for a bad one).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1)] | None = None
+    guided_grammar: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _one_output_constraint(self) -> SamplingFields:
+        given = [name for name in ("response_format", "structured_outputs", "guided_json", "guided_regex",
+                                   "guided_choice", "guided_grammar") if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type == "text":
+            given.remove("response_format")
+        if len(given) > 1:
+            raise ValueError(f"give at most one of {', '.join(given)}: each constrains the whole output")
+        return self
+
+    def structured_output_kwargs(self) -> dict[str, Any] | None:
+        """The engine's StructuredOutputsParams fields for this request's constraint, or None."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs.engine_kwargs()
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            return {"json_object": True}
+        if fmt is not None and fmt.type == "json_schema":
+            schema = fmt.json_schema.schema_
+            return {"json": schema} if schema is not None else {"json_object": True}
+        for field, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                            ("guided_grammar", "grammar")):
+            if getattr(self, field) is not None:
+                return {kind: getattr(self, field)}
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -56,37 +149,143 @@ class SamplingFields(BaseModel):
             raise ValueError("stop must be up to 4 non-empty strings")
         return value
 
+    @field_validator("logit_bias", mode="wrap")
+    @classmethod
+    def _logit_bias(cls, value: Any, handler) -> dict[str, float] | None:
+        # Every problem names `logit_bias` itself (not `logit_bias.<key>`), as OpenAI's error does.
+        try:
+            bias = handler(value)
+        except ValidationError:
+            raise PydanticCustomError("invalid_value", "logit_bias must be an object of token ids (as strings) to "
+                                                       "numbers in [-100, 100]") from None
+        for key, item in (bias or {}).items():
+            if not key.isascii() or not key.isdigit():
+                raise PydanticCustomError("invalid_value", "logit_bias: '{key}' is not a token id",
+                                          {"key": key})
+            if not -100 <= item <= 100:
+                raise PydanticCustomError("invalid_value", "logit_bias: the bias of token {key} is {item}; it must "
+                                                           "be in [-100, 100]", {"key": key, "item": item})
+        return bias
+
+    @field_validator("service_tier")
+    @classmethod
+    def _unsupported_tier(cls, value: Any, info) -> Any:
+        return refuse_unsupported(value, info.field_name)
+
+    def token_biases(self) -> dict[int, float] | None:
+        """logit_bias as the engine takes it (SamplingParams.logit_bias: token id -> bias)."""
+        return {int(key): bias for key, bias in self.logit_bias.items()} if self.logit_bias else None
+
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for engine.SamplingParams (the worker builds it; the API never imports the engine)."""
         return dict(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                     repetition_penalty=self.repetition_penalty, seed=self.seed, max_tokens=self.max_tokens,
                     min_tokens=self.min_tokens, stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
-                    ignore_eos=self.ignore_eos, logprobs=self.num_logprobs())
+                    ignore_eos=self.ignore_eos, logprobs=self.num_logprobs(),
+                    structured_outputs=self.structured_output_kwargs(), logit_bias=self.token_biases())
 
     def num_logprobs(self) -> int | None:
         return None
 
 
+MAX_PROMPTS = 256  # prompts in one completion request: each is an engine request of its own (n choices each)
+Prompt = str | list[int] | list[str] | list[list[int]]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int]
+    # OpenAI's: one prompt (text or token ids) or a list of them; the answer holds each prompt's n choices in turn
+    # (choice index = prompt index * n + i), usage summed.
+    prompt: Prompt
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    echo: bool = False
+    echo: bool = False  # each choice's text starts with its prompt's text (as vLLM does)
+    suffix: SkipJsonSchema[Any] = None  # refused (no insertion), see _unsupported
+    best_of: SkipJsonSchema[Any] = None  # only equal to n (each choice is returned), see _best_of
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="wrap")
     @classmethod
-    def _prompt_has_tokens(cls, value: str | list[int]) -> str | list[int]:
-        # The engine refuses an empty prompt (nothing to continue from) and negative token ids; refused here, they
-        # are the caller's 400 rather than a job failed in the engine. (The ids' upper bound is the model's.)
-        if not value:
-            raise ValueError("the prompt is empty")
-        if isinstance(value, list) and min(value) < 0:
-            raise ValueError("token ids are never negative")
+    def _prompt_has_tokens(cls, value: Any, handler) -> Prompt:
+        # Every problem names `prompt` (not which alternative of the union failed). The engine refuses an empty
+        # prompt (nothing to continue from) and negative token ids; refused here, they are the caller's 400 rather
+        # than a job failed in the engine. (The ids' upper bound is the model's.)
+        try:
+            value = handler(value)
+        except ValidationError:
+            raise PydanticCustomError("invalid_type", "prompt must be a string, a list of token ids, or a list of "
+                                                      "either (one prompt each)") from None
+        prompts = prompt_list(value)
+        if not prompts:
+            raise PydanticCustomError("invalid_value", "the prompt is empty")
+        if len(prompts) > MAX_PROMPTS:
+            raise PydanticCustomError("invalid_value", "at most {limit} prompts in one request",
+                                      {"limit": MAX_PROMPTS})
+        for index, prompt in enumerate(prompts):
+            where = f"prompt {index}" if len(prompts) > 1 else "the prompt"
+            if not prompt:
+                raise PydanticCustomError("invalid_value", "{where} is empty", {"where": where})
+            if isinstance(prompt, list) and min(prompt) < 0:
+                raise PydanticCustomError("invalid_value", "token ids are never negative ({where})",
+                                          {"where": where})
         return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _unsupported(cls, value: Any, info) -> Any:
+        return refuse_unsupported(value, info.field_name)
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: Any, info) -> Any:
+        # Our choices are all returned: best_of can only be n (vLLM's v1 engine has no best_of either).
+        if value is not None and value != info.data.get("n", 1):
+            raise PydanticCustomError("unsupported_value", "best_of is not supported: leave it out, or set it to n")
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def _echo_without_prompt_logprobs(cls, value: bool, info) -> bool:
+        if value and info.data.get("logprobs") is not None:
+            raise PydanticCustomError("unsupported_value", "echo together with logprobs is not supported (it "
+                                                           "needs the prompt's logprobs, which are not computed)")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request, in order."""
+        return prompt_list(self.prompt)
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+
+def prompt_list(prompt: Prompt) -> list[str | list[int]]:
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    return list(prompt)
+
+
+# OpenAI fields this server does not support, with the values that mean "not used" (they pass) and why: any other
+# value is a 400 naming the field (code `unsupported_parameter`), never a silent 200. The fields are declared on
+# the request models (left out of the OpenAPI document), so batch lines and /v1/jobs are checked the same way.
+UNSUPPORTED: dict[str, tuple[tuple, str]] = {
+    "suffix": ((None, ""), "suffix is not supported: this server does not insert text"),
+    "service_tier": ((None, "auto", "default"), "service_tier can only be auto or default here"),
+    "audio": ((None,), "audio output is not supported"),
+    "modalities": ((None, ["text"]), "modalities other than [\"text\"] are not supported"),
+    "prediction": ((None,), "predicted outputs (prediction) are not supported"),
+    "web_search_options": ((None,), "web search is not supported"),
+    "functions": ((None,), "functions (deprecated) is not supported: use tools"),
+    "function_call": ((None,), "function_call (deprecated) is not supported: use tool_choice"),
+    "store": ((None, False), "stored completions (store: true) are not supported"),
+    "reasoning_effort": ((None,), "reasoning_effort is not supported: the models served here do not reason"),
+}
+
+
+def refuse_unsupported(value: Any, field: str) -> Any:
+    passing, why = UNSUPPORTED[field]
+    if not any(value == allowed and type(value) is type(allowed) for allowed in passing):
+        raise PydanticCustomError("unsupported_parameter", why)
+    return value
 
 
 class ContentPart(BaseModel):
@@ -122,6 +321,21 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    # OpenAI chat features not supported here (UNSUPPORTED): a 400 naming the field when used.
+    audio: SkipJsonSchema[Any] = None
+    modalities: SkipJsonSchema[Any] = None
+    prediction: SkipJsonSchema[Any] = None
+    web_search_options: SkipJsonSchema[Any] = None
+    functions: SkipJsonSchema[Any] = None
+    function_call: SkipJsonSchema[Any] = None
+    store: SkipJsonSchema[Any] = None
+    reasoning_effort: SkipJsonSchema[Any] = None
+
+    @field_validator("audio", "modalities", "prediction", "web_search_options", "functions", "function_call",
+                     "store", "reasoning_effort")
+    @classmethod
+    def _unsupported(cls, value: Any, info) -> Any:
+        return refuse_unsupported(value, info.field_name)
 
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -189,6 +403,39 @@ class BatchCreate(BaseModel):
     completion_window: Annotated[StrictStr, Field(json_schema_extra={"pattern": "^[0-9]+[smh]$"})] = "24h"
     metadata: Annotated[dict[str, StrictStr], Field(max_length=16)] | None = None
     webhook: StrictStr | None = None
+
+
+class TokenizeCompletionRequest(BaseModel):
+    """POST /tokenize with a prompt (vLLM's): its token ids as a completion would have them."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None  # may be left out while one model is served
+    prompt: StrictStr
+    add_special_tokens: bool = True  # the BOS a completion's prompt gets
+    return_token_strs: bool = False  # also the vocabulary's piece of each token
+
+
+class TokenizeChatRequest(BaseModel):
+    """POST /tokenize with messages (vLLM's): the token ids of the chat's prompt, through the model's template."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # the template writes the BOS itself
+    return_token_strs: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the template
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's): the text of token ids."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
 
 
 def first_invalid_text(value: Any, path: str = "") -> str | None:

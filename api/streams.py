@@ -2,6 +2,7 @@
 
 Events (the JSON under each entry's "data" field):
   {"type": "delta", "choices": [{"index", "text", "finish_reason"}]}   text generated since the last delta
+                                          (and "usage" so far, when the OpenAI stream asked for it)
   {"type": "restart", "attempt": n}       the job runs again after a failure: readers drop what came before
   {"type": "end", "status": "succeeded" | "failed" | "cancelled"}        always the last one
 
@@ -56,8 +57,12 @@ class DeltaChoice(TypedDict):
     finish_reason: str | None
 
 
-def delta_event(choices: list[DeltaChoice]) -> dict:
-    return {"type": EventType.DELTA.value, "choices": choices}
+def delta_event(choices: list[DeltaChoice], usage: dict | None = None) -> dict:
+    """`usage`: the job's usage so far (only for streams that asked for vLLM's continuous_usage_stats)."""
+    event = {"type": EventType.DELTA.value, "choices": choices}
+    if usage is not None:
+        event["usage"] = usage
+    return event
 
 
 def restart_event(attempt: int) -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from api.celery_client import enqueue
 from api.deps import APIError
@@ -21,13 +21,21 @@ def check_text(body: Any) -> None:
 
 
 def validate_body(endpoint: str, body: dict[str, Any]) -> SamplingFields:
+    return parse_body(ENDPOINTS[endpoint], body)
+
+
+def parse_body(model: type[BaseModel], body: dict[str, Any]) -> Any:
+    """`body` as `model`, or a 400 naming the first parameter that does not fit."""
     check_text(body)
     try:
-        return ENDPOINTS[endpoint].model_validate(body)
+        return model.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
-        raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+        # OpenAI's codes for a feature this server lacks (api/schemas.py's UNSUPPORTED, best_of, echo + logprobs).
+        code = first["type"] if first["type"] in ("unsupported_parameter", "unsupported_value") else None
+        raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param,
+                       code=code) from None
 
 
 def check_model(store: JobStore, settings: Settings, request: SamplingFields) -> None:

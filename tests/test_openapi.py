@@ -37,6 +37,8 @@ ERRORS = {
     ("get", "/v1/batches"): {400, 401, 500, 503},
     ("get", "/v1/batches/{batch_id}"): {401, 404, 500, 503},
     ("post", "/v1/batches/{batch_id}/cancel"): {401, 404, 409, 500, 503},
+    ("post", "/tokenize"): {400, 401, 404, 413, 500, 503},
+    ("post", "/detokenize"): {400, 401, 404, 413, 500, 503},
 }
 
 

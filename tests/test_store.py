@@ -410,8 +410,7 @@ def test_sse_sends_the_deltas_of_one_read_as_one_chunk(store: JobStore, redis_ur
     async def main() -> list[str]:
         client = aredis.Redis.from_url(redis_url, decode_responses=True)
         try:
-            return [chunk async for chunk in _sse(store, AsyncStreams(client, store.keys), job.id, "demo",
-                                                  "completions", include_usage=False)]
+            return [chunk async for chunk in _sse(store, AsyncStreams(client, store.keys), job, "completions")]
         finally:
             await client.aclose()
 

@@ -1,62 +1,224 @@
 """Engine outputs -> OpenAI response bodies (completion and chat completion), as stored in the job record."""
 from __future__ import annotations
 
+import codecs
+import json
+import re
 import time
+from functools import lru_cache
 
+from api.openai_compat import SYSTEM_FINGERPRINT, usage_body
+from api.openai_compat import finish_reason as openai_finish_reason
 from engine.outputs import CompletionOutput, RequestOutput
 
+LOGPROB_FLOOR = -9999.0  # as vLLM: -inf (a token the sampler excluded) is no JSON number
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+# Decoder steps whose effect on one token's piece is known (the rest of the tokenizers fall back to decode()).
+_KNOWN_DECODERS = {"Sequence", "ByteLevel", "ByteFallback", "Replace", "Fuse", "Strip", "Metaspace"}
 
-def usage(output: RequestOutput) -> dict[str, int]:
-    prompt = len(output.prompt_token_ids)
-    completion = sum(len(c.token_ids) for c in output.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+def usage(output: RequestOutput | list[RequestOutput]) -> dict:
+    """Usage of one engine request, or summed over the requests of one job (a completion with several prompts)."""
+    outputs = [output] if isinstance(output, RequestOutput) else output
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return usage_body(prompt, completion)
 
 
 def finish_reason(choice: CompletionOutput) -> str | None:
-    return "stop" if choice.finish_reason == "abort" else choice.finish_reason
+    return openai_finish_reason(choice.finish_reason)
 
 
-def completion_logprobs(choice: CompletionOutput, tokenizer) -> dict | None:
+class TokenText:
+    """What each generated token stands for in the output: its bytes, and its text for logprobs.
+
+    Neither the vocabulary's piece ("▁L", "<0x53>" for SentencePiece, "ĠL" for byte-level BPE) nor decoding the token
+    alone will do: SentencePiece's decoder drops the leading space of the first token it decodes, and a byte token
+    decodes to U+FFFD. So a token's bytes come from its piece through the tokenizer's own decoder rules (the
+    byte-level alphabet, byte fallback, "▁" -> " "), and the bytes of a choice's tokens concatenate to its text's
+    bytes (special tokens aside: skipped in the text). Its text is those bytes as UTF-8, or, for a token that is part
+    of a character, "bytes:\\xe2\\x80" (OpenAI's spelling for such tokens)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        steps = _decoder_steps(tokenizer)
+        kinds = {step.get("type") for step in steps}
+        self._known = bool(kinds) and kinds <= _KNOWN_DECODERS
+        self._byte_level = {char: byte for byte, char in _bytes_to_unicode().items()} if "ByteLevel" in kinds else None
+        self._byte_fallback = "ByteFallback" in kinds
+        self._replace = [(step["pattern"]["String"], step["content"]) for step in steps
+                         if step.get("type") == "Replace" and "String" in (step.get("pattern") or {})]
+        self._replace += [(step.get("replacement", "\u2581"), " ") for step in steps if step.get("type") == "Metaspace"]
+        decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self._added = {token_id: token.content for token_id, token in decoder.items()}
+        self.special = frozenset(getattr(tokenizer, "all_special_ids", None) or ()) | {
+            token_id for token_id, token in decoder.items() if getattr(token, "special", False)}
+        self._cache: dict[int, bytes] = {}
+
+    def bytes_of(self, token_id: int) -> bytes:
+        cached = self._cache.get(token_id)
+        if cached is None:
+            cached = self._cache[token_id] = self._bytes(token_id)
+        return cached
+
+    def text_of(self, token_id: int) -> str:
+        return as_text(self.bytes_of(token_id))
+
+    def char_counts(self, token_ids: list[int]) -> list[int]:
+        """How many characters of the decoded text each token completes (0 for the first bytes of a character
+        split over tokens, and for special tokens: skipped in the text), as the tokenizer's decoder writes them:
+        byte-fallback tokens are decoded run by run, a run that is not valid UTF-8 giving one U+FFFD per token;
+        other tokenizers decode their bytes as a whole, an invalid sequence giving one U+FFFD."""
+        counts: list[int] = []
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        index = 0
+        while index < len(token_ids):
+            token_id = token_ids[index]
+            if token_id in self.special:
+                counts.append(0)
+                index += 1
+                continue
+            end = index
+            while self._byte_fallback and end < len(token_ids) and self._is_byte_piece(token_ids[end]):
+                end += 1
+            if end > index:  # a run of byte tokens
+                run = [self.bytes_of(t) for t in token_ids[index:end]]
+                try:
+                    b"".join(run).decode("utf-8")
+                except UnicodeDecodeError:
+                    counts += [1] * len(run)
+                else:
+                    run_decoder = codecs.getincrementaldecoder("utf-8")()
+                    counts += [len(run_decoder.decode(data)) for data in run]
+                index = end
+                continue
+            counts.append(len(decoder.decode(self.bytes_of(token_id))))
+            index += 1
+        return counts
+
+    def _is_byte_piece(self, token_id: int) -> bool:
+        return token_id not in self._added and _BYTE_PIECE.fullmatch(
+            self.tokenizer.convert_ids_to_tokens(token_id) or "") is not None
+
+    def _bytes(self, token_id: int) -> bytes:
+        if token_id in self._added:  # added tokens are stored as their text, in no alphabet
+            return self._added[token_id].encode()
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if piece is None:  # past the vocabulary
+            return b""
+        if not self._known:
+            return self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
+        if self._byte_level is not None:
+            if all(char in self._byte_level for char in piece):
+                return bytes(self._byte_level[char] for char in piece)
+            return piece.encode()
+        match = _BYTE_PIECE.fullmatch(piece) if self._byte_fallback else None
+        if match:
+            return bytes([int(match[1], 16)])
+        for old, new in self._replace:
+            piece = piece.replace(old, new)
+        return piece.encode()
+
+
+@lru_cache(maxsize=4)
+def token_text(tokenizer) -> TokenText:
+    return TokenText(tokenizer)
+
+
+def as_text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in data)
+
+
+def _decoder_steps(tokenizer) -> list[dict]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return []
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    return [decoder, *decoder.get("decoders", [])] if decoder else []
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: byte -> the character that spells it in the vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def _logprob(value: float) -> float:
+    return max(float(value), LOGPROB_FLOOR)
+
+
+def completion_logprobs(choice: CompletionOutput, texts: TokenText, offset: int = 0) -> dict | None:
+    """Completions' logprobs: each token's text, its log-prob, the top ones keyed by their text, and where each
+    token starts in the choice's text (characters; `offset` is where the generated text starts, after an echo)."""
     if choice.logprobs is None:
         return None
-    tokens = tokenizer.convert_ids_to_tokens(choice.token_ids)
-    offsets, offset = [], 0
-    for token_id in choice.token_ids:
+    tokens, offsets, top = [], [], []
+    for entry, token_id, count in zip(choice.logprobs, choice.token_ids, texts.char_counts(choice.token_ids)):
+        tokens.append(texts.text_of(token_id))
         offsets.append(offset)
-        offset += len(tokenizer.decode([token_id]))
+        offset += count
+        alternatives: dict[str, float] = {}
+        for alternative, logprob in sorted(entry.items(), key=lambda kv: kv[1], reverse=True):
+            alternatives.setdefault(texts.text_of(alternative), _logprob(logprob))
+        top.append(alternatives)
     return {"tokens": tokens,
-            "token_logprobs": [entry[t] for entry, t in zip(choice.logprobs, choice.token_ids)],
-            "top_logprobs": [{tokenizer.convert_ids_to_tokens(i): lp for i, lp in entry.items() if i != t}
-                             | {tokens[n]: entry[t]} for n, (entry, t) in enumerate(zip(choice.logprobs,
-                                                                                          choice.token_ids))],
-            "text_offset": offsets}
+            "token_logprobs": [_logprob(entry[t]) for entry, t in zip(choice.logprobs, choice.token_ids)],
+            "top_logprobs": top, "text_offset": offsets}
 
 
-def chat_logprobs(choice: CompletionOutput, tokenizer, top: int) -> dict | None:
+def chat_logprobs(choice: CompletionOutput, texts: TokenText, top: int) -> dict | None:
     if choice.logprobs is None:
         return None
 
     def item(token_id: int, logprob: float) -> dict:
-        text = tokenizer.decode([token_id])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        data = texts.bytes_of(token_id)
+        return {"token": as_text(data), "logprob": _logprob(logprob), "bytes": list(data)}
 
     content = []
     for entry, token_id in zip(choice.logprobs, choice.token_ids):
         alternatives = sorted(entry.items(), key=lambda kv: kv[1], reverse=True)[:top]
         content.append(item(token_id, entry[token_id]) | {"top_logprobs": [item(i, lp) for i, lp in alternatives]})
-    return {"content": content}
+    return {"content": content, "refusal": None}
 
 
-def completion_body(job_id: str, model: str, output: RequestOutput, tokenizer) -> dict:
-    return {"id": f"cmpl-{job_id}", "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": c.index, "text": c.text, "logprobs": completion_logprobs(c, tokenizer),
-                         "finish_reason": finish_reason(c)} for c in output.outputs],
-            "usage": usage(output)}
+def echo_texts(prompts: list, tokenizer) -> list[str]:
+    """Completions' echo: each prompt's text as given, a token-id prompt decoded."""
+    return [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
 
 
-def chat_body(job_id: str, model: str, output: RequestOutput, tokenizer, top_logprobs: int) -> dict:
-    return {"id": f"chatcmpl-{job_id}", "object": "chat.completion", "created": int(time.time()), "model": model,
+def completion_body(job_id: str, model: str, output: RequestOutput | list[RequestOutput], tokenizer, *, n: int = 1,
+                    echo: list[str] | None = None, created: int | None = None) -> dict:
+    """One body for a job's engine requests (one per prompt, in order): prompt k's choice i is choice k * n + i,
+    its text after the prompt's own with `echo`."""
+    outputs = [output] if isinstance(output, RequestOutput) else output
+    texts = token_text(tokenizer)
+    choices = []
+    for k, part in enumerate(outputs):
+        prefix = echo[k] if echo else ""
+        choices += [{"index": k * n + c.index, "text": prefix + c.text,
+                     "logprobs": completion_logprobs(c, texts, len(prefix)), "finish_reason": finish_reason(c)}
+                    for c in part.outputs]
+    return {"id": f"cmpl-{job_id}", "object": "text_completion", "created": created or int(time.time()),
+            "model": model, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices, "usage": usage(outputs)}
+
+
+def chat_body(job_id: str, model: str, output: RequestOutput, tokenizer, top_logprobs: int,
+              created: int | None = None) -> dict:
+    return {"id": f"chatcmpl-{job_id}", "object": "chat.completion", "created": created or int(time.time()),
+            "model": model, "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                         "logprobs": chat_logprobs(c, tokenizer, top_logprobs),
+                         "logprobs": chat_logprobs(c, token_text(tokenizer), top_logprobs),
                          "finish_reason": finish_reason(c)} for c in output.outputs],
             "usage": usage(output)}

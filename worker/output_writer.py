@@ -24,12 +24,26 @@ from dataclasses import dataclass, field
 import redis
 
 from api.job_record import Job, JobStatus
+from api.openai_compat import finish_reason, usage_body
+from api.schemas import CompletionRequest
 from api.store import JobStore
 from api.streams import DeltaChoice, delta_event
 from engine.outputs import RequestOutput
-from worker.openai_format import chat_body, completion_body, usage
+from worker.openai_format import chat_body, completion_body, echo_texts, usage
 
 log = logging.getLogger(__name__)
+
+
+def engine_request_id(job_id: str, part: int, parts: int) -> str:
+    """A job runs as one engine request per prompt (a completion may have several): "{job id}#{k}", or the job's
+    own id for the usual single prompt."""
+    return job_id if parts == 1 else f"{job_id}#{part}"
+
+
+def split_request_id(request_id: str) -> tuple[str, int]:
+    """(job id, prompt index) of an engine request id."""
+    job_id, _, part = request_id.partition("#")
+    return job_id, int(part or 0)
 
 
 @dataclass(slots=True, eq=False)
@@ -48,6 +62,22 @@ class Tracked:
     done: threading.Event = field(default_factory=threading.Event)
     won: bool = False  # its finish was the one that ended the job
     error: BaseException | None = None  # the engine failed it
+    # Its engine requests, one per prompt: prompt k's choice i is the job's choice k * n + i; the job is finished
+    # when every part is.
+    n: int = 1
+    prompt_lens: list[int] = field(default_factory=list)
+    parts: dict[int, RequestOutput] = field(default_factory=dict)
+    echo: list[str] | None = None  # completions' echo: each prompt's text, written before its choices' text
+    echoed: set[int] = field(default_factory=set)
+    tokens: dict[int, int] = field(default_factory=dict)  # generated so far, per choice
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: every delta carries usage
+
+    @property
+    def num_parts(self) -> int:
+        return len(self.prompt_lens) or 1
+
+    def usage_so_far(self) -> dict:
+        return usage_body(sum(self.prompt_lens), sum(self.tokens.values()))
 
     def wait(self) -> bool:
         self.done.wait()
@@ -77,9 +107,16 @@ class OutputWriter:
         self._queue.put(None)
         self._thread.join(timeout=10)
 
-    def track(self, job: Job, chat: bool, top_logprobs: int = 0) -> Tracked:
-        """Call before submitting the job to the engine."""
-        tracked = Tracked(job, chat, top_logprobs, streaming=job.stream)
+    def track(self, job: Job, chat: bool, top_logprobs: int = 0, prompts: list[list[int]] | None = None,
+              n: int = 1) -> Tracked:
+        """Call before submitting the job to the engine; `prompts`: its prompts' token ids, one engine request
+        each (engine_request_id)."""
+        tracked = Tracked(job, chat, top_logprobs, streaming=job.stream, n=n,
+                          prompt_lens=[len(p) for p in prompts or ()])
+        options = job.request.get("stream_options")
+        tracked.continuous_usage = isinstance(options, dict) and bool(options.get("continuous_usage_stats"))
+        if not chat and job.request.get("echo"):
+            tracked.echo = echo_texts(CompletionRequest.model_validate(job.request).prompts(), self.tokenizer)
         with self._lock:
             self._jobs[job.id] = tracked
         return tracked
@@ -127,40 +164,48 @@ class OutputWriter:
                     log.exception("writing %d engine outputs failed", len(outputs))
 
     def _fail(self, request_ids: list[str], exc: BaseException) -> None:
-        for request_id in request_ids:
+        for job_id in dict.fromkeys(split_request_id(request_id)[0] for request_id in request_ids):
             with self._lock:
-                tracked = self._jobs.get(request_id)
+                tracked = self._jobs.get(job_id)
             if tracked is not None:
-                self._end(request_id, tracked, won=False, error=exc)
+                self._end(job_id, tracked, won=False, error=exc)
 
     def _write(self, outputs: list[RequestOutput]) -> None:
         deltas: dict[str, dict[int, DeltaChoice]] = {}
         first: list[str] = []
-        finals: dict[str, tuple[Tracked, RequestOutput]] = {}
+        finals: dict[str, Tracked] = {}
         with self._lock:
-            jobs = {o.request_id: self._jobs.get(o.request_id) for o in outputs}
+            jobs = {job_id: self._jobs.get(job_id) for job_id in {split_request_id(o.request_id)[0] for o in outputs}}
         for output in outputs:
-            tracked = jobs[output.request_id]
+            job_id, part = split_request_id(output.request_id)
+            tracked = jobs[job_id]
             if tracked is None:
                 continue
             if not tracked.first_token_seen and any(c.token_ids for c in output.outputs):
                 tracked.first_token_seen = True
-                first.append(output.request_id)
+                first.append(job_id)
             if tracked.streaming:
-                merged = deltas.setdefault(output.request_id, tracked.held)
+                merged = deltas.setdefault(job_id, tracked.held)
                 tracked.held = {}
             else:
                 merged = tracked.held
             for c in output.outputs:
-                if not (c.delta_token_ids or c.delta_text or c.finish_reason):
+                index = part * tracked.n + c.index
+                echo = tracked.echo[part] if tracked.echo and index not in tracked.echoed else ""
+                if not (c.delta_token_ids or c.delta_text or c.finish_reason or echo):
                     continue
-                entry = merged.setdefault(c.index, {"index": c.index, "text": "", "finish_reason": None})
-                entry["text"] += c.delta_text
-                entry["finish_reason"] = c.finish_reason
+                if echo:
+                    tracked.echoed.add(index)
+                tracked.tokens[index] = tracked.tokens.get(index, 0) + len(c.delta_token_ids)
+                entry = merged.setdefault(index, {"index": index, "text": "", "finish_reason": None})
+                entry["text"] += echo + c.delta_text
+                entry["finish_reason"] = finish_reason(c.finish_reason)
             if output.finished:
-                finals[output.request_id] = (tracked, output)
+                tracked.parts[part] = output
+                if len(tracked.parts) == tracked.num_parts:
+                    finals[job_id] = tracked
         try:
-            results = {job_id: self._result(tracked, output) for job_id, (tracked, output) in finals.items()}
+            results = {job_id: self._result(tracked) for job_id, tracked in finals.items()}
             replies = self._send(deltas, first, results, jobs)
         except Exception as exc:  # noqa: BLE001 - e.g. Redis refusing writes (out of memory)
             # Every job of the batch lost something (its result, or deltas its readers will never see): that
@@ -170,7 +215,7 @@ class OutputWriter:
             for job_id, tracked in failed:
                 self._end(job_id, tracked, won=False, error=exc)
         else:
-            for (job_id, (tracked, _)), won in zip(finals.items(), replies):
+            for (job_id, tracked), won in zip(finals.items(), replies):
                 self._end(job_id, tracked, won=bool(won))
 
     def _end(self, job_id: str, tracked: Tracked, won: bool, error: BaseException | None = None) -> None:
@@ -179,15 +224,18 @@ class OutputWriter:
             self._jobs.pop(job_id, None)
         tracked.done.set()
 
-    def _result(self, tracked: Tracked, output: RequestOutput) -> dict:
+    def _result(self, tracked: Tracked) -> dict:
         job = tracked.job
-        aborted = any(c.finish_reason == "abort" for c in output.outputs)
+        parts = [tracked.parts[k] for k in sorted(tracked.parts)]
+        aborted = any(c.finish_reason == "abort" for part in parts for c in part.outputs)
+        created = int(job.created_at) if job.created_at else None  # the stream's chunks carry the same
         if tracked.chat:
-            body = chat_body(job.id, job.model, output, self.tokenizer, tracked.top_logprobs)
+            body = chat_body(job.id, job.model, parts[0], self.tokenizer, tracked.top_logprobs, created=created)
         else:
-            body = completion_body(job.id, job.model, output, self.tokenizer)
+            body = completion_body(job.id, job.model, parts, self.tokenizer, n=tracked.n, echo=tracked.echo,
+                                   created=created)
         return {"status": JobStatus.CANCELLED if aborted else JobStatus.SUCCEEDED, "result": body,
-                "usage": usage(output)}
+                "usage": usage(parts)}
 
     def _send(self, deltas, first, results, jobs) -> list:
         """One pipeline for the whole batch; retried until Redis takes it. The finishes' replies, in order."""
@@ -196,8 +244,9 @@ class OutputWriter:
             pipe = self.store.r.pipeline(transaction=False)
             for job_id, choices in deltas.items():
                 tracked = jobs[job_id]
-                self.store.append_stream(job_id, delta_event(list(choices.values())), pipe=pipe,
-                                         expire=not tracked.stream_expiry_set)
+                self.store.append_stream(job_id, delta_event(list(choices.values()), tracked.usage_so_far()
+                                                             if tracked.continuous_usage else None),
+                                         pipe=pipe, expire=not tracked.stream_expiry_set)
             for job_id in first:
                 self.store.mark_first_token(job_id, pipe=pipe)
             for job_id, outcome in results.items():

@@ -16,14 +16,18 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
+import redis
+
 from api.job_record import JobStatus
 from api.lifecycle import pump, run_again_or_end, settle, sweep_ended
 from api.settings import Settings
 from api.store import JobStore
+from api.tokenization import publish_tokenizer
 from engine.config import EngineConfig
 from engine.engine_process import EngineProcess
 from engine.loader import load_tokenizer
-from worker.output_writer import OutputWriter
+from engine.sampling_params import SamplingParams
+from worker.output_writer import OutputWriter, engine_request_id, split_request_id
 from worker.recovery import JobLeases, repair_lane, send_never_sent
 
 log = logging.getLogger(__name__)
@@ -82,6 +86,7 @@ class WorkerRuntime:
     leases: JobLeases | None = None
     _orphans: set[str] = field(default_factory=set)  # leased here, no task: seen at the last sweep
     _resend_pending: bool = False  # after_consumer_restart could not reach Redis: the next sweep does it
+    _tokenizer_published: bool = False  # for the API's /tokenize (api/tokenization.py): before the first announce
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -151,17 +156,52 @@ class WorkerRuntime:
         period = self.settings.worker_heartbeat_seconds
         while not self._stop.is_set():
             try:
+                if not self._tokenizer_published:
+                    self._publish_tokenizer()
                 self.store.registry.announce(self.worker_id, self.announcement(), ttl_s=int(period * 3) + 1)
                 self.sweep()
             except Exception:  # noqa: BLE001 - Redis may blip; the next beat retries
                 log.warning("heartbeat failed", exc_info=True)
             self._stop.wait(period)
 
+    def _publish_tokenizer(self) -> None:
+        try:
+            publish_tokenizer(self.store.r, self.store.prefix, self.model_name, self.tokenizer,
+                              self.engine.max_model_len)
+        except redis.RedisError:
+            raise  # the next beat tries again
+        except Exception:  # noqa: BLE001 - /tokenize cannot serve this model, the rest of the worker can
+            log.exception("could not publish the tokenizer of %s", self.model_name)
+        self._tokenizer_published = True
+
     def stream_deltas(self, job_id: str) -> None:
         """Someone began to read the job's events: its deltas are written from now on (what came before first),
         and the engine sends its outputs after every step."""
         if self.writer.stream(job_id):
-            self.engine.stream(job_id)
+            for request_id in self.engine_requests(job_id):
+                self.engine.stream(request_id)
+
+    def submit(self, job_id: str, prompts: list[list[int]], params: SamplingParams, priority: int = 0,
+               incremental: bool = True) -> None:
+        """The job's prompts into the engine, one request each (engine_request_id): a completion with several
+        prompts is answered as one (worker/output_writer.py merges them), and cancels and readers reach every part
+        (abort, stream_deltas). ValueError if the engine refuses one; the parts already in are aborted then."""
+        for part, prompt_ids in enumerate(prompts):
+            try:
+                self.engine.submit_to_sink(engine_request_id(job_id, part, len(prompts)), prompt_ids, params,
+                                           priority, incremental=incremental)
+            except ValueError:
+                self.abort(job_id)
+                raise
+
+    def engine_requests(self, job_id: str) -> list[str]:
+        """The job's requests in the engine (not finished yet)."""
+        return [request_id for request_id in self.engine.running_ids() if split_request_id(request_id)[0] == job_id]
+
+    def abort(self, job_id: str) -> None:
+        """Stop every engine request of the job (a cancel, a failed attempt)."""
+        for request_id in self.engine_requests(job_id):
+            self.engine.abort(request_id)
 
     def _cancel_listener(self) -> None:
         """Revoke cannot stop a task running in a thread: cancels come by pub/sub and abort in the engine. So do
@@ -177,7 +217,7 @@ class WorkerRuntime:
                         continue
                     if message["channel"] == keys.cancel:
                         log.info("aborting cancelled job %s", message["data"])
-                        self.engine.abort(message["data"])
+                        self.abort(message["data"])
                     else:
                         self.stream_deltas(message["data"])
             except Exception:  # noqa: BLE001 - reconnect after a Redis error

@@ -80,16 +80,17 @@ def run(runtime: WorkerRuntime, job: Job) -> None:
         params = SamplingParams(**body.sampling_kwargs())
         if params.structured_outputs is not None:  # a bad schema, regex or grammar: the caller's, before the engine
             grammar_for(params.structured_outputs)
-        prompt_ids = _prompt_ids(runtime, body)
-        _check_context(runtime, len(prompt_ids), params.max_tokens)
+        prompts = _prompts(runtime, body)  # a completion may have several, each an engine request of its own
+        for prompt_ids in prompts:
+            _check_context(runtime, len(prompt_ids), params.max_tokens)
     except ValueError as exc:
         _fail_as_invalid(store, job, exc)
         return
     chat = isinstance(body, ChatCompletionRequest)
-    tracked = runtime.writer.track(job, chat, (body.top_logprobs or 0) if chat else 0)
+    tracked = runtime.writer.track(job, chat, (body.top_logprobs or 0) if chat else 0, prompts, params.n)
     try:
         # Non-streaming jobs get outputs only at their first token and their end: no per-token work at all.
-        runtime.engine.submit_to_sink(job.id, prompt_ids, params, job.priority, incremental=job.stream)
+        runtime.submit(job.id, prompts, params, job.priority, incremental=job.stream)
     except ValueError as exc:  # the engine refused it (an empty prompt, a token id past the vocabulary): no rerun
         runtime.writer.forget(job.id)
         _fail_as_invalid(store, job, exc)
@@ -97,7 +98,7 @@ def run(runtime: WorkerRuntime, job: Job) -> None:
     # A cancel, or a reader of its events, that came before the listener could know this job.
     cancel, deltas = store.requests_while_starting(job.id)
     if cancel:
-        runtime.engine.abort(job.id)
+        runtime.abort(job.id)
     elif deltas and not job.stream:
         runtime.stream_deltas(job.id)
     if tracked.wait():
@@ -124,7 +125,7 @@ def retry_or_fail(runtime: WorkerRuntime, job: Job, exc: BaseException) -> None:
 
 def _abort_quietly(runtime: WorkerRuntime, job_id: str) -> None:
     try:
-        runtime.engine.abort(job_id)
+        runtime.abort(job_id)
     except Exception:  # noqa: BLE001 - the engine may be what failed
         log.exception("could not abort job %s in the engine", job_id)
 
@@ -137,13 +138,16 @@ def _check_context(runtime: WorkerRuntime, prompt_len: int, max_tokens: int | No
                          "lower max_tokens")
 
 
-def _prompt_ids(runtime: WorkerRuntime, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
-    """Tokenized here, in the task's thread, so the engine loop does not pay for it."""
-    tokenizer = runtime.tokenizer
+def _prompts(runtime: WorkerRuntime, body: CompletionRequest | ChatCompletionRequest) -> list[list[int]]:
+    """The token ids of each prompt, tokenized here, in the task's thread, so the engine loop does not pay for it."""
     if isinstance(body, CompletionRequest):
-        if isinstance(body.prompt, list):
-            return body.prompt
-        return tokenizer.encode(body.prompt) if body.prompt else []
+        return [p if isinstance(p, list) else runtime.tokenizer.encode(p) for p in body.prompts()]
+    return [_prompt_ids(runtime, body)]
+
+
+def _prompt_ids(runtime: WorkerRuntime, body: ChatCompletionRequest) -> list[int]:
+    """A chat's prompt: its messages through the model's chat template."""
+    tokenizer = runtime.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"model {runtime.model_name} has no chat template; use /v1/completions")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]

@@ -19,6 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from api.deps import APIError, CeleryDep, OwnerDep, SettingsDep, StoreDep, StreamsDep
 from api.job_record import TERMINAL, Job, JobStatus
+from api.openai_compat import SYSTEM_FINGERPRINT, finish_reason, usage_body
 from api.responses import ChatCompletion, Completion, ModelCard, ModelList, errors, json_or_events, ok
 from api.schemas import ChatCompletionRequest, CompletionRequest, raw_json_object
 from api.store import JobStore
@@ -39,8 +40,9 @@ ChatCompletionBody = raw_json_object(ChatCompletionRequest)
 
 @router.get("/models", response_model=None, responses=ok(ModelList) | errors(401, 503))
 def list_models(store: StoreDep, _: OwnerDep) -> dict:
-    return {"object": "list", "data": [_model(name, workers)
-                                       for name, workers in sorted(store.registry.snapshot()[0].items())]}
+    served = sorted(store.registry.snapshot()[0].items())
+    created = store.registry.created([name for name, _ in served])
+    return {"object": "list", "data": [_model(name, workers, created.get(name, 0)) for name, workers in served]}
 
 
 @router.get("/models/{model:path}", response_model=None, responses=ok(ModelCard) | errors(401, 404, 503))
@@ -48,11 +50,12 @@ def retrieve_model(model: str, store: StoreDep, _: OwnerDep) -> dict:
     workers = store.registry.snapshot()[0].get(model)
     if not workers:
         raise APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
-    return _model(model, workers)
+    return _model(model, workers, store.registry.created([model]).get(model, 0))
 
 
-def _model(name: str, workers: list[dict]) -> dict:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "inferq",
+def _model(name: str, workers: list[dict], created: int) -> dict:
+    # `created`: when a worker first announced the model (api/registry.py).
+    return {"id": name, "object": "model", "created": created, "owned_by": "inferq",
             "max_model_len": min(int(w.get("max_model_len", 0)) for w in workers),
             # The weight formats its workers run (--load-in-low-bit); empty: the checkpoint's own.
             "load_in_low_bit": sorted({w["load_in_low_bit"] for w in workers if w.get("load_in_low_bit")})}
@@ -77,8 +80,10 @@ async def _run(request: Request, store: JobStore, streams: AsyncStreams, setting
     stream = bool(body.get("stream"))
     job, _ = await run_in_threadpool(submit, store, settings, celery, owner, endpoint, body, stream=stream)
     if stream:
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_sse(store, streams, job.id, job.model, endpoint, include_usage),
+        options = body.get("stream_options") or {}
+        # vLLM's continuous_usage_stats: every chunk carries the usage so far (the worker writes it with each delta).
+        return StreamingResponse(_sse(store, streams, job, endpoint, bool(options.get("include_usage")),
+                                      bool(options.get("continuous_usage_stats")), int(body.get("n") or 1)),
                                  media_type="text/event-stream")
     done = await _wait_unless_disconnected(request, streams, job.id)
     if done is _GONE:
@@ -132,33 +137,50 @@ def raise_job_error(job: Job) -> None:
                    param=error.get("param"), code=error.get("code"))
 
 
-async def _sse(store: JobStore, streams: AsyncStreams, job_id: str, model: str, endpoint: str,
-               include_usage: bool) -> AsyncIterator[str]:
+async def _sse(store: JobStore, streams: AsyncStreams, job: Job, endpoint: str, include_usage: bool = False,
+               continuous_usage: bool = False, n: int = 1) -> AsyncIterator[str]:
+    job_id = job.id
     chat = endpoint == "chat.completions"
-    base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job_id}", "created": int(time.time()), "model": model,
+    # The same id, created and fingerprint as the job's stored result (worker/openai_format.py).
+    base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job_id}", "created": int(job.created_at or time.time()),
+            "model": job.model, "system_fingerprint": SYSTEM_FINGERPRINT,
             "object": "chat.completion.chunk" if chat else "text_completion"}
-    started: set[int] = set()
     sent: dict[int, int] = {}  # characters sent so far, per choice
     resend: dict[int, int] = {}  # after a restart: characters the rerun regenerates that were sent already
     pending: dict[int, list] = {}  # per choice: [text, finish reason] of the deltas read but not sent yet
+    usage: dict | None = None  # with continuous_usage: the newest usage the worker wrote
+    roles_sent = False
     ended = False
+
+    def roles() -> Iterator[str]:
+        """A chat stream opens with a role-only chunk per choice, as OpenAI's and vLLM's do."""
+        nonlocal roles_sent
+        if chat and not roles_sent:
+            roles_sent = True
+            first = {} if not continuous_usage else {
+                "usage": usage_body((usage or {}).get("prompt_tokens", 0), 0)}
+            for index in range(n):
+                yield _data({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None}], **first})
 
     def chunks() -> Iterator[str]:
         """One chunk per choice for the deltas read together: a client that falls behind gets fewer, larger
         chunks instead of falling further behind (OpenAI's chunks may carry any number of tokens)."""
-        for index, (text, finish_reason) in sorted(pending.items()):
+        yield from roles()
+        extra = {"usage": usage} if continuous_usage and usage is not None else {}
+        for index, (text, reason) in sorted(pending.items()):
             if chat:
-                delta = {"content": text}
-                if index not in started:
-                    delta["role"] = "assistant"
-                    started.add(index)
-                item = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                item = {"index": index, "delta": {"content": text}, "logprobs": None,
+                        "finish_reason": finish_reason(reason)}
             else:
-                item = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            yield _data({**base, "choices": [item]})
+                item = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason(reason)}
+            yield _data({**base, "choices": [item], **extra})
         pending.clear()
 
     try:
+        if not continuous_usage:  # at once (with usage, the first chunk waits for the prompt's token count)
+            for chunk in roles():
+                yield chunk
         async for batch in streams.event_batches(job_id):
             for event in batch:
                 if event["type"] == EventType.RESTART:
@@ -168,6 +190,7 @@ async def _sse(store: JobStore, streams: AsyncStreams, job_id: str, model: str, 
                         yield chunk
                     resend = dict(sent)
                 elif event["type"] == EventType.DELTA:
+                    usage = event.get("usage") or usage
                     for choice in event["choices"]:
                         index, text = choice["index"], choice["text"]
                         skip = min(resend.get(index, 0), len(text))
@@ -185,7 +208,7 @@ async def _sse(store: JobStore, streams: AsyncStreams, job_id: str, model: str, 
                     ended = True
                     job = await streams.get(job_id)
                     if event["status"] == JobStatus.FAILED and job is not None:
-                        yield _data({"error": job.error})
+                        yield _data({"error": {k: v for k, v in (job.error or {}).items() if k != "status_code"}})
                     elif include_usage and job is not None:
                         yield _data({**base, "choices": [], "usage": job.usage})
             for chunk in chunks():

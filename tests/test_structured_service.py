@@ -1,0 +1,83 @@
+"""Structured outputs and tool calls through the whole service (real Redis, worker, API) with a real chat model
+(SmolLM2-135M-Instruct), driven by the official `openai` client as users drive it."""
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Literal
+
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from tests.service import API_KEYS, MODEL, Service, running
+from tests.smollm2 import smollm2_checkpoint
+
+
+class City(BaseModel):
+    # Bounded, so that every output ends inside max_tokens even when sampling wanders (a 135M model at
+    # temperature 1 can write one string for hundreds of tokens): then every output can be checked whole.
+    name: Annotated[str, Field(max_length=40)]
+    country: Annotated[str, Field(max_length=40)]
+    population_millions: Annotated[int, Field(ge=0, le=100)]
+    continent: Literal["Africa", "Asia", "Europe", "North America", "Oceania", "South America"]
+
+
+@pytest.fixture(scope="module")
+def service(redis_url, tmp_path_factory):
+    with running(Service(redis_url, smollm2_checkpoint(), tmp_path_factory.mktemp("structured-logs"))) as svc:
+        yield svc
+
+
+@pytest.fixture(scope="module")
+def oai(service: Service) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{service.url}/v1", api_key=API_KEYS[0], max_retries=0, timeout=120)
+
+
+def test_parse_with_a_pydantic_model(oai):
+    completion = oai.chat.completions.parse(
+        model=MODEL, response_format=City, temperature=0, max_completion_tokens=120,
+        messages=[{"role": "user", "content": "Describe Paris as JSON: name, country, population in millions, "
+                                              "continent."}])
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    assert isinstance(choice.message.parsed, City)
+    assert choice.message.parsed.continent == "Europe"  # what the model knows, spelled as the schema allows
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sampled_json_matches_its_schema(oai, seed):
+    schema = City.model_json_schema()
+    completion = oai.chat.completions.create(
+        model=MODEL, temperature=1.0, seed=seed, max_completion_tokens=200,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}},
+        messages=[{"role": "user", "content": "Give me a city as JSON."}])
+    assert completion.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(completion.choices[0].message.content), schema)
+
+
+def test_json_object_and_vllm_constraints_on_completions(oai):
+    obj = oai.chat.completions.create(model=MODEL, temperature=0, max_completion_tokens=80,
+                                      response_format={"type": "json_object"},
+                                      messages=[{"role": "user", "content": 'Repeat this JSON object and nothing '
+                                                                            'else: {"colour": "blue"}'}])
+    assert obj.choices[0].finish_reason == "stop", obj.choices[0].message.content
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    choice = oai.completions.create(model=MODEL, prompt="The sky is", max_tokens=8, temperature=0,
+                                    extra_body={"guided_choice": ["blue", "green"]})
+    assert choice.choices[0].text in ("blue", "green")
+    regex = oai.completions.create(model=MODEL, prompt="A date:", max_tokens=16, temperature=0,
+                                   extra_body={"structured_outputs": {"regex": r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"}})
+    assert re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", regex.choices[0].text)
+
+
+def test_a_bad_schema_is_the_callers_400(oai):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                    response_format={"type": "json_schema",
+                                                     "json_schema": {"name": "x", "schema": {"type": "bogus"}}})
+    assert "not usable" in caught.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.completions.create(model=MODEL, prompt="x", extra_body={"guided_regex": "a", "guided_choice": ["b"]})
+    assert "at most one" in caught.value.body["message"]
