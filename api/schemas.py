@@ -5,6 +5,8 @@ min_tokens, ignore_eos, stop_token_ids) are accepted too. Nothing here imports t
 """
 from __future__ import annotations
 
+import json
+
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -258,6 +260,13 @@ class CompletionRequest(SamplingFields):
         return self.logprobs
 
 
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def prompt_list(prompt: Prompt) -> list[str | list[int]]:
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         return [prompt]
@@ -303,11 +312,49 @@ class ContentPart(BaseModel):
         return self
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: StrictStr
+    arguments: StrictStr  # JSON text, as OpenAI sends it
+
+
+class MessageToolCall(BaseModel):
+    """A tool call the assistant made, as a client sends it back in the conversation."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = ""
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's calls
+    tool_call_id: StrictStr | None = None  # a tool's answer: to which call
+    name: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _tool_answer_names_its_call(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
+
+    def template_fields(self) -> dict[str, Any]:
+        """The message as chat templates read it (tool-call arguments as objects, as HF templates expect)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name:
+            message["name"] = self.name
+        return message
 
     def text(self) -> str:
         """Text content; OpenAI also allows a list of parts, of which we take the text ones."""
@@ -316,11 +363,70 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None  # arguments always match `parameters`: the grammar holds calls to it
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: dict[str, StrictStr]
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    # Tool calling (api/tool_calls.py): the template renders the tools; "required" and a named tool are enforced
+    # by a grammar, "auto" lets the model choose (and a call it starts is held to the tools' schemas).
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_fits_tools(cls, choice: Any, info) -> Any:
+        tools = info.data.get("tools") or ()
+        if isinstance(choice, NamedToolChoice):
+            name = choice.function.get("name")
+            if name not in {t.function.name for t in tools}:
+                raise PydanticCustomError("invalid_value", "tool_choice names '{name}', which is not in tools",
+                                          {"name": name})
+        elif choice == "required" and not tools:
+            raise PydanticCustomError("invalid_value", 'tool_choice "required" needs tools')
+        return choice
+
+    @model_validator(mode="after")
+    def _tools_or_a_constraint(self) -> ChatCompletionRequest:
+        if self.uses_tools() and self.structured_output_kwargs() is not None:
+            raise PydanticCustomError("invalid_value", "give either tools (with tool_choice other than none) or "
+                                                       "an output constraint (response_format, structured_outputs)")
+        return self
+
+    def uses_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def tool_definitions(self) -> list[dict[str, Any]]:
+        """The tools as chat templates and xgrammar take them (OpenAI's shape)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools or ()]
+
+    def tool_choice_value(self) -> Any:
+        choice = self.tool_choice
+        return choice.model_dump() if isinstance(choice, NamedToolChoice) else (choice or "auto")
     # OpenAI chat features not supported here (UNSUPPORTED): a 400 naming the field when used.
     audio: SkipJsonSchema[Any] = None
     modalities: SkipJsonSchema[Any] = None

@@ -51,10 +51,11 @@ class EventType(str, Enum):
     __str__ = str.__str__
 
 
-class DeltaChoice(TypedDict):
+class DeltaChoice(TypedDict, total=False):
     index: int
     text: str
     finish_reason: str | None
+    tool_calls: list[dict]  # whole tool calls in OpenAI's shape, each with its index among the choice's calls
 
 
 def delta_event(choices: list[DeltaChoice], usage: dict | None = None) -> dict:

@@ -165,13 +165,20 @@ def _partial_tag(text: str) -> int:
 
 
 def constraint(parser: str, tools: list[dict], tool_choice: Any, parallel_tool_calls: bool) -> str | None:
-    """The xgrammar structural tag (its JSON text) that holds a reply to `parser`'s format: one or more calls of
-    the given tools with arguments matching their schemas for "required" or a named tool; for "auto" free text in
-    which any call the model starts must be well formed. None for "none"."""
+    """The xgrammar structural tag (its JSON text) that holds a reply to `parser`'s format: only calls of the given
+    tools, with arguments matching their schemas, for "required" (one or more) or a named tool (that one); for
+    "auto" free text in which any call the model starts must be well formed. None for "none"."""
     if tool_choice == "none" or not tools:
         return None
     import xgrammar as xgr  # the worker's: it has torch, which xgrammar needs
 
     tag = xgr.get_model_structural_tag(_XGRAMMAR_FORMAT[parser], tools=tools, tool_choice=tool_choice or "auto",
                                        reasoning=False, parallel_tool_calls=parallel_tool_calls)
-    return tag.model_dump_json()
+    spec = json.loads(tag.model_dump_json())
+    if tool_choice == "required" and spec["format"]["type"] == "triggered_tags":
+        # xgrammar's "required" still allows free text around the calls (at least one call somewhere); OpenAI's
+        # (and vLLM's) reply is the calls alone: one or more of them, one per line, then the end.
+        triggered = spec["format"]
+        spec["format"] = {"type": "tags_with_separator", "tags": triggered["tags"], "separator": "\n",
+                          "at_least_one": True, "stop_after_first": not parallel_tool_calls}
+    return json.dumps(spec)

@@ -81,3 +81,77 @@ def test_a_bad_schema_is_the_callers_400(oai):
     with pytest.raises(openai.BadRequestError) as caught:
         oai.completions.create(model=MODEL, prompt="x", extra_body={"guided_regex": "a", "guided_choice": ["b"]})
     assert "at most one" in caught.value.body["message"]
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
+                   "required": ["city"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_required_or_named_tool_call_is_parsed(oai, tool_choice):
+    # One call: a 135M model that was never taught tools would go on calling while parallel calls are allowed.
+    completion = oai.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice=tool_choice,
+                                             parallel_tool_calls=False, temperature=0, max_completion_tokens=80)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message
+    [call] = choice.message.tool_calls[:1]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert "paris" in json.loads(call.function.arguments)["city"].lower()
+
+
+def test_tool_calls_stream_as_tool_call_deltas(oai):
+    stream = oai.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required",
+                                         parallel_tool_calls=False, temperature=0, max_completion_tokens=80,
+                                         stream=True)
+    calls: dict[int, dict] = {}
+    reasons, content = [], ""
+    for chunk in stream:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for call in choice.delta.tool_calls or ():
+                entry = calls.setdefault(call.index, {"name": "", "arguments": "", "id": None})
+                entry["id"] = entry["id"] or call.id
+                entry["name"] += call.function.name or ""
+                entry["arguments"] += call.function.arguments or ""
+            if choice.finish_reason:
+                reasons.append(choice.finish_reason)
+    assert reasons == ["tool_calls"] and calls[0]["name"] == "get_weather" and calls[0]["id"]
+    assert "paris" in json.loads(calls[0]["arguments"])["city"].lower()
+    assert "<tool_call>" not in content
+
+
+def test_a_tool_round_trip(oai):
+    first = oai.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required",
+                                        parallel_tool_calls=False, temperature=0,
+                                        max_completion_tokens=80).choices[0].message
+    call = first.tool_calls[0]
+    conversation = ASK + [first.model_dump(exclude_none=True),
+                          {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 21, "sky": "clear"}'}]
+    answer = oai.chat.completions.create(model=MODEL, messages=conversation, tools=[WEATHER], tool_choice="none",
+                                         temperature=0, max_completion_tokens=40)
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+
+
+def test_auto_gives_text_or_well_formed_calls(oai):
+    choice = oai.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="auto",
+                                         temperature=0, max_completion_tokens=80).choices[0]
+    for call in choice.message.tool_calls or ():
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments)
+    assert choice.message.tool_calls or choice.message.content
+
+
+@pytest.mark.parametrize("fields, param", [
+    (dict(tool_choice={"type": "function", "function": {"name": "nope"}}, tools=[WEATHER]), "tool_choice"),
+    (dict(tool_choice="required"), "tool_choice"),
+    (dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}), None),
+    (dict(messages=[{"role": "tool", "content": "x"}]), "messages.0"),
+])
+def test_tool_misuse_is_a_400(service, fields, param):
+    with service.client() as client:
+        r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK} | fields)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param

@@ -53,6 +53,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "sym_int4 | asym_int4 | sym_int8 | fp8 (e4m3) | fp16 | bf16")
 
 
+def add_tool_parser_argument(parser: argparse.ArgumentParser) -> None:
+    from api.tool_calls import PARSERS
+
+    parser.add_argument("--tool-call-parser", choices=PARSERS,
+                        help="the format the model writes tool calls in (default: from its chat template, else "
+                             "hermes)")
+
+
 def engine_options(args: argparse.Namespace) -> dict:
     model = Path(args.model) if args.model else ensure_demo_model(default_model_dir())
     return dict(model=str(model), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
@@ -98,7 +106,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     options = engine_options(args) | {"device": device}
     name = args.served_model_name or Path(options["model"]).name
-    runtime = start_runtime(EngineConfig(**options), name, get_settings(), {"requested_device": args.device})
+    runtime = start_runtime(EngineConfig(**options), name, get_settings(),
+                            {"requested_device": args.device, "tool_call_parser": args.tool_call_parser})
     # Threads, never prefork with a GPU: a thread per sequence the engine can hold plus the lanes' reserve (see
     # worker/runtime.py), so that many jobs are inside the engine at once and are batched token by token. A thread
     # only waits: the engine's outputs reach Redis through one writer.
@@ -183,6 +192,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
         if args.load_in_low_bit:
             worker_cmd += ["--load-in-low-bit", args.load_in_low_bit]
+        if args.tool_call_parser:
+            worker_cmd += ["--tool-call-parser", args.tool_call_parser]
         # Own sessions, so a Ctrl-C (or a signal to this process group) reaches only this process, which then stops
         # the children before Redis; each child also stops if this process dies without doing so (SIGKILL).
         options = dict(env=env, start_new_session=True, preexec_fn=die_with_parent)
@@ -237,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="a Celery worker owning one engine on one device")
     add_engine_arguments(worker)
     worker.add_argument("--served-model-name", help="the model name clients use (default: the directory name)")
+    add_tool_parser_argument(worker)
     worker.set_defaults(func=cmd_worker)
 
     webhooks = commands.add_parser("webhook-worker", help="a Celery worker that delivers job webhooks (no model)")
@@ -253,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="local Redis, API, worker and webhook worker, to try inferq locally")
     add_engine_arguments(serve)
     serve.add_argument("--served-model-name")
+    add_tool_parser_argument(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(func=cmd_serve)

@@ -9,6 +9,7 @@ from functools import lru_cache
 
 from api.openai_compat import SYSTEM_FINGERPRINT, usage_body
 from api.openai_compat import finish_reason as openai_finish_reason
+from api.tool_calls import parse as parse_tool_calls
 from engine.outputs import CompletionOutput, RequestOutput
 
 LOGPROB_FLOOR = -9999.0  # as vLLM: -inf (a token the sampler excluded) is no JSON number
@@ -215,10 +216,21 @@ def completion_body(job_id: str, model: str, output: RequestOutput | list[Reques
 
 
 def chat_body(job_id: str, model: str, output: RequestOutput, tokenizer, top_logprobs: int,
-              created: int | None = None) -> dict:
+              created: int | None = None, tool_parser: str | None = None) -> dict:
+    """`tool_parser`: the request had tools, and its replies' tool calls are parsed out of the text."""
     return {"id": f"chatcmpl-{job_id}", "object": "chat.completion", "created": created or int(time.time()),
             "model": model, "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                         "logprobs": chat_logprobs(c, token_text(tokenizer), top_logprobs),
-                         "finish_reason": finish_reason(c)} for c in output.outputs],
+            "choices": [chat_choice(c, tokenizer, top_logprobs, tool_parser) for c in output.outputs],
             "usage": usage(output)}
+
+
+def chat_choice(c: CompletionOutput, tokenizer, top_logprobs: int, tool_parser: str | None) -> dict:
+    message: dict = {"role": "assistant", "content": c.text}
+    reason = finish_reason(c)
+    if tool_parser is not None:
+        content, calls = parse_tool_calls(tool_parser, c.text)
+        if calls:
+            message = {"role": "assistant", "content": content, "tool_calls": calls}
+            reason = "tool_calls" if reason == "stop" else reason
+    return {"index": c.index, "message": message, "logprobs": chat_logprobs(c, token_text(tokenizer), top_logprobs),
+            "finish_reason": reason}

@@ -28,6 +28,7 @@ from api.openai_compat import finish_reason, usage_body
 from api.schemas import CompletionRequest
 from api.store import JobStore
 from api.streams import DeltaChoice, delta_event
+from api.tool_calls import ToolCallStream
 from engine.outputs import RequestOutput
 from worker.openai_format import chat_body, completion_body, echo_texts, usage
 
@@ -71,6 +72,9 @@ class Tracked:
     echoed: set[int] = field(default_factory=set)
     tokens: dict[int, int] = field(default_factory=dict)  # generated so far, per choice
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: every delta carries usage
+    # A chat with tools: the format its tool calls come in, and per choice the stream that splits them from text.
+    tool_parser: str | None = None
+    tool_streams: dict[int, ToolCallStream] = field(default_factory=dict)
 
     @property
     def num_parts(self) -> int:
@@ -108,11 +112,11 @@ class OutputWriter:
         self._thread.join(timeout=10)
 
     def track(self, job: Job, chat: bool, top_logprobs: int = 0, prompts: list[list[int]] | None = None,
-              n: int = 1) -> Tracked:
+              n: int = 1, tool_parser: str | None = None) -> Tracked:
         """Call before submitting the job to the engine; `prompts`: its prompts' token ids, one engine request
-        each (engine_request_id)."""
+        each (engine_request_id); `tool_parser`: the format of the tool calls its replies may hold."""
         tracked = Tracked(job, chat, top_logprobs, streaming=job.stream, n=n,
-                          prompt_lens=[len(p) for p in prompts or ()])
+                          prompt_lens=[len(p) for p in prompts or ()], tool_parser=tool_parser)
         options = job.request.get("stream_options")
         tracked.continuous_usage = isinstance(options, dict) and bool(options.get("continuous_usage_stats"))
         if not chat and job.request.get("echo"):
@@ -198,8 +202,17 @@ class OutputWriter:
                     tracked.echoed.add(index)
                 tracked.tokens[index] = tracked.tokens.get(index, 0) + len(c.delta_token_ids)
                 entry = merged.setdefault(index, {"index": index, "text": "", "finish_reason": None})
-                entry["text"] += echo + c.delta_text
+                text = echo + c.delta_text
+                if tracked.tool_parser is not None:  # text that may be a call is held until the call is whole
+                    tool_stream = tracked.tool_streams.setdefault(index, ToolCallStream(tracked.tool_parser))
+                    text, calls = tool_stream.feed(text, c.finish_reason is not None)
+                    if calls:
+                        entry.setdefault("tool_calls", []).extend(calls)
+                entry["text"] += text
                 entry["finish_reason"] = finish_reason(c.finish_reason)
+                if c.finish_reason == "stop" and index in tracked.tool_streams and \
+                        tracked.tool_streams[index].sent_calls:
+                    entry["finish_reason"] = "tool_calls"
             if output.finished:
                 tracked.parts[part] = output
                 if len(tracked.parts) == tracked.num_parts:
@@ -230,7 +243,8 @@ class OutputWriter:
         aborted = any(c.finish_reason == "abort" for part in parts for c in part.outputs)
         created = int(job.created_at) if job.created_at else None  # the stream's chunks carry the same
         if tracked.chat:
-            body = chat_body(job.id, job.model, parts[0], self.tokenizer, tracked.top_logprobs, created=created)
+            body = chat_body(job.id, job.model, parts[0], self.tokenizer, tracked.top_logprobs, created=created,
+                             tool_parser=tracked.tool_parser)
         else:
             body = completion_body(job.id, job.model, parts, self.tokenizer, n=tracked.n, echo=tracked.echo,
                                    created=created)

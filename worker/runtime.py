@@ -23,6 +23,7 @@ from api.lifecycle import pump, run_again_or_end, settle, sweep_ended
 from api.settings import Settings
 from api.store import JobStore
 from api.tokenization import publish_tokenizer
+from api.tool_calls import parser_for_template
 from engine.config import EngineConfig
 from engine.engine_process import EngineProcess
 from engine.loader import load_tokenizer
@@ -91,6 +92,11 @@ class WorkerRuntime:
 
     def __post_init__(self) -> None:
         self.leases = JobLeases(self.store, self.model_name, self.worker_id, self.settings.job_max_attempts)
+
+    @property
+    def tool_call_parser(self) -> str:
+        """The format this model writes tool calls in (api/tool_calls.py)."""
+        return self.info["tool_call_parser"]
 
     @property
     def capacities(self) -> dict[str, int]:
@@ -236,6 +242,8 @@ def start_runtime(config: EngineConfig, model_name: str, settings: Settings, ext
     store = JobStore.from_url(settings.redis_url, max_connections=capacities(config.max_num_seqs)["threads"] + 16,
                               prefix=settings.key_prefix, retention_seconds=settings.result_retention_seconds)
     tokenizer = load_tokenizer(config.tokenizer or config.model)
+    if not extra_info.get("tool_call_parser"):
+        extra_info = extra_info | {"tool_call_parser": parser_for_template(getattr(tokenizer, "chat_template", None))}
     writer = OutputWriter(store, tokenizer).start()
     engine = EngineProcess(config, sink=writer, log_level=logging.getLogger().level).start()
     info = {"model": model_name, "max_model_len": engine.max_model_len, "device": engine.info["device"],

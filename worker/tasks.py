@@ -10,6 +10,7 @@ away for long), the job stays leased to this worker with no task running it, and
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from celery import bootsteps
 
@@ -18,8 +19,9 @@ from api.job_record import Job, JobStatus
 from api.lifecycle import run_again_or_end, settle
 from api.schemas import ENDPOINTS, ChatCompletionRequest, CompletionRequest, error_body
 from api.streams import restart_event
+from api.tool_calls import constraint
 from api.webhook_events import enqueue_event
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, StructuredOutputsParams
 from engine.structured_output import grammar_for
 from worker.patience import patiently
 from worker.runtime import WorkerRuntime, get_runtime
@@ -78,6 +80,11 @@ def run(runtime: WorkerRuntime, job: Job) -> None:
     try:
         body = ENDPOINTS[job.endpoint].model_validate(job.request)
         params = SamplingParams(**body.sampling_kwargs())
+        tool_parser = None
+        if isinstance(body, ChatCompletionRequest) and body.uses_tools():
+            tool_parser = runtime.tool_call_parser
+            tag = constraint(tool_parser, body.tool_definitions(), body.tool_choice_value(), body.parallel_tool_calls)
+            params = replace(params, structured_outputs=StructuredOutputsParams(structural_tag=tag))
         if params.structured_outputs is not None:  # a bad schema, regex or grammar: the caller's, before the engine
             grammar_for(params.structured_outputs)
         prompts = _prompts(runtime, body)  # a completion may have several, each an engine request of its own
@@ -87,7 +94,8 @@ def run(runtime: WorkerRuntime, job: Job) -> None:
         _fail_as_invalid(store, job, exc)
         return
     chat = isinstance(body, ChatCompletionRequest)
-    tracked = runtime.writer.track(job, chat, (body.top_logprobs or 0) if chat else 0, prompts, params.n)
+    tracked = runtime.writer.track(job, chat, (body.top_logprobs or 0) if chat else 0, prompts, params.n,
+                                   tool_parser)
     try:
         # Non-streaming jobs get outputs only at their first token and their end: no per-token work at all.
         runtime.submit(job.id, prompts, params, job.priority, incremental=job.stream)
@@ -150,11 +158,13 @@ def _prompt_ids(runtime: WorkerRuntime, body: ChatCompletionRequest) -> list[int
     tokenizer = runtime.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"model {runtime.model_name} has no chat template; use /v1/completions")
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [m.template_fields() for m in body.messages]
+    # The template renders the tools (templates that know none leave them out; the grammar still holds the reply).
+    tools = body.tool_definitions() if body.uses_tools() else None
     try:
         # Token ids straight from the template: its text already holds the BOS token, so re-encoding would
         # add a second one.
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+        return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
                                                   return_dict=False))
     except Exception as exc:  # jinja raises for e.g. non-alternating roles: the caller's error
         raise ValueError(f"messages do not fit the model's chat template: {exc}") from exc

@@ -147,7 +147,9 @@ async def _sse(store: JobStore, streams: AsyncStreams, job: Job, endpoint: str, 
             "object": "chat.completion.chunk" if chat else "text_completion"}
     sent: dict[int, int] = {}  # characters sent so far, per choice
     resend: dict[int, int] = {}  # after a restart: characters the rerun regenerates that were sent already
-    pending: dict[int, list] = {}  # per choice: [text, finish reason] of the deltas read but not sent yet
+    pending: dict[int, list] = {}  # per choice: [text, finish reason, tool calls] of the deltas read, not sent
+    calls_sent: dict[int, int] = {}  # tool calls sent so far, per choice
+    calls_resend: dict[int, int] = {}  # after a restart: calls the rerun makes again that were sent already
     usage: dict | None = None  # with continuous_usage: the newest usage the worker wrote
     roles_sent = False
     ended = False
@@ -168,10 +170,12 @@ async def _sse(store: JobStore, streams: AsyncStreams, job: Job, endpoint: str, 
         chunks instead of falling further behind (OpenAI's chunks may carry any number of tokens)."""
         yield from roles()
         extra = {"usage": usage} if continuous_usage and usage is not None else {}
-        for index, (text, reason) in sorted(pending.items()):
+        for index, (text, reason, calls) in sorted(pending.items()):
             if chat:
-                item = {"index": index, "delta": {"content": text}, "logprobs": None,
-                        "finish_reason": finish_reason(reason)}
+                delta = {"content": text} if text or not calls else {}
+                if calls:  # whole calls (worker/output_writer.py holds a call's text until it is complete)
+                    delta["tool_calls"] = calls
+                item = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason(reason)}
             else:
                 item = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason(reason)}
             yield _data({**base, "choices": [item], **extra})
@@ -188,7 +192,7 @@ async def _sse(store: JobStore, streams: AsyncStreams, job: Job, endpoint: str, 
                     # sent only past what was already sent (greedy or seeded reruns repeat it exactly).
                     for chunk in chunks():
                         yield chunk
-                    resend = dict(sent)
+                    resend, calls_resend = dict(sent), dict(calls_sent)
                 elif event["type"] == EventType.DELTA:
                     usage = event.get("usage") or usage
                     for choice in event["choices"]:
@@ -196,12 +200,18 @@ async def _sse(store: JobStore, streams: AsyncStreams, job: Job, endpoint: str, 
                         skip = min(resend.get(index, 0), len(text))
                         resend[index] = resend.get(index, 0) - skip
                         text = text[skip:]
-                        if not text and choice["finish_reason"] is None:
+                        calls = choice.get("tool_calls") or []
+                        skip_calls = min(calls_resend.get(index, 0), len(calls))
+                        calls_resend[index] = calls_resend.get(index, 0) - skip_calls
+                        calls = calls[skip_calls:]
+                        if not text and not calls and choice["finish_reason"] is None:
                             continue
                         sent[index] = sent.get(index, 0) + len(text)
-                        entry = pending.setdefault(index, ["", None])
+                        calls_sent[index] = calls_sent.get(index, 0) + len(calls)
+                        entry = pending.setdefault(index, ["", None, []])
                         entry[0] += text
                         entry[1] = choice["finish_reason"]
+                        entry[2] += calls
                 elif event["type"] == EventType.END:
                     for chunk in chunks():
                         yield chunk
