@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Annotated, Literal
 
 import jsonschema
@@ -27,6 +28,7 @@ class City(BaseModel):
 @pytest.fixture(scope="module")
 def service(redis_url, tmp_path_factory):
     with running(Service(redis_url, smollm2_checkpoint(), tmp_path_factory.mktemp("structured-logs"))) as svc:
+        svc.start_webhook_worker()  # batch expansion and bookkeeping
         yield svc
 
 
@@ -55,6 +57,37 @@ def test_sampled_json_matches_its_schema(oai, seed):
         messages=[{"role": "user", "content": "Give me a city as JSON."}])
     assert completion.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(completion.choices[0].message.content), schema)
+
+
+def test_the_stream_helper_parses_the_streamed_json(oai):
+    with oai.chat.completions.stream(model=MODEL, response_format=City, temperature=0, max_completion_tokens=120,
+                                     messages=[{"role": "user", "content": "Describe Rome as JSON."}]) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    assert isinstance(final.choices[0].message.parsed, City)
+
+
+def test_batch_lines_with_a_schema(oai):
+    schema = City.model_json_schema()
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": MODEL, "temperature": 1.0, "seed": i, "max_completion_tokens": 200,
+                       "messages": [{"role": "user", "content": f"City number {i} as JSON."}],
+                       "response_format": {"type": "json_schema",
+                                           "json_schema": {"name": "city", "schema": schema, "strict": True}}}}
+             for i in range(4)]
+    upload = oai.files.create(file=("lines.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode()),
+                              purpose="batch")
+    batch = oai.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    for _ in range(600):
+        batch = oai.batches.retrieve(batch.id)
+        if batch.status in ("completed", "failed", "cancelled", "expired"):
+            break
+        time.sleep(0.2)
+    assert batch.status == "completed" and batch.request_counts.completed == 4, batch
+    for raw in oai.files.content(batch.output_file_id).text.splitlines():
+        body = json.loads(raw)["response"]["body"]
+        jsonschema.validate(json.loads(body["choices"][0]["message"]["content"]), schema)
 
 
 def test_json_object_and_vllm_constraints_on_completions(oai):
