@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -30,6 +31,7 @@ from engine.sampling_params import StructuredOutputsParams
 log = logging.getLogger(__name__)
 
 _COMPILE_THREADS = 2  # grammars compile in C++ threads of their own; two keep one slow schema from blocking others
+_CACHED_GRAMMARS = 256
 
 
 def grammar_for(spec: StructuredOutputsParams) -> xgr.Grammar:
@@ -79,9 +81,12 @@ class StructuredOutputs:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], max_rows: int) -> None:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self.vocab_size = vocab_size
-        self._compiler = xgr.GrammarCompiler(info, max_threads=_COMPILE_THREADS)
+        # Its own cache off: ours below is bounded (xgrammar's is unbounded by default) and keyed by the spec.
+        self._compiler = xgr.GrammarCompiler(info, max_threads=_COMPILE_THREADS, cache_enabled=False)
         self._pool = ThreadPoolExecutor(_COMPILE_THREADS, thread_name_prefix="inferq-grammar")
-        self._compiled: dict[tuple[str, str], Future] = {}  # spec key -> Future[CompiledGrammar]
+        # spec key -> Future[CompiledGrammar], the most recently used last: a worker that serves many different
+        # schemas keeps the newest _CACHED_GRAMMARS compiled (a grammar's token masks take up to a few MB).
+        self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._bitmask = xgr.allocate_token_bitmask(max_rows, vocab_size)  # int32 [rows, ceil(vocab / 32)], host
 
     def compile(self, spec: StructuredOutputsParams) -> Future:
@@ -91,6 +96,10 @@ class StructuredOutputs:
         if future is None:
             future = self._compiled[key] = self._pool.submit(
                 lambda: self._compiler.compile_grammar(grammar_for(spec)))
+            if len(self._compiled) > _CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)  # requests holding its matchers keep what they need
+        else:
+            self._compiled.move_to_end(key)
         return future
 
     def matcher(self, future: Future) -> xgr.GrammarMatcher:
