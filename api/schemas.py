@@ -52,7 +52,7 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class StructuredOutputs(BaseModel):
+class StructuredOutputsRequest(BaseModel):
     """vLLM's structured_outputs: exactly one constraint (engine.sampling_params.StructuredOutputsParams)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -66,7 +66,7 @@ class StructuredOutputs(BaseModel):
     disable_any_whitespace: bool = False
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> StructuredOutputs:
+    def _exactly_one(self) -> StructuredOutputsRequest:
         given = [name for name in ("json_", "json_object", "regex", "choice", "grammar", "structural_tag")
                  if getattr(self, name) not in (None, False)]
         if len(given) != 1:
@@ -111,7 +111,7 @@ class SamplingFields(BaseModel):
     # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs and its older guided_* fields
     # (at most one of them; the worker checks the schema, regex or grammar itself and answers 400 for a bad one).
     response_format: ResponseFormat | None = None
-    structured_outputs: StructuredOutputs | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
     guided_json: dict[str, Any] | StrictStr | None = None
     guided_regex: StrictStr | None = None
     guided_choice: Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1)] | None = None

@@ -104,17 +104,16 @@ class ToolCallStream:
     parser: str
     held: str = ""
     sent_calls: int = 0
-    calls_only: bool = False  # llama3_json: the reply began as a call, so all of it is held to the end
-    started: bool = False
+    # llama3_json: whether the reply began as a call (then all of it is held to the end); None until it began.
+    calls_only: bool | None = None
 
     def feed(self, text: str, finished: bool) -> tuple[str, list[dict[str, Any]]]:
         """(content to send now, new tool-call deltas) after `text` arrived; everything once `finished`."""
         self.held += text
         if self.parser == "llama3_json":
-            if not self.started and self.held.strip():
-                self.started = True
+            if self.calls_only is None and self.held.strip():
                 self.calls_only = self.held.lstrip()[:1] in ("{", "<")
-            if not self.calls_only:
+            if self.calls_only is False:
                 out, self.held = self.held, ""
                 return out, []
             if not finished:

@@ -12,6 +12,7 @@ from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams, StructuredOutputsParams
 from engine.structured_output import grammar_for
+from tests.test_engine import assert_all_blocks_free, drain
 
 # Random weights wander: only languages that end (enums, booleans, bounded numbers and strings, no free
 # whitespace) let every output finish inside max_tokens, so that each can be checked whole.
@@ -41,12 +42,7 @@ def engine(demo_model_dir) -> LLMEngine:
 def run(engine: LLMEngine, requests: dict[str, tuple[str, SamplingParams]]) -> dict:
     for request_id, (prompt, params) in requests.items():
         engine.add_request(request_id, prompt, params)
-    finished = {}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.finished:
-                finished[output.request_id] = output
-    return finished
+    return drain(engine)
 
 
 def constrained(max_tokens: int = 64, seed: int | None = None, temperature: float = 1.0, n: int = 1, **spec):
@@ -131,9 +127,8 @@ def test_abort_while_the_grammar_compiles_and_while_it_runs(engine):
     for _ in range(3):
         engine.step()
     assert engine.abort_request("late")
-    while engine.has_unfinished_requests():
-        engine.step()
-    assert engine.scheduler.block_manager.num_free_blocks == engine.scheduler.block_manager.num_blocks
+    drain(engine)
+    assert_all_blocks_free(engine)
 
 
 @pytest.mark.parametrize("spec, problem", [
