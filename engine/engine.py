@@ -44,12 +44,14 @@ atexit.register(gc.unfreeze)
 
 @dataclass(slots=True, eq=False)
 class _LaunchedStep:
-    """A step whose forward pass and sampling are queued on the device; _finish reads its tokens."""
+    """A step whose forward pass is queued on the device, and then its sampling (_sample); _finish reads its
+    tokens."""
 
     scheduled: SchedulerOutput
     chunks: list[ScheduledChunk]  # in the order the runner ran them
     sampling: list[Request]  # the requests that sample a token, in the order of the logits rows
-    pending: PendingSample | None
+    logits: torch.Tensor  # [len(sampling), vocab] on the device
+    pending: PendingSample | None = None  # set by _sample
 
 
 @dataclass(slots=True, eq=False)
@@ -188,7 +190,9 @@ class LLMEngine:
         feed the next step's decodes on the device (prompt chunks and admitted requests take their known tokens):
         the host's work of one step (reading tokens, stop checks, outputs, scheduling, input preparation) overlaps
         the device's work on the next, instead of leaving the device idle. The next call finishes that step.
-        Greedy outputs are the same either way."""
+        Where a row's sampling reads the tokens on the host (a grammar's state, penalty counts), only the forward
+        pass is queued ahead, and the sampling once this step's tokens are accepted: the device runs that forward
+        pass meanwhile. Greedy outputs are the same either way."""
         if self._compiling:
             self._admit_compiled()
         outputs, self._pending = self._pending, []
@@ -198,32 +202,48 @@ class LLMEngine:
             if not scheduled.chunks:
                 self.last_step_batch_size = 0
                 return outputs
-            launched = self._launch(scheduled, self.runner.order(scheduled))
-        # Not ahead of rows whose next sampling depends on this step's tokens on the host: penalties count them,
-        # a grammar's state advances with them.
-        if self.async_scheduling and launched.pending is not None and not any(
-                uses_penalties(r.params) or r.grammar is not None for r in launched.sampling):
-            ahead = self.scheduler.schedule_ahead(launched.chunks)
-            if ahead is not None:
-                scheduled, rows = ahead
+            launched = self._forward(scheduled, self.runner.order(scheduled))
+            self._sample(launched)
+        ahead = deferred = None
+        if self.async_scheduling and launched.pending is not None:
+            scheduled_ahead = self.scheduler.schedule_ahead(launched.chunks)
+            if scheduled_ahead is not None:
+                scheduled, rows = scheduled_ahead
                 tokens = launched.pending.token_ids  # one per sampled row: the inputs of the first chunks
                 if rows != list(range(len(launched.sampling))):
                     tokens = tokens[torch.tensor(rows, device=tokens.device)]
-                self._ahead = self._launch(scheduled, scheduled.chunks, tokens)
+                ahead = self._forward(scheduled, scheduled.chunks, tokens)
+                if any(self._samples_after_host(r) for r in ahead.sampling):
+                    deferred = ahead
+                else:
+                    self._sample(ahead)
         outputs += self._finish(launched)
+        if deferred is not None:
+            self._sample(deferred)
+        self._ahead = ahead
         return outputs
 
-    def _launch(self, scheduled: SchedulerOutput, chunks: list[ScheduledChunk],
-                input_ids: torch.Tensor | None = None) -> _LaunchedStep:
-        """Queue a step's forward pass and sampling on the device (chunks in the runner's order)."""
+    @staticmethod
+    def _samples_after_host(request: Request) -> bool:
+        return request.grammar is not None or uses_penalties(request.params)
+
+    def _forward(self, scheduled: SchedulerOutput, chunks: list[ScheduledChunk],
+                 input_ids: torch.Tensor | None = None) -> _LaunchedStep:
+        """Queue a step's forward pass on the device (chunks in the runner's order)."""
         self.last_step_batch_size = len(chunks)
         logits = self.runner.execute(chunks, input_ids)
-        sampling = [c.request for c in chunks if c.sample]
-        if self._structured is not None:
-            self._structured.apply(logits, [r.grammar for r in sampling])
+        return _LaunchedStep(scheduled, chunks, [c.request for c in chunks if c.sample], logits)
+
+    def _sample(self, step: _LaunchedStep) -> None:
+        """Queue a step's sampling on the device, from its requests' state on the host as it is now."""
+        sampling = step.sampling
+        if not sampling:
+            return
+        if self._structured is not None:  # a request that has ended since its step was queued needs no mask
+            self._structured.apply(step.logits, [None if r.status.finished else r.grammar for r in sampling])
         rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, r.suppressed_token_ids())
                 for r in sampling]
-        return _LaunchedStep(scheduled, chunks, sampling, self.sampler.launch(logits, rows) if rows else None)
+        step.pending = self.sampler.launch(step.logits, rows)
 
     def _finish(self, launched: _LaunchedStep) -> list[RequestOutput]:
         """Read a launched step's tokens, mark its KV computed, accept the tokens; the outputs to send."""
@@ -253,11 +273,12 @@ class LLMEngine:
             request.logprobs.append(entry)
         status = request.stop_by_token()
         if request.grammar is not None:
-            # A grammar that has ended (its stop token accepted) allows nothing more, even with ignore_eos.
+            # A grammar that has ended (its stop token accepted) allows nothing more, even with ignore_eos. It ends
+            # only by accepting a stop token (EOS), so only then is it asked.
             if not request.grammar.accept_token(token.token_id):
                 log.error("request %s: token %d is outside its grammar", request.request_id, token.token_id)
                 status = status or RequestStatus.FINISHED_ABORTED
-            elif request.grammar.is_terminated():
+            elif token.token_id in self.eos_token_ids and request.grammar.is_terminated():
                 status = status or RequestStatus.FINISHED_STOPPED
         if request.detokenizer is not None:
             stop = request.detokenizer.add_tokens([token.token_id])

@@ -6,12 +6,13 @@ strings, an EBNF grammar, or an xgrammar structural tag for tool calls) samples 
     waits outside the scheduler until its grammar is ready (`StructuredOutputs.ready`). Compiled grammars are
     cached by their spec, so a batch of requests with one schema compiles it once;
   - each of its n choices gets its own matcher (the grammar's state), fed every token the engine accepts for it;
-  - at each step the matchers of the sampling rows fill one token bitmask on the host, which is copied to the
-    logits' device and applied there before the sampler sees the logits (masked tokens get -inf, as in vLLM, so
-    log-probs of the raw output count only allowed tokens).
+  - at each step the matchers of the sampling rows fill one token bitmask on the host (on xgrammar's threads),
+    which is copied to the logits' device and applied there before the sampler sees the logits (masked tokens get
+    -inf, as in vLLM, so log-probs of the raw output count only allowed tokens).
 No rollback is ever needed: preemption recomputes a request's KV and keeps its tokens, and a token reaches the
-matcher only when the engine accepts it; a step queued ahead (async scheduling) never holds a constrained row whose
-previous token is still on the device (engine.step does not queue ahead behind such rows).
+matcher only when the engine accepts it. A step queued ahead (async scheduling) runs its forward pass before the
+previous step's tokens are read, but its constrained rows are sampled only once the matchers have accepted them
+(engine.step), so the mask is always that of the request's true state.
 
 `grammar_for` turns a spec into xgrammar's grammar without the vocabulary: the worker calls it in its task thread to
 refuse a bad schema, regex or grammar as the caller's error before the request reaches the engine.
@@ -88,6 +89,7 @@ class StructuredOutputs:
         # schemas keeps the newest _CACHED_GRAMMARS compiled (a grammar's token masks take up to a few MB).
         self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._bitmask = xgr.allocate_token_bitmask(max_rows, vocab_size)  # int32 [rows, ceil(vocab / 32)], host
+        self._batch = xgr.BatchGrammarMatcher()  # fills the rows of one step on xgrammar's threads
 
     def compile(self, spec: StructuredOutputsParams) -> Future:
         """The compiled grammar of `spec`, compiling it on the pool the first time it is asked for."""
@@ -114,8 +116,8 @@ class StructuredOutputs:
         bitmask = self._bitmask
         if len(matchers) > bitmask.shape[0]:
             bitmask = self._bitmask = xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
-        for i in rows:
-            matchers[i].fill_next_token_bitmask(bitmask, i)
+        self._batch.batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, rows)
+        # From pageable memory the copy is staged before it returns: the buffer is free for the next step's fill.
         device_mask = bitmask[:len(matchers)].to(logits.device, non_blocking=True)
         xgr.apply_token_bitmask_inplace(logits, device_mask, vocab_size=self.vocab_size, indices=rows)
 

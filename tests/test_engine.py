@@ -329,9 +329,10 @@ def count_steps_ahead(engine: LLMEngine) -> list[int]:
 
 
 def test_async_scheduling_gives_the_same_outputs(tiny):
-    """Greedy (against transformers), seeded sampling, logprobs, n > 1, stop tokens, min_tokens, penalties (which
-    keep their steps in step) and different lengths in one staggered batch: identical with and without async
-    scheduling, streamed token by token with each token sent once, and most decode steps really queued ahead."""
+    """Greedy (against transformers), seeded sampling, logprobs, n > 1, stop tokens, min_tokens, penalties (whose
+    sampling waits for the previous step's tokens on the host) and different lengths in one staggered batch:
+    identical with and without async scheduling, streamed token by token with each token sent once, and most
+    decode steps really queued ahead."""
     directory, model = tiny
     stop_token = greedy_reference(model, [5, 6, 7], 20)[6]
     work = [([5, 6, 7], SamplingParams(max_tokens=20, **GREEDY)),

@@ -12,7 +12,7 @@ from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams, StructuredOutputsParams
 from engine.structured_output import grammar_for
-from tests.test_engine import assert_all_blocks_free, drain
+from tests.test_engine import assert_all_blocks_free, count_steps_ahead, drain
 
 # Random weights wander: only languages that end (enums, booleans, bounded numbers and strings, no free
 # whitespace) let every output finish inside max_tokens, so that each can be checked whole.
@@ -86,20 +86,33 @@ def test_regex_choice_and_grammar(engine):
                                      dict(num_kv_blocks=12, max_num_seqs=8), dict(async_scheduling=True)],
                          ids=["one-at-a-time", "chunked-prefill", "preemption", "async-scheduling"])
 def test_scheduler_settings_never_change_a_constrained_output(demo_model_dir, options):
+    """Greedy and seeded constrained requests (and one with a penalty) in one batch: the same tokens one at a time,
+    with chunked prompts, under preemption, and with async scheduling, whose steps are still queued ahead of
+    constrained rows (their sampling waits for the matchers, not their forward pass)."""
     prompts = {f"r{i}": (f"Item {i} as JSON, please, with all details spelled out:", SCHEMAS[i % len(SCHEMAS)])
                for i in range(8)}
 
-    def outputs(**config) -> tuple[dict[str, list[int]], int]:
-        engine = LLMEngine(EngineConfig(model=str(demo_model_dir), **({"num_kv_blocks": 256} | config)))
-        done = run(engine, {rid: (p, constrained(temperature=0.0, json=s, disable_any_whitespace=True))
-                            for rid, (p, s) in prompts.items()})
-        return {rid: o.outputs[0].token_ids for rid, o in done.items()}, sum(o.num_preemptions for o in done.values())
+    def params(i: int, schema: dict) -> SamplingParams:
+        sampled = dict(temperature=1.0, seed=i) if i % 2 else dict(temperature=0.0)
+        spec = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+        return SamplingParams(max_tokens=64, repetition_penalty=1.3 if i == 3 else 1.0, structured_outputs=spec,
+                              **sampled)
 
-    reference, _ = outputs()
-    constrained_outputs, preemptions = outputs(**options)
+    def outputs(**config) -> tuple[dict[str, list[int]], int, int]:
+        engine = LLMEngine(EngineConfig(model=str(demo_model_dir), **({"num_kv_blocks": 256} | config)))
+        ahead = count_steps_ahead(engine)
+        done = run(engine, {rid: (p, params(i, s)) for i, (rid, (p, s)) in enumerate(prompts.items())})
+        assert_all_blocks_free(engine)
+        return ({rid: o.outputs[0].token_ids for rid, o in done.items()},
+                sum(o.num_preemptions for o in done.values()), ahead[0])
+
+    reference, _, _ = outputs()
+    constrained_outputs, preemptions, steps_ahead = outputs(**options)
     assert constrained_outputs == reference
     if "num_kv_blocks" in options:
         assert preemptions > 0  # the setting did what it is named for
+    if options.get("async_scheduling"):
+        assert steps_ahead >= 5
 
 
 def test_seeded_sampling_with_n_forks_the_grammar_per_choice(engine):
