@@ -31,7 +31,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600}
 MAX_WINDOW_S = 7 * 24 * 3600
 _TIMES = ("created_at", "expires_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
           "cancelling_at", "cancelled_at")
-_COUNTS = ("total", "completed", "failed", "done", "input_tokens", "output_tokens")
+_COUNTS = ("total", "completed", "failed", "done", "input_tokens", "output_tokens", "cached_tokens")
 # Status -> the statuses it may be entered from (compare-and-set in Lua: one winner for racing writers).
 _TRANSITIONS = {"in_progress": ("validating",), "failed": ("validating",),
                 "cancelling": ("validating", "in_progress"), "finalizing": ("in_progress", "cancelling"),
@@ -47,7 +47,8 @@ end
 return false
 """
 
-# KEYS: batch, recorded set, out or err list. ARGV: line key, line JSON, counter, input tokens, output tokens.
+# KEYS: batch, recorded set, out or err list. ARGV: line key, line JSON, counter, input tokens, output tokens,
+# cached input tokens.
 # Idempotent per line key.
 _RECORD_LINE_LUA = """
 if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
@@ -56,6 +57,7 @@ if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'done', 1)
   redis.call('HINCRBY', KEYS[1], 'input_tokens', ARGV[4])
   redis.call('HINCRBY', KEYS[1], 'output_tokens', ARGV[5])
+  redis.call('HINCRBY', KEYS[1], 'cached_tokens', ARGV[6])
 end
 return {redis.call('HGET', KEYS[1], 'done'), redis.call('HGET', KEYS[1], 'total')}
 """
@@ -109,6 +111,7 @@ class Batch:
     done: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0  # of input_tokens, those the engine's prefix cache held
 
     def public(self) -> dict:
         body = {"id": self.id, "object": "batch", "endpoint": self.endpoint, "input_file_id": self.input_file_id,
@@ -117,8 +120,9 @@ class Batch:
                 "errors": {"object": "list", "data": self.errors} if self.errors else None,
                 "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
                 "metadata": self.metadata or None, "model": self.model,
-                # OpenAI's BatchUsage, summed over the lines that ended (cached and reasoning tokens: none here).
-                "usage": {"input_tokens": self.input_tokens, "input_tokens_details": {"cached_tokens": 0},
+                # OpenAI's BatchUsage, summed over the lines that ended (reasoning tokens: none here).
+                "usage": {"input_tokens": self.input_tokens,
+                          "input_tokens_details": {"cached_tokens": self.cached_tokens},
                           "output_tokens": self.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                           "total_tokens": self.input_tokens + self.output_tokens}}
         if self.webhook:
@@ -220,7 +224,8 @@ class BatchStore:
                                          self.key(batch_id, "out" if ok else "err")],
                                    args=[line_key, json.dumps(line), "completed" if ok else "failed",
                                          int(usage.get("prompt_tokens") or 0),
-                                         int(usage.get("completion_tokens") or 0)])
+                                         int(usage.get("completion_tokens") or 0),
+                                         int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)])
         return int(done), int(total or 0)
 
     def iter_lines(self, batch_id: str, part: str, page: int = 1000):

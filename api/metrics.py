@@ -79,8 +79,15 @@ class _Collector:
         steps = CounterMetricFamily("inferq_worker_engine_steps", "Engine steps run", labels=labels)
         busy = CounterMetricFamily("inferq_worker_engine_busy_seconds", "Time the engine spent in its steps",
                                    labels=labels)
+        # As vLLM's prefix_cache_queries / prefix_cache_hits: their ratio over an interval is the hit rate.
+        queries = CounterMetricFamily("inferq_worker_prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                      "cache at their request's first step", labels=labels)
+        hits = CounterMetricFamily("inferq_worker_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                   labels=labels)
         for w in workers:
             key = [w["model"], w["worker_id"]]
+            queries.add_metric(key, w.get("prefix_cache_queries", 0))
+            hits.add_metric(key, w.get("prefix_cache_hits", 0))
             batch.add_metric(key, w.get("batch_size", 0))
             peak.add_metric(key, w.get("max_batch_size", 0))
             total = w.get("num_kv_blocks") or 1
@@ -88,7 +95,7 @@ class _Collector:
             waiting.add_metric(key, w.get("num_waiting", 0))
             steps.add_metric(key, w.get("steps", 0))
             busy.add_metric(key, w.get("engine_busy_seconds", 0.0))
-        yield from (batch, peak, kv, waiting, steps, busy)
+        yield from (batch, peak, kv, waiting, steps, busy, queries, hits)
 
 
 def render(store: JobStore) -> bytes:

@@ -15,10 +15,11 @@ except metadata.PackageNotFoundError:  # run from a source tree that was never i
 SYSTEM_FINGERPRINT = f"fp_inferq_{VERSION}"
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int) -> dict:
-    """OpenAI's usage object. cached_tokens is 0: there is no prefix caching (yet)."""
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; cached_tokens: prompt tokens whose KV the engine's prefix cache already held."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": 0}}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def finish_reason(reason: str | None) -> str | None:

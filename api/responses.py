@@ -115,7 +115,7 @@ class ModelList(BaseModel):
 # ---- completions (the worker builds these: worker/openai_format.py) ----
 
 class PromptTokensDetails(BaseModel):
-    cached_tokens: int  # 0: no prefix caching (yet)
+    cached_tokens: int  # prompt tokens whose KV the engine's prefix cache held
 
 
 class Usage(BaseModel):

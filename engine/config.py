@@ -33,6 +33,9 @@ class EngineConfig:
     # Queue each decode step before the previous one's tokens reach the host, so that host work overlaps device
     # work (as vLLM's async scheduling). None: on for accelerators, off on the CPU.
     async_scheduling: bool | None = None
+    # Reuse the KV of full blocks whose tokens (and every token before them) a request shares with an earlier one
+    # (automatic prefix caching, engine/block_manager.py).
+    enable_prefix_caching: bool = True
     seed: int = 0
     # Tokenizer directory when it differs from the model directory.
     tokenizer: str | None = None

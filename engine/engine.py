@@ -94,7 +94,7 @@ class LLMEngine:
                                            cpu_bytes=config.cpu_kv_cache_bytes,
                                            activation_reserve=self._activation_reserve())
         self.max_model_len = self._max_model_len(num_blocks * config.block_size)
-        block_manager = BlockManager(num_blocks, config.block_size)
+        block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         backend = select_backend(config.attention_backend, self.device)
         kv_caches = allocate_kv_cache(spec, num_blocks, self.device)
@@ -304,7 +304,7 @@ class LLMEngine:
                 finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
                 logprobs=list(logprobs) if finished and logprobs is not None else logprobs))
         return RequestOutput(group.request_id, group.prompt_token_ids, completions, group.finished,
-                             sum(r.num_preemptions for r in group.choices))
+                             sum(r.num_preemptions for r in group.choices), group.choices[0].num_cached_tokens)
 
     @torch.inference_mode()
     def prompt_logits(self, prompt: str | list[int]) -> torch.Tensor:
@@ -407,7 +407,10 @@ class LLMEngine:
     def stats(self) -> dict[str, int]:
         block_manager = self.scheduler.block_manager
         return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
-                "num_kv_blocks": block_manager.num_blocks, "num_free_kv_blocks": block_manager.num_free_blocks}
+                "num_kv_blocks": block_manager.num_blocks, "num_free_kv_blocks": block_manager.num_free_blocks,
+                "num_cached_kv_blocks": block_manager.num_cached_blocks,
+                "prefix_cache_queries": self.scheduler.prefix_queried_tokens,
+                "prefix_cache_hits": self.scheduler.prefix_hit_tokens}
 
 
 def _checkpoint_dtype(hf_config) -> str | None:

@@ -32,3 +32,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV the prefix cache held at its first step

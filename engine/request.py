@@ -54,6 +54,11 @@ class Request:
     stop_reason: str | int | None = None
     logprobs: list[dict[int, float]] | None = None
     num_preemptions: int = 0
+    # Prefix caching (engine/block_manager.py): the hashes of its full blocks, how many of its blocks are findable
+    # by them, and the prompt tokens its first step found cached (what usage reports as cached_tokens).
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int = 0
     # Its grammar's state (an xgrammar matcher) under structured outputs (engine/structured_output.py), else None.
     grammar: object | None = None
 

@@ -4,7 +4,9 @@ Every step gets a token budget (max_num_batched_tokens) and a sequence cap (max_
 first, in priority order: one token each when decoding, or the next chunk of a prompt that did not fit in one step.
 Waiting requests then start with whatever budget is left, their prompts chunked to fit. When KV blocks run out, the
 running request with the lowest priority (the newest within a priority) is preempted: its blocks are freed and it
-will recompute its prompt and generated tokens when it is scheduled again, so its output is unchanged.
+will recompute its prompt and generated tokens when it is scheduled again, so its output is unchanged. A request
+starting (or restarting after preemption) first takes the longest prefix of its tokens whose blocks are cached
+(engine/block_manager.py) and computes only the rest.
 """
 from __future__ import annotations
 
@@ -43,6 +45,9 @@ class Scheduler:
         # Both kept sorted by Request.sort_key: the front is scheduled first, the back is preempted first.
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        # Prefix cache use at admissions: prompt tokens looked up, and those found cached (for /metrics).
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
 
     def add(self, request: Request) -> None:
         bisect.insort(self.waiting, request, key=lambda r: r.sort_key)
@@ -60,6 +65,7 @@ class Scheduler:
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._allocate_or_preempt(request, num_tokens, running, out):
                 continue
+            self.block_manager.cache_full_blocks(request, request.num_computed_tokens + num_tokens)
             kept.append(request)
             out.chunks.append(self._chunk(request, num_tokens))
             budget -= num_tokens
@@ -71,13 +77,29 @@ class Scheduler:
             self._admit(out, budget, len(self.running))
         return out
 
-    def _admit(self, out: SchedulerOutput, budget: int, num_running: int) -> None:
+    def _admit(self, out: SchedulerOutput, budget: int, num_running: int, ahead: bool = False) -> None:
         """Start waiting requests, front first, while the budget, the free blocks and the slots allow."""
         while self.waiting and budget > 0 and num_running < self.max_num_seqs:
             request = self.waiting[0]
+            first = request.num_computed_tokens == 0
+            if first:  # its cached prefix (a preempted request finds what is left of its own) is not recomputed
+                request.num_computed_tokens = self.block_manager.take_cached_prefix(request)
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.block_manager.allocate(request.block_ids, request.num_computed_tokens + num_tokens):
+            # Shaped as a decode (one token after a cached prefix): a step scheduled ahead has its decodes first,
+            # fed by the device (see schedule_ahead); this one waits for schedule().
+            decode_shaped = ahead and num_tokens == 1 and request.num_computed_tokens > 0
+            if decode_shaped or not self.block_manager.allocate(request.block_ids,
+                                                                request.num_computed_tokens + num_tokens):
+                if first:  # let go of the prefix until it fits
+                    self.block_manager.free(request.block_ids)
+                    request.num_computed_tokens = 0
                 break
+            self.block_manager.cache_full_blocks(request, request.num_computed_tokens + num_tokens)
+            if first:
+                self.prefix_queried_tokens += request.num_tokens
+                self.prefix_hit_tokens += request.num_computed_tokens
+                if not request.num_preemptions:
+                    request.num_cached_tokens = request.num_computed_tokens
             self.waiting.pop(0)
             request.status = RequestStatus.RUNNING
             bisect.insort(self.running, request, key=lambda r: r.sort_key)
@@ -132,10 +154,11 @@ class Scheduler:
                 return None
             if not self.block_manager.allocate(chunk.request.block_ids, chunk.start + num_tokens):
                 return None
+            self.block_manager.cache_full_blocks(chunk.request, chunk.start + num_tokens)
             out.chunks.append(ScheduledChunk(chunk.request, chunk.start, num_tokens,
                                              sample=chunk.start + num_tokens == chunk.request.num_tokens))
             budget -= num_tokens
-        self._admit(out, budget, num_running=len(decodes) + len(prefills))
+        self._admit(out, budget, num_running=len(decodes) + len(prefills), ahead=True)
         return out, [r for r, _ in decodes]
 
     def _allocate_or_preempt(self, request: Request, num_tokens: int, lower: list[Request],
@@ -164,7 +187,10 @@ class Scheduler:
     def update(self, out: SchedulerOutput) -> None:
         """Mark the scheduled tokens as computed (their KV is now in the cache)."""
         for chunk in out.chunks:
-            chunk.request.num_computed_tokens += chunk.num_tokens
+            request = chunk.request
+            request.num_computed_tokens += chunk.num_tokens
+            if not request.status.finished:  # blocks filled by decodes (a finished request's blocks are gone)
+                self.block_manager.cache_full_blocks(request, request.num_computed_tokens)
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """End a request in any state (finished or aborted): its blocks are free at once."""

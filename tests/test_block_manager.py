@@ -21,7 +21,9 @@ def test_allocate_is_all_or_nothing_and_free_returns_blocks():
 
 
 def make_request(i: int, prompt_len: int, priority: int = 0) -> Request:
-    return Request(str(i), [1] * prompt_len, SamplingParams(), max_tokens=8, arrival=i, priority=priority)
+    # Prompts of their own (tokens 100 * i + ...): no request finds another's blocks in the prefix cache.
+    return Request(str(i), [100 * i + t for t in range(prompt_len)], SamplingParams(), max_tokens=8, arrival=i,
+                   priority=priority)
 
 
 def test_scheduler_respects_token_budget_and_chunks_prompts():

@@ -425,3 +425,22 @@ def test_metrics(service, client):
     worker_samples = {name: value for (name, labels), value in samples.items() if name.startswith("inferq_worker")}
     assert {"inferq_worker_batch_size", "inferq_worker_kv_cache_usage_ratio", "inferq_worker_max_batch_size"} <= set(
         worker_samples)
+
+
+def test_a_shared_system_prompt_is_served_from_the_prefix_cache(service, oai):
+    """Two chats with one long system prompt: the second reports the cached prompt tokens in its usage (as OpenAI
+    does), and /metrics counts the hits."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    system = {"role": "system", "content": " ".join(f"Rule {i}: answer in one short sentence." for i in range(12))}
+    first = oai.chat.completions.create(model=MODEL, messages=[system, {"role": "user", "content": "Hi"}],
+                                        max_tokens=4, temperature=0)
+    second = oai.chat.completions.create(model=MODEL, messages=[system, {"role": "user", "content": "Yo"}],
+                                         max_tokens=4, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 64 <= cached < second.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens < cached
+    time.sleep(1.5)  # one heartbeat
+    hits = sum(sample.value for family in text_string_to_metric_families(httpx.get(f"{service.url}/metrics").text)
+               for sample in family.samples if sample.name == "inferq_worker_prefix_cache_hits_total")
+    assert hits >= cached

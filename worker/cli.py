@@ -48,6 +48,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false", default=None,
                         help="read each step's tokens before queuing the next step (default: queue decode steps "
                              "ahead on GPUs)")
+    parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                        help="compute every prompt in full (default: reuse the KV of prefixes already computed)")
     parser.add_argument("--load-in-low-bit", choices=LOW_BIT_FORMATS,
                         help="weight format, applied while the checkpoint loads: "
                              "sym_int4 | asym_int4 | sym_int8 | fp8 (e4m3) | fp16 | bf16")
@@ -68,7 +70,7 @@ def engine_options(args: argparse.Namespace) -> dict:
                 block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                 gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
                 enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
-                load_in_low_bit=args.load_in_low_bit)
+                enable_prefix_caching=args.enable_prefix_caching, load_in_low_bit=args.load_in_low_bit)
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:

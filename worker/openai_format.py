@@ -23,7 +23,7 @@ def usage(output: RequestOutput | list[RequestOutput]) -> dict:
     outputs = [output] if isinstance(output, RequestOutput) else output
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return usage_body(prompt, completion)
+    return usage_body(prompt, completion, sum(o.num_cached_tokens for o in outputs))
 
 
 def finish_reason(choice: CompletionOutput) -> str | None:
