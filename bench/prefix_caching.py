@@ -5,7 +5,8 @@ Shared-prefix workload (the issue's): --requests (256) requests of one --system-
 plus 32-64 tokens of their own, outputs 64-192, greedy, EOS off. Its prefix-aware floor counts the shared prompt's
 prefill once (bench/peers_gpu.py's floor otherwise: prefill FLOPs at the measured matmul rate, decode bytes at the
 measured copy rate). W256 is bench/peers_gpu.py's workload, where caching can only cost (hashing, bookkeeping).
-The cache is emptied before every run, so a run finds only what it computed itself.
+The cache is emptied before every run, so a run finds only what it computed itself; on and off swap places
+every round.
 
     python bench/prefix_caching.py                      # Llama-3-8B shape, random weights, bf16, cuda
     python bench/prefix_caching.py --shape tiny --device cpu --requests 16 --system-tokens 64   # smoke test
@@ -74,9 +75,9 @@ def main() -> int:
         llm.generate([[5] * 40, [6] * 300], [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * 2)
         times: dict[tuple[str, bool], list[float]] = {}
         hit_rates: dict[tuple[str, bool], float] = {}
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             for name, reqs in workloads.items():
-                for caching in (True, False):
+                for caching in ((True, False) if round_ % 2 else (False, True)):  # neither always runs first
                     assert manager.reset_prefix_cache()
                     manager.enable_prefix_caching = caching
                     scheduler = llm.engine.scheduler
