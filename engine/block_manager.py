@@ -90,7 +90,8 @@ class BlockManager:
         """At a request's first step (nothing computed, no blocks): hold the longest run of its full blocks that are
         cached, and return the number of tokens they cover. At least one prompt token is left to compute, since
         the first token is sampled from its logits."""
-        if not self.enable_prefix_caching or request.num_computed_tokens or request.block_ids:
+        if not self.enable_prefix_caching or request.num_computed_tokens or request.block_ids \
+                or request.params.prompt_logprobs is not None:  # (its prompt's every row is scored)
             return 0
         self.hash_full_blocks(request, request.num_tokens - 1)
         for block_hash_ in request.block_hashes:

@@ -51,6 +51,7 @@ class _LaunchedStep:
     chunks: list[ScheduledChunk]  # in the order the runner ran them
     sampling: list[Request]  # the requests that sample a token, in the order of the logits rows
     logits: torch.Tensor  # [len(sampling), vocab] on the device
+    prompt_logprobs: list  # (chunk, log-probs [num_tokens, vocab]) of the prompt chunks scored (ModelRunner.execute)
     pending: PendingSample | None = None  # set by _sample
 
 
@@ -231,8 +232,9 @@ class LLMEngine:
                  input_ids: torch.Tensor | None = None) -> _LaunchedStep:
         """Queue a step's forward pass on the device (chunks in the runner's order)."""
         self.last_step_batch_size = len(chunks)
-        logits = self.runner.execute(chunks, input_ids)
-        return _LaunchedStep(scheduled, chunks, [c.request for c in chunks if c.sample], logits)
+        prompt_logprobs: list = []
+        logits = self.runner.execute(chunks, input_ids, prompt_logprobs)
+        return _LaunchedStep(scheduled, chunks, [c.request for c in chunks if c.sample], logits, prompt_logprobs)
 
     def _sample(self, step: _LaunchedStep) -> None:
         """Queue a step's sampling on the device, from its requests' state on the host as it is now."""
@@ -249,6 +251,8 @@ class LLMEngine:
         """Read a launched step's tokens, mark its KV computed, accept the tokens; the outputs to send."""
         sampled = launched.pending.finish() if launched.pending is not None else []
         self.scheduler.update(launched.scheduled)
+        for chunk, logprobs in launched.prompt_logprobs:
+            self._score_prompt(chunk, logprobs)
         outputs = []
         advanced: dict[str, _Group] = {}
         for request, token in zip(launched.sampling, sampled):
@@ -264,6 +268,27 @@ class LLMEngine:
             if finished:
                 del self._groups[group_id]
         return outputs
+
+    @staticmethod
+    def _score_prompt(chunk: ScheduledChunk, logprobs: torch.Tensor) -> None:
+        """Record the log-probs of the prompt tokens a chunk's rows predict (row j: token start + j + 1), and the
+        top alternatives. Rows already recorded (a chunk computed again after a preemption) are skipped."""
+        request = chunk.request
+        recorded = request.prompt_logprobs
+        first = len(recorded) - chunk.start - 1  # the first row not recorded yet
+        rows = min(chunk.num_tokens, len(request.prompt_token_ids) - chunk.start - 1)  # the last predicts output
+        if recorded is None or request.status.finished or first >= rows:
+            return
+        targets = torch.tensor(request.prompt_token_ids[chunk.start + first + 1:chunk.start + rows + 1],
+                               device=logprobs.device)
+        logprobs = logprobs[first:rows]
+        own = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        top = request.params.prompt_logprobs
+        top_values, top_ids = logprobs.topk(top, dim=-1) if top else (None, None)
+        for i, (token, value) in enumerate(zip(targets.tolist(), own)):
+            entry = dict(zip(top_ids[i].tolist(), top_values[i].tolist())) if top else {}
+            entry[token] = value
+            recorded.append(entry)
 
     def _accept(self, request: Request, token) -> None:
         request.append_token(token.token_id)
@@ -304,7 +329,8 @@ class LLMEngine:
                 finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
                 logprobs=list(logprobs) if finished and logprobs is not None else logprobs))
         return RequestOutput(group.request_id, group.prompt_token_ids, completions, group.finished,
-                             sum(r.num_preemptions for r in group.choices), group.choices[0].num_cached_tokens)
+                             sum(r.num_preemptions for r in group.choices), group.choices[0].num_cached_tokens,
+                             _copy(group.choices[0].prompt_logprobs) if group.finished else None)
 
     @torch.inference_mode()
     def prompt_logits(self, prompt: str | list[int]) -> torch.Tensor:
@@ -411,6 +437,10 @@ class LLMEngine:
                 "num_cached_kv_blocks": block_manager.num_cached_blocks,
                 "prefix_cache_queries": self.scheduler.prefix_queried_tokens,
                 "prefix_cache_hits": self.scheduler.prefix_hit_tokens}
+
+
+def _copy(values: list | None) -> list | None:
+    return None if values is None else list(values)
 
 
 def _checkpoint_dtype(hf_config) -> str | None:

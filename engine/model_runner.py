@@ -26,14 +26,20 @@ class ModelRunner:
         return decodes + prefills
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk], input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def execute(self, chunks: list[ScheduledChunk], input_ids: torch.Tensor | None = None,
+                prompt_logprobs: list | None = None) -> torch.Tensor:
         """chunks in `order()` order -> logits [number of chunks with sample=True, vocab] in float32.
 
         input_ids: the input tokens of the first len(input_ids) chunks, which are decodes, as a device tensor (the
         previous step's sampled tokens, not yet on the host); the other chunks' tokens are read from their
-        requests."""
+        requests. prompt_logprobs: where to append (chunk, log-probs [chunk.num_tokens, vocab] float32) for each
+        prompt chunk whose request asked for prompt_logprobs (row j: the distribution after token start + j)."""
         on_device = 0 if input_ids is None else len(input_ids)
-        if self.graphs is not None and all(_is_decode(c) for c in chunks) and self.graphs.fits(len(chunks)):
+        # Not from a graph when prompt rows are scored: a graph computes the logits of sampled rows only.
+        scores = prompt_logprobs is not None and any(_scores_prompt(c) for c in chunks)
+        scored: list[tuple[int, ScheduledChunk]] = []  # the prompt chunks scored, with the row each starts at
+        if not scores and self.graphs is not None and all(_is_decode(c) for c in chunks) \
+                and self.graphs.fits(len(chunks)):
             return self._replay(chunks, input_ids, on_device)
         bs = self.block_size
         token_ids: list[int] = []
@@ -59,6 +65,8 @@ class ModelRunner:
                 prefill_spans.append((first, chunk.num_tokens, end, table[:-(-end // bs)]))
             if chunk.sample:
                 sample_rows.append(len(positions) - 1)
+            if scores and _scores_prompt(chunk):
+                scored.append((first, chunk))
 
         def tensor(values, dtype=torch.long) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
@@ -75,6 +83,9 @@ class ModelRunner:
         )
         input_ids = self._inputs(input_ids, token_ids)
         hidden = self.model(input_ids, tensor(positions), self.kv_caches, meta, self.backend)
+        for first, chunk in scored:
+            logits = self.model.compute_logits(hidden[first:first + chunk.num_tokens]).float()
+            prompt_logprobs.append((chunk, torch.log_softmax(logits, dim=-1)))
         return self.model.compute_logits(hidden[tensor(sample_rows)]).float()
 
     def _inputs(self, on_device: torch.Tensor | None, host: list[int]) -> torch.Tensor:
@@ -98,6 +109,10 @@ class ModelRunner:
             return logits
         # A one-token chunk in the middle of a chunked prompt samples nothing.
         return logits[torch.tensor([i for i, c in enumerate(chunks) if c.sample], device=self.device)]
+
+
+def _scores_prompt(chunk: ScheduledChunk) -> bool:
+    return chunk.request.params.prompt_logprobs is not None and chunk.start < len(chunk.request.prompt_token_ids)
 
 
 def _is_decode(chunk: ScheduledChunk) -> bool:

@@ -33,3 +33,5 @@ class RequestOutput:
     finished: bool
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose KV the prefix cache held at its first step
+    # With SamplingParams.prompt_logprobs, once the prompt is computed: per prompt token (None for the first).
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -53,6 +53,9 @@ class Request:
     # What ended it: a stop string or stop token id (None for EOS or length), as in vLLM.
     stop_reason: str | int | None = None
     logprobs: list[dict[int, float]] | None = None
+    # Per prompt token, with params.prompt_logprobs: {token id: log-prob} of it and the top alternatives given the
+    # tokens before it (None for the first token, which has no context), filled as its prompt chunks compute.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     num_preemptions: int = 0
     # Prefix caching (engine/block_manager.py): the hashes of its full blocks, how many of its blocks are findable
     # by them, and the prompt tokens its first step found cached (what usage reports as cached_tokens).
@@ -66,6 +69,8 @@ class Request:
         self.token_ids = list(self.prompt_token_ids)
         if self.params.logprobs is not None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     @property
     def num_tokens(self) -> int:

@@ -320,9 +320,9 @@ def count_steps_ahead(engine: LLMEngine) -> list[int]:
     calls = [0]
     execute = engine.runner.execute
 
-    def counting(chunks, input_ids=None):
+    def counting(chunks, input_ids=None, *args):
         calls[0] += input_ids is not None
-        return execute(chunks, input_ids)
+        return execute(chunks, input_ids, *args)
 
     engine.runner.execute = counting
     return calls
