@@ -185,9 +185,13 @@ class SamplingFields(BaseModel):
                     repetition_penalty=self.repetition_penalty, seed=self.seed, max_tokens=self.max_tokens,
                     min_tokens=self.min_tokens, stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
                     ignore_eos=self.ignore_eos, logprobs=self.num_logprobs(),
+                    prompt_logprobs=self.num_prompt_logprobs(),
                     structured_outputs=self.structured_output_kwargs(), logit_bias=self.token_biases())
 
     def num_logprobs(self) -> int | None:
+        return None
+
+    def num_prompt_logprobs(self) -> int | None:
         return None
 
 
@@ -244,20 +248,16 @@ class CompletionRequest(SamplingFields):
             raise PydanticCustomError("unsupported_value", "best_of is not supported: leave it out, or set it to n")
         return value
 
-    @field_validator("echo")
-    @classmethod
-    def _echo_without_prompt_logprobs(cls, value: bool, info) -> bool:
-        if value and info.data.get("logprobs") is not None:
-            raise PydanticCustomError("unsupported_value", "echo together with logprobs is not supported (it "
-                                                           "needs the prompt's logprobs, which are not computed)")
-        return value
-
     def prompts(self) -> list[str | list[int]]:
         """Each prompt of the request, in order."""
         return prompt_list(self.prompt)
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    def num_prompt_logprobs(self) -> int | None:
+        """echo with logprobs scores the prompt too (what lm-evaluation-harness's loglikelihood requests send)."""
+        return self.logprobs if self.echo else None
 
 
 def _json_or_text(text: str) -> Any:

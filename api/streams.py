@@ -2,7 +2,8 @@
 
 Events (the JSON under each entry's "data" field):
   {"type": "delta", "choices": [{"index", "text", "finish_reason"}]}   text generated since the last delta
-                                          (and "usage" so far, when the OpenAI stream asked for it)
+                                          (and "usage" so far, when the OpenAI stream asked for it; and per
+                                          choice its new tokens' "logprobs", when an OpenAI stream asked)
   {"type": "restart", "attempt": n}       the job runs again after a failure: readers drop what came before
   {"type": "end", "status": "succeeded" | "failed" | "cancelled"}        always the last one
 
@@ -56,6 +57,27 @@ class DeltaChoice(TypedDict, total=False):
     text: str
     finish_reason: str | None
     tool_calls: list[dict]  # whole tool calls in OpenAI's shape, each with its index among the choice's calls
+    # The logprobs of tokens not in an earlier delta, in the shape of an OpenAI chunk's (chat's or completions'):
+    # only for a job that streams from the start and asked for logprobs (worker/output_writer.py).
+    logprobs: dict
+
+
+def join_logprobs(first: dict | None, second: dict | None) -> dict | None:
+    """Two chunks' logprobs as one: every list in either shape is per token (chat's `content`; completions'
+    `tokens`, `token_logprobs`, `top_logprobs`, `text_offset`), so the second's lists follow the first's."""
+    if first is None or second is None:
+        return second if first is None else first
+    return {key: value + second[key] if isinstance(value, list) else value for key, value in first.items()}
+
+
+def logprobs_len(logprobs: dict | None) -> int:
+    """How many tokens a chunk's logprobs are of."""
+    return 0 if logprobs is None else len(logprobs["content"] if "content" in logprobs else logprobs["tokens"])
+
+
+def logprobs_from(logprobs: dict, start: int) -> dict:
+    """A chunk's logprobs without its first `start` tokens'."""
+    return {key: value[start:] if isinstance(value, list) else value for key, value in logprobs.items()}
 
 
 def delta_event(choices: list[DeltaChoice], usage: dict | None = None) -> dict:

@@ -8,9 +8,8 @@ own process the loop has a core to itself; the service's process only sends requ
 
 The parent talks to the child over one duplex pipe. Commands go down (add, abort, stats, stop); the child
 answers each command in order and sends every step's outputs in one message. An unfinished output travels
-as plain tuples without what the parent already has (the prompt, the tokens of earlier steps, logprobs): the
-parent restores them, so the outputs it hands to its sink read as LLMEngine.step()'s own (logprobs come with the
-finished output).
+as plain tuples without what the parent already has (the prompt, the text, tokens and logprobs of earlier steps):
+the parent restores them, so the outputs it hands to its sink read as LLMEngine.step()'s own.
 
 The child exits when the pipe closes, so a parent killed with SIGKILL does not leave the device held. A child
 that dies fails the requests it had (the sink's on_failed) and is started again; calls wait for it meanwhile.
@@ -54,6 +53,7 @@ class _Submitted:
     prompt_token_ids: list[int]
     text: dict[int, str] = field(default_factory=dict)  # per choice index, the text so far
     token_ids: dict[int, list[int]] = field(default_factory=dict)  # per choice index, the tokens so far
+    logprobs: dict[int, list[dict[int, float]]] = field(default_factory=dict)  # per choice index, if it asked
 
 
 class EngineProcess:
@@ -221,13 +221,17 @@ class EngineProcess:
                 if submitted is None:
                     continue
                 output = RequestOutput(request_id, submitted.prompt_token_ids, [], False, num_preemptions)
-                for index, delta_text, delta_token_ids, finish_reason, stop_reason in choices:
+                for index, delta_text, delta_token_ids, finish_reason, stop_reason, delta_logprobs in choices:
                     self.num_generated_tokens += len(delta_token_ids)
                     tokens = submitted.token_ids.setdefault(index, [])
                     tokens += delta_token_ids
                     text = submitted.text[index] = submitted.text.get(index, "") + delta_text
+                    logprobs = None
+                    if delta_logprobs is not None:
+                        logprobs = submitted.logprobs.setdefault(index, [])
+                        logprobs += delta_logprobs
                     output.outputs.append(CompletionOutput(index, text, tokens, delta_text, delta_token_ids,
-                                                           finish_reason, stop_reason))
+                                                           finish_reason, stop_reason, logprobs))
                 outputs.append(output)
         try:
             self.sink.on_outputs(outputs)
@@ -362,10 +366,14 @@ class _EngineLoop:
 def _wire(output: RequestOutput):
     """What travels for one output. A finished output as it is (it carries its own copies of everything). An
     unfinished one as plain tuples of what the parent lacks, (request_id, num_preemptions, [(index, delta_text,
-    delta_token_ids, finish_reason, stop_reason)]): the parent has the prompt and the earlier text and tokens, and
-    logprobs come with the finished output. Tuples because a streaming step sends one per running request, and
-    pickling dataclasses costs several times more (about 1 ms a step for 256 streams, on the engine's core)."""
+    delta_token_ids, finish_reason, stop_reason, delta_logprobs)]): the parent has the prompt and the earlier text,
+    tokens and logprobs. `delta_logprobs` is the logprobs entries of the delta's tokens, or None for a request that
+    asked for none (most: nothing more to pickle for them). Tuples because a streaming step sends one per running
+    request, and pickling dataclasses costs several times more (about 1 ms a step for 256 streams, on the engine's
+    core)."""
     if output.finished:
         return output
     return (output.request_id, output.num_preemptions,
-            [(c.index, c.delta_text, c.delta_token_ids, c.finish_reason, c.stop_reason) for c in output.outputs])
+            [(c.index, c.delta_text, c.delta_token_ids, c.finish_reason, c.stop_reason,
+              None if c.logprobs is None else c.logprobs[len(c.token_ids) - len(c.delta_token_ids):])
+             for c in output.outputs])

@@ -186,6 +186,31 @@ def test_echo_puts_the_prompt_before_each_choice(client):
     assert as_ids["choices"][0]["text"].startswith("Hello there")
 
 
+def test_echo_with_logprobs_scores_the_prompt(client):
+    """What lm-evaluation-harness's loglikelihood requests send (echo, logprobs, token ids): the prompt's tokens come
+    first in logprobs, the first with a null log-prob; each prompt token's log-prob is the one the model gives it
+    after the tokens before it -- the same as a request that ends just before it reports for its generated token."""
+    prompt = client.post("/tokenize", json={"model": MODEL, "prompt": "The cat sat on",
+                                            "add_special_tokens": False}).json()["tokens"]
+    forced = prompt[1]  # made the generated token by logit_bias; logprobs are the model's own, before any bias
+    first = client.post("/v1/completions", json={**GREEDY, "prompt": prompt, "max_tokens": 1, "logprobs": 2,
+                                                 "logit_bias": {str(forced): 100}}).json()
+    generated = first["choices"][0]["logprobs"]
+    extended = prompt + [forced]
+    body = client.post("/v1/completions", json={**GREEDY, "prompt": extended, "max_tokens": 2, "logprobs": 2,
+                                                "echo": True}).json()
+    logprobs = body["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(extended) + body["usage"]["completion_tokens"]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert all(isinstance(v, float) for v in logprobs["token_logprobs"][1:])
+    assert logprobs["token_logprobs"][len(prompt)] == pytest.approx(generated["token_logprobs"][0], abs=1e-4)
+    assert logprobs["top_logprobs"][len(prompt)] == pytest.approx(generated["top_logprobs"][0], abs=1e-4)
+    assert logprobs["text_offset"] == sorted(logprobs["text_offset"])
+    text = body["choices"][0]["text"]
+    for token, offset in zip(logprobs["tokens"][len(extended):], logprobs["text_offset"][len(extended):]):
+        assert text[offset:].startswith(token) or token.startswith("bytes:")
+
+
 def test_logit_bias_reaches_the_engine(client):
     """+100 on one token makes greedy decoding pick only it; -100 on the byte tokens bans them; an id past the
     vocabulary is ignored."""
@@ -222,7 +247,6 @@ def test_accepted_fields_that_change_nothing(client):
 @pytest.mark.parametrize("path, fields, param", [
     ("/v1/completions", {"suffix": "end"}, "suffix"),
     ("/v1/completions", {"best_of": 3}, "best_of"),
-    ("/v1/completions", {"echo": True, "logprobs": 1}, "echo"),
     ("/v1/completions", {"logprobs": 21}, "logprobs"),
     ("/v1/completions", {"prompt": []}, "prompt"),
     ("/v1/completions", {"prompt": [[]]}, "prompt"),
@@ -360,6 +384,118 @@ def test_chat_stream_opens_with_the_role_and_carries_usage_throughout(client):
     assert [c["usage"]["completion_tokens"] for c in plain][-1] == 3 and all("choices" in c for c in plain)
     for chunk in plain:
         declared_completion_chunk(chunk)
+
+
+BAN_BYTES = {str(i): -100 for i in range(3, 259)}  # the demo vocabulary's byte tokens: every token is whole text
+
+
+def _close(streamed: list[float], whole: list[float]) -> bool:
+    return len(streamed) == len(whole) and all(abs(a - b) < 1e-4 for a, b in zip(streamed, whole))
+
+
+def test_streamed_chat_chunks_carry_their_tokens_logprobs(client):
+    body = {**GREEDY, "messages": CHAT, "max_tokens": 12, "n": 2, "logprobs": True, "top_logprobs": 2,
+            "logit_bias": BAN_BYTES}
+    whole = client.post("/v1/chat/completions", json=body).json()
+    chunks = sse(client, "/v1/chat/completions", body)
+    for chunk in chunks:
+        declared(ChatCompletionChunk, chunk)
+    for index in (0, 1):
+        choices = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        items = [item for c in choices if c["logprobs"] for item in c["logprobs"]["content"]]
+        expected = whole["choices"][index]["logprobs"]["content"]
+        assert [i["token"] for i in items] == [i["token"] for i in expected] and len(items) == 12
+        assert _close([i["logprob"] for i in items], [i["logprob"] for i in expected])
+        for item, want in zip(items, expected):
+            assert [t["token"] for t in item["top_logprobs"]] == [t["token"] for t in want["top_logprobs"]]
+            assert _close([t["logprob"] for t in item["top_logprobs"]], [t["logprob"] for t in want["top_logprobs"]])
+        content = "".join(c["delta"].get("content") or "" for c in choices)
+        assert content == whole["choices"][index]["message"]["content"]
+        assert b"".join(bytes(item["bytes"]) for item in items) == content.encode()
+
+
+def test_streamed_completion_chunks_carry_their_tokens_logprobs(client):
+    # Byte tokens allowed: a character split over tokens must keep the body's text offsets.
+    body = {**GREEDY, "prompt": "The quick brown fox, café 😀", "max_tokens": 16, "n": 2, "logprobs": 2}
+    whole = client.post("/v1/completions", json=body).json()
+    chunks = sse(client, "/v1/completions", body)
+    for chunk in chunks:
+        declared_completion_chunk(chunk)
+    for index in (0, 1):
+        parts = [c["logprobs"] for chunk in chunks for c in chunk["choices"] if c["index"] == index and c["logprobs"]]
+        expected = whole["choices"][index]["logprobs"]
+        streamed = {key: [x for part in parts for x in part[key]] for key in expected}
+        assert streamed["tokens"] == expected["tokens"] and len(streamed["tokens"]) == 16
+        assert streamed["text_offset"] == expected["text_offset"]
+        assert _close(streamed["token_logprobs"], expected["token_logprobs"])
+        for top, want in zip(streamed["top_logprobs"], expected["top_logprobs"]):
+            assert list(top) == list(want) and _close(list(top.values()), list(want.values()))
+
+
+def test_streams_without_logprobs_have_none(client):
+    chat = sse(client, "/v1/chat/completions", {**GREEDY, "messages": CHAT, "max_tokens": 4})
+    completion = sse(client, "/v1/completions", {**GREEDY, "prompt": "Hi", "max_tokens": 4})
+    assert all(c["logprobs"] is None for chunk in chat + completion for c in chunk["choices"])
+    assert len(chat) > 1 and len(completion) > 1
+
+
+def test_stream_logprobs_split_as_the_body_does(demo_model_dir):
+    """Fed a step at a time (as the output writer feeds it), a choice's logprobs concatenate to its body's, even
+    where a character is split over byte tokens (their offsets wait for the end of the run)."""
+    from api.streams import join_logprobs
+    from engine.loader import load_tokenizer
+    from engine.outputs import CompletionOutput
+    from worker.openai_format import LogprobStream, chat_logprobs, completion_logprobs, token_text
+
+    tokenizer = load_tokenizer(demo_model_dir)
+    ids = tokenizer.encode(" café 😀😀 ok", add_special_tokens=False)
+    entries = [{token_id: -1.0 - i, 5: -9.0} for i, token_id in enumerate(ids)]
+    whole = CompletionOutput(0, "", ids, logprobs=entries, finish_reason="length")
+    texts = token_text(tokenizer)
+    for chat, expected in ((False, completion_logprobs(whole, texts, 4)), (True, chat_logprobs(whole, texts, 2))):
+        stream, joined = LogprobStream(tokenizer, chat, 2, offset=4), None
+        for k in range(0, len(ids), 2):  # the live lists already hold every token, as the engine's may
+            step = CompletionOutput(0, "", ids, "", ids[k:k + 2], "length" if k + 2 >= len(ids) else None,
+                                    logprobs=entries)
+            joined = join_logprobs(joined, stream.take(step))
+        assert joined == expected
+
+
+def test_a_restarted_stream_sends_each_tokens_logprobs_once():
+    """After a restart the rerun's logprobs are skipped per token, as far as they were sent, however its text
+    deltas split."""
+    import asyncio
+
+    from api.job_record import Job, JobStatus
+    from api.routes.openai import _sse
+
+    def delta(text: str, tokens: list[str]) -> dict:
+        logprobs = {"tokens": tokens, "token_logprobs": [-1.0] * len(tokens),
+                    "top_logprobs": [{t: -1.0} for t in tokens], "text_offset": [0] * len(tokens)}
+        return {"type": "delta", "choices": [{"index": 0, "text": text, "finish_reason": None, "logprobs": logprobs}]}
+
+    events = [delta("ab", ["a", "b"]), delta("c", ["c"]), {"type": "restart", "attempt": 2},
+              delta("a", ["a", "b"]),  # the rerun's text held back a token: its deltas split otherwise
+              delta("bcd", ["c", "d"]), {"type": "end", "status": "succeeded"}]
+    job = Job("j1", "owner", MODEL, "completions", {}, status=JobStatus.SUCCEEDED, created_at=time.time())
+
+    class Streams:
+        async def event_batches(self, job_id):
+            for event in events:
+                yield [event]
+
+        async def get(self, job_id):
+            return job
+
+    async def collect() -> list[dict]:
+        return [json.loads(c[6:]) async for c in _sse(None, Streams(), job, "completions") if c != "data: [DONE]\n\n"]
+
+    chunks = asyncio.run(collect())
+    for chunk in chunks:
+        declared_completion_chunk(chunk)
+    choices = [c for chunk in chunks for c in chunk["choices"]]
+    assert "".join(c["text"] for c in choices) == "abcd"
+    assert [t for c in choices if c["logprobs"] for t in c["logprobs"]["tokens"]] == ["a", "b", "c", "d"]
 
 
 def test_job_results_are_openai_bodies(client):

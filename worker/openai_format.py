@@ -9,6 +9,7 @@ from functools import lru_cache
 
 from api.openai_compat import SYSTEM_FINGERPRINT, usage_body
 from api.openai_compat import finish_reason as openai_finish_reason
+from api.streams import join_logprobs
 from api.tool_calls import parse as parse_tool_calls
 from engine.outputs import CompletionOutput, RequestOutput
 
@@ -70,32 +71,7 @@ class TokenText:
         split over tokens, and for special tokens: skipped in the text), as the tokenizer's decoder writes them:
         byte-fallback tokens are decoded run by run, a run that is not valid UTF-8 giving one U+FFFD per token;
         other tokenizers decode their bytes as a whole, an invalid sequence giving one U+FFFD."""
-        counts: list[int] = []
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        index = 0
-        while index < len(token_ids):
-            token_id = token_ids[index]
-            if token_id in self.special:
-                counts.append(0)
-                index += 1
-                continue
-            end = index
-            while self._byte_fallback and end < len(token_ids) and self._is_byte_piece(token_ids[end]):
-                end += 1
-            if end > index:  # a run of byte tokens
-                run = [self.bytes_of(t) for t in token_ids[index:end]]
-                try:
-                    b"".join(run).decode("utf-8")
-                except UnicodeDecodeError:
-                    counts += [1] * len(run)
-                else:
-                    run_decoder = codecs.getincrementaldecoder("utf-8")()
-                    counts += [len(run_decoder.decode(data)) for data in run]
-                index = end
-                continue
-            counts.append(len(decoder.decode(self.bytes_of(token_id))))
-            index += 1
-        return counts
+        return CharCounter(self).feed(token_ids, end=True)
 
     def _is_byte_piece(self, token_id: int) -> bool:
         return token_id not in self._added and _BYTE_PIECE.fullmatch(
@@ -119,6 +95,45 @@ class TokenText:
         for old, new in self._replace:
             piece = piece.replace(old, new)
         return piece.encode()
+
+
+class CharCounter:
+    """TokenText.char_counts of one choice's tokens fed a few at a time (a stream's steps): the same counts, each
+    given once it is known. A byte-fallback token's count is known only when its run ends (a run is decoded as a
+    whole: a later byte can make it valid UTF-8), so the tokens of a run still open wait for the next feed."""
+
+    def __init__(self, texts: TokenText) -> None:
+        self.texts = texts
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")  # holds a character's first bytes
+        self._run: list[bytes] = []  # the open run of byte tokens
+
+    def feed(self, token_ids: list[int], end: bool = False) -> list[int]:
+        """The counts of the tokens waiting from earlier feeds, then of `token_ids`, as far as they are known; with
+        `end` (no token follows), all of them."""
+        texts, counts = self.texts, []
+        for token_id in token_ids:
+            if token_id in texts.special:
+                counts += self._end_run()
+                counts.append(0)
+            elif texts._byte_fallback and texts._is_byte_piece(token_id):
+                self._run.append(texts.bytes_of(token_id))
+            else:
+                counts += self._end_run()
+                counts.append(len(self._decoder.decode(texts.bytes_of(token_id))))
+        if end:
+            counts += self._end_run()
+        return counts
+
+    def _end_run(self) -> list[int]:
+        run, self._run = self._run, []
+        if not run:
+            return []
+        try:
+            b"".join(run).decode("utf-8")
+        except UnicodeDecodeError:
+            return [1] * len(run)
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        return [len(decoder.decode(data)) for data in run]
 
 
 @lru_cache(maxsize=4)
@@ -160,26 +175,54 @@ def _logprob(value: float) -> float:
     return max(float(value), LOGPROB_FLOOR)
 
 
-def completion_logprobs(choice: CompletionOutput, texts: TokenText, offset: int = 0) -> dict | None:
+def completion_logprobs(choice: CompletionOutput, texts: TokenText, offset: int = 0, start: int = 0,
+                        counts: list[int] | None = None) -> dict | None:
     """Completions' logprobs: each token's text, its log-prob, the top ones keyed by their text, and where each
-    token starts in the choice's text (characters; `offset` is where the generated text starts, after an echo)."""
+    token starts in the choice's text (characters; `offset` is where the generated text starts, after an echo).
+    A stream's chunk (LogprobStream) has only the tokens from `start` on, one per count of `counts` (their
+    character counts, from the choice's CharCounter), `offset` then being where token `start` starts."""
     if choice.logprobs is None:
         return None
-    tokens, offsets, top = [], [], []
-    for entry, token_id, count in zip(choice.logprobs, choice.token_ids, texts.char_counts(choice.token_ids)):
+    end = None if counts is None else start + len(counts)
+    token_ids, entries = choice.token_ids[start:end], choice.logprobs[start:end]
+    tokens, offsets = [], []
+    for token_id, count in zip(token_ids, texts.char_counts(token_ids) if counts is None else counts):
         tokens.append(texts.text_of(token_id))
         offsets.append(offset)
         offset += count
-        alternatives: dict[str, float] = {}
-        for alternative, logprob in sorted(entry.items(), key=lambda kv: kv[1], reverse=True):
-            alternatives.setdefault(texts.text_of(alternative), _logprob(logprob))
-        top.append(alternatives)
-    return {"tokens": tokens,
-            "token_logprobs": [_logprob(entry[t]) for entry, t in zip(choice.logprobs, choice.token_ids)],
-            "top_logprobs": top, "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": [_logprob(entry[t]) for entry, t in zip(entries, token_ids)],
+            "top_logprobs": [_top_by_text(entry, texts) for entry in entries], "text_offset": offsets}
 
 
-def chat_logprobs(choice: CompletionOutput, texts: TokenText, top: int) -> dict | None:
+def echo_logprobs(output: RequestOutput, texts: TokenText) -> dict | None:
+    """Completions' logprobs of an echoed prompt (echo with logprobs, SamplingParams.prompt_logprobs): each prompt
+    token scored given the ones before it; the first has nothing before it, so its log-prob is null (as OpenAI's
+    and vLLM's). Text offsets count from the start of the echoed text."""
+    scores = output.prompt_logprobs
+    if scores is None:
+        return None
+    ids = output.prompt_token_ids
+    offsets, offset = [], 0
+    for count in texts.char_counts(ids):
+        offsets.append(offset)
+        offset += count
+    return {"tokens": [texts.text_of(t) for t in ids],
+            "token_logprobs": [None if entry is None else _logprob(entry[t]) for entry, t in zip(scores, ids)],
+            "top_logprobs": [None if entry is None else _top_by_text(entry, texts) for entry in scores],
+            "text_offset": offsets}
+
+
+def _top_by_text(entry: dict[int, float], texts: TokenText) -> dict[str, float]:
+    """Completions' top_logprobs of one token: keyed by text, the likelier of two tokens with one text kept."""
+    alternatives: dict[str, float] = {}
+    for alternative, logprob in sorted(entry.items(), key=lambda kv: kv[1], reverse=True):
+        alternatives.setdefault(texts.text_of(alternative), _logprob(logprob))
+    return alternatives
+
+
+def chat_logprobs(choice: CompletionOutput, texts: TokenText, top: int, start: int = 0,
+                  end: int | None = None) -> dict | None:
+    """Chat's logprobs of the choice's tokens [start:end] (a stream's chunk has some; a body all)."""
     if choice.logprobs is None:
         return None
 
@@ -188,10 +231,41 @@ def chat_logprobs(choice: CompletionOutput, texts: TokenText, top: int) -> dict 
         return {"token": as_text(data), "logprob": _logprob(logprob), "bytes": list(data)}
 
     content = []
-    for entry, token_id in zip(choice.logprobs, choice.token_ids):
+    for entry, token_id in zip(choice.logprobs[start:end], choice.token_ids[start:end]):
         alternatives = sorted(entry.items(), key=lambda kv: kv[1], reverse=True)[:top]
         content.append(item(token_id, entry[token_id]) | {"top_logprobs": [item(i, lp) for i, lp in alternatives]})
     return {"content": content, "refusal": None}
+
+
+class LogprobStream:
+    """One streamed choice's logprobs, chunk by chunk, formatted as its body's are (the chunks' lists concatenate
+    to the body's, text offsets counted from the start of the choice's text). Fed every output of the choice, in
+    order: an output's own tokens are the `delta_token_ids` after those fed before (its `token_ids` and `logprobs`
+    may be live lists that already hold later steps' tokens)."""
+
+    def __init__(self, tokenizer, chat: bool, top: int, offset: int = 0) -> None:
+        self.texts = token_text(tokenizer)
+        self.chat, self.top = chat, top
+        self.fed = 0  # tokens of the outputs fed so far
+        self.sent = 0  # tokens formatted so far (completions: less while a byte run is open, see CharCounter)
+        self.offset = offset  # completions: where token `sent` starts in the choice's text
+        self.counter = None if chat else CharCounter(self.texts)
+
+    def take(self, choice: CompletionOutput) -> dict | None:
+        """The logprobs of the tokens this output adds (and of any waiting); None if none (or it asked for none)."""
+        start, self.fed = self.fed, self.fed + len(choice.delta_token_ids)
+        if choice.logprobs is None:
+            return None
+        before = self.sent
+        if self.counter is None:
+            body = chat_logprobs(choice, self.texts, self.top, start, self.fed)
+            self.sent = self.fed
+        else:
+            counts = self.counter.feed(choice.token_ids[start:self.fed], end=choice.finished)
+            body = completion_logprobs(choice, self.texts, self.offset, self.sent, counts)
+            self.sent += len(counts)
+            self.offset += sum(counts)
+        return body if self.sent > before else None
 
 
 def echo_texts(prompts: list, tokenizer) -> list[str]:
@@ -208,8 +282,10 @@ def completion_body(job_id: str, model: str, output: RequestOutput | list[Reques
     choices = []
     for k, part in enumerate(outputs):
         prefix = echo[k] if echo else ""
+        prompt_scores = echo_logprobs(part, texts) if echo else None
         choices += [{"index": k * n + c.index, "text": prefix + c.text,
-                     "logprobs": completion_logprobs(c, texts, len(prefix)), "finish_reason": finish_reason(c)}
+                     "logprobs": join_logprobs(prompt_scores, completion_logprobs(c, texts, len(prefix))),
+                     "finish_reason": finish_reason(c)}
                     for c in part.outputs]
     return {"id": f"cmpl-{job_id}", "object": "text_completion", "created": created or int(time.time()),
             "model": model, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices, "usage": usage(outputs)}

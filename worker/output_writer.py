@@ -3,9 +3,9 @@
 The engine process's reader thread hands each step's outputs over (a queue put, nothing more), so no Redis round
 trip and no JSON holds up the next step's outputs, and no task thread wakes per token. The writer coalesces
 whatever steps queued up while it wrote the previous batch, and sends, in one pipeline: the text deltas of jobs
-that stream (appended per job, across the coalesced steps), the first-token times, and the results of the jobs
-that finished. Then it tells each finished job's task thread whether its finish won (a cancel may have ended it
-first).
+that stream (appended per job, across the coalesced steps; with their tokens' logprobs for OpenAI streams that
+asked), the first-token times, and the results of the jobs that finished. Then it tells each finished job's task
+thread whether its finish won (a cancel may have ended it first).
 
 If Redis is away, the batch is retried with backoff until it comes back: the engine goes on meanwhile, deltas pile
 up in memory and are written later, and the task threads wait for their results. A pipeline that broke half-way
@@ -27,10 +27,10 @@ from api.job_record import Job, JobStatus
 from api.openai_compat import finish_reason, usage_body
 from api.schemas import CompletionRequest
 from api.store import JobStore
-from api.streams import DeltaChoice, delta_event
+from api.streams import DeltaChoice, delta_event, join_logprobs
 from api.tool_calls import ToolCallStream
 from engine.outputs import RequestOutput
-from worker.openai_format import chat_body, completion_body, echo_texts, usage
+from worker.openai_format import LogprobStream, chat_body, completion_body, echo_texts, usage
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class Tracked:
     # A chat with tools: the format its tool calls come in, and per choice the stream that splits them from text.
     tool_parser: str | None = None
     tool_streams: dict[int, ToolCallStream] = field(default_factory=dict)
+    logprob_streams: dict[int, LogprobStream] = field(default_factory=dict)  # per choice, of an OpenAI stream
 
     @property
     def num_parts(self) -> int:
@@ -209,6 +210,19 @@ class OutputWriter:
                     if calls:
                         entry.setdefault("tool_calls", []).extend(calls)
                 entry["text"] += text
+                # Logprobs go with the delta of the step that made their tokens, whatever of its text is held
+                # (by the detokenizer, or above while a tool call is parsed): so every token's logprob is sent
+                # exactly once, even a tool call's, whose text never is. Only OpenAI streams (job.stream) carry
+                # them: a job read through /v1/jobs events gets text, and its logprobs in its result.
+                if c.logprobs is not None and tracked.job.stream:
+                    logprob_stream = tracked.logprob_streams.get(index)
+                    if logprob_stream is None:
+                        logprob_stream = tracked.logprob_streams[index] = LogprobStream(
+                            self.tokenizer, tracked.chat, tracked.top_logprobs,
+                            len(tracked.echo[part]) if tracked.echo else 0)
+                    logprobs = logprob_stream.take(c)
+                    if logprobs is not None:
+                        entry["logprobs"] = join_logprobs(entry.get("logprobs"), logprobs)
                 entry["finish_reason"] = finish_reason(c.finish_reason)
                 if c.finish_reason == "stop" and index in tracked.tool_streams and \
                         tracked.tool_streams[index].sent_calls:

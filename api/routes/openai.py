@@ -23,7 +23,7 @@ from api.openai_compat import SYSTEM_FINGERPRINT, finish_reason, usage_body
 from api.responses import ChatCompletion, Completion, ModelCard, ModelList, errors, json_or_events, ok
 from api.schemas import ChatCompletionRequest, CompletionRequest, raw_json_object
 from api.store import JobStore
-from api.streams import AsyncStreams, EventType
+from api.streams import AsyncStreams, EventType, join_logprobs, logprobs_from, logprobs_len
 from api.submit import submit
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -147,9 +147,14 @@ async def _sse(store: JobStore, streams: AsyncStreams, job: Job, endpoint: str, 
             "object": "chat.completion.chunk" if chat else "text_completion"}
     sent: dict[int, int] = {}  # characters sent so far, per choice
     resend: dict[int, int] = {}  # after a restart: characters the rerun regenerates that were sent already
-    pending: dict[int, list] = {}  # per choice: [text, finish reason, tool calls] of the deltas read, not sent
+    # per choice: [text, finish reason, tool calls, logprobs] of the deltas read, not sent
+    pending: dict[int, list] = {}
     calls_sent: dict[int, int] = {}  # tool calls sent so far, per choice
     calls_resend: dict[int, int] = {}  # after a restart: calls the rerun makes again that were sent already
+    # The same for the tokens whose logprobs were sent: counted per token, not per character, so a rerun's
+    # logprobs are skipped exactly as far as they were sent, wherever its text deltas split.
+    logprobs_sent: dict[int, int] = {}
+    logprobs_resend: dict[int, int] = {}
     usage: dict | None = None  # with continuous_usage: the newest usage the worker wrote
     roles_sent = False
     ended = False
@@ -170,14 +175,14 @@ async def _sse(store: JobStore, streams: AsyncStreams, job: Job, endpoint: str, 
         chunks instead of falling further behind (OpenAI's chunks may carry any number of tokens)."""
         yield from roles()
         extra = {"usage": usage} if continuous_usage and usage is not None else {}
-        for index, (text, reason, calls) in sorted(pending.items()):
+        for index, (text, reason, calls, logprobs) in sorted(pending.items()):
             if chat:
                 delta = {"content": text} if text or not calls else {}
                 if calls:  # whole calls (worker/output_writer.py holds a call's text until it is complete)
                     delta["tool_calls"] = calls
-                item = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason(reason)}
+                item = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason(reason)}
             else:
-                item = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason(reason)}
+                item = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(reason)}
             yield _data({**base, "choices": [item], **extra})
         pending.clear()
 
@@ -189,29 +194,31 @@ async def _sse(store: JobStore, streams: AsyncStreams, job: Job, endpoint: str, 
             for event in batch:
                 if event["type"] == EventType.RESTART:
                     # A new attempt starts from scratch; a client cannot take text back, so the rerun's text is
-                    # sent only past what was already sent (greedy or seeded reruns repeat it exactly).
+                    # sent only past what was already sent (greedy or seeded reruns repeat it exactly), and its
+                    # logprobs only past the tokens whose logprobs were sent.
                     for chunk in chunks():
                         yield chunk
-                    resend, calls_resend = dict(sent), dict(calls_sent)
+                    resend, calls_resend, logprobs_resend = dict(sent), dict(calls_sent), dict(logprobs_sent)
                 elif event["type"] == EventType.DELTA:
                     usage = event.get("usage") or usage
                     for choice in event["choices"]:
                         index, text = choice["index"], choice["text"]
-                        skip = min(resend.get(index, 0), len(text))
-                        resend[index] = resend.get(index, 0) - skip
-                        text = text[skip:]
+                        text = text[_repeated(resend, index, len(text)):]
                         calls = choice.get("tool_calls") or []
-                        skip_calls = min(calls_resend.get(index, 0), len(calls))
-                        calls_resend[index] = calls_resend.get(index, 0) - skip_calls
-                        calls = calls[skip_calls:]
-                        if not text and not calls and choice["finish_reason"] is None:
+                        calls = calls[_repeated(calls_resend, index, len(calls)):]
+                        logprobs = choice.get("logprobs")
+                        skip = _repeated(logprobs_resend, index, logprobs_len(logprobs))
+                        logprobs = logprobs_from(logprobs, skip) if skip < logprobs_len(logprobs) else None
+                        if not text and not calls and logprobs is None and choice["finish_reason"] is None:
                             continue
                         sent[index] = sent.get(index, 0) + len(text)
                         calls_sent[index] = calls_sent.get(index, 0) + len(calls)
-                        entry = pending.setdefault(index, ["", None, []])
+                        logprobs_sent[index] = logprobs_sent.get(index, 0) + logprobs_len(logprobs)
+                        entry = pending.setdefault(index, ["", None, [], None])
                         entry[0] += text
                         entry[1] = choice["finish_reason"]
                         entry[2] += calls
+                        entry[3] = join_logprobs(entry[3], logprobs)
                 elif event["type"] == EventType.END:
                     for chunk in chunks():
                         yield chunk
@@ -231,6 +238,14 @@ async def _sse(store: JobStore, streams: AsyncStreams, job: Job, endpoint: str, 
         if not ended:  # the client went away (or the store did): nobody reads the rest
             await cancel_shielded(store, job_id)
     yield "data: [DONE]\n\n"
+
+
+def _repeated(resend: dict[int, int], index: int, size: int) -> int:
+    """How many of a delta's `size` new items (characters, calls, tokens) of choice `index` a rerun repeats from
+    before its restart: they were sent already. Counts them off `resend`."""
+    skip = min(resend.get(index, 0), size)
+    resend[index] = resend.get(index, 0) - skip
+    return skip
 
 
 def _data(payload: dict) -> str:
