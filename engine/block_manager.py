@@ -4,11 +4,11 @@
 A full block is identified by its hash: the hash of the block before it and its own token ids, so equal hashes mean
 equal tokens at equal positions, hence equal KV (one engine has one model and one weight format). Blocks carry
 reference counts: a block in several requests' tables is computed once and only read after. A request's first
-step finds the longest run of its prompt's full blocks already cached and starts after it; it never writes a block
-it shares, because it computes from a block boundary into blocks of its own. A block is findable from the step that
-computes it on. A block whose last reference goes
-stays findable in the free list, evicted (its hash forgotten) only when its memory is taken for a new block: least
-recently freed first, and within a request its last block first (a longer prefix is worth less than its start).
+step (or first after a preemption) finds the longest run of its full blocks already cached and starts after it; it
+never writes a block it shares, because it computes from a block boundary into blocks of its own. A block is
+findable from the step that computes it on. A block whose last reference goes stays findable in the free list,
+evicted (its hash forgotten) only when its memory is taken for a new block: least recently freed first, and within
+a request its last block first (a longer prefix is worth less than its start).
 """
 from __future__ import annotations
 
