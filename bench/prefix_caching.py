@@ -20,15 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-SHAPES = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256),
-    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                           num_key_value_heads=4, vocab_size=32000),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=32000),
-}
-
+import bench.peers_gpu as peers  # its shapes, workload W256, ceilings and floor
 
 def shared_prefix_workload(n: int, system_tokens: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
     r = random.Random(seed)
@@ -39,20 +31,19 @@ def shared_prefix_workload(n: int, system_tokens: int, vocab: int, seed: int = 0
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", default="llama3-8b", choices=SHAPES)
+    parser.add_argument("--shape", default="llama3-8b", choices=peers.SHAPES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--system-tokens", type=int, default=1536)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    import bench.peers_gpu as peers
     from transformers import LlamaConfig, LlamaForCausalLM
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
     peers.DEV = args.device
-    cfg = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=4096)
+    cfg = LlamaConfig(**peers.SHAPES[args.shape], max_position_embeddings=4096)
     bw, fl = peers.ceilings()
     workloads = {"shared prefix": shared_prefix_workload(args.requests, args.system_tokens, cfg.vocab_size),
                  "W256": peers.workload(args.requests, vocab=cfg.vocab_size)}

@@ -328,9 +328,11 @@ class LLMEngine:
                 delta_text=delta, delta_token_ids=tokens[sent:],
                 finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
                 logprobs=list(logprobs) if finished and logprobs is not None else logprobs))
+        first = group.choices[0]  # the prompt is every choice's: its facts are the first choice's
+        prompt_logprobs = list(first.prompt_logprobs) if group.finished and first.prompt_logprobs is not None \
+            else None
         return RequestOutput(group.request_id, group.prompt_token_ids, completions, group.finished,
-                             sum(r.num_preemptions for r in group.choices), group.choices[0].num_cached_tokens,
-                             _copy(group.choices[0].prompt_logprobs) if group.finished else None)
+                             sum(r.num_preemptions for r in group.choices), first.num_cached_tokens, prompt_logprobs)
 
     @torch.inference_mode()
     def prompt_logits(self, prompt: str | list[int]) -> torch.Tensor:
@@ -437,10 +439,6 @@ class LLMEngine:
                 "num_cached_kv_blocks": block_manager.num_cached_blocks,
                 "prefix_cache_queries": self.scheduler.prefix_queried_tokens,
                 "prefix_cache_hits": self.scheduler.prefix_hit_tokens}
-
-
-def _copy(values: list | None) -> list | None:
-    return None if values is None else list(values)
 
 
 def _checkpoint_dtype(hf_config) -> str | None:

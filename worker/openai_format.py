@@ -6,6 +6,7 @@ import json
 import re
 import time
 from functools import lru_cache
+from itertools import accumulate
 
 from api.openai_compat import SYSTEM_FINGERPRINT, usage_body
 from api.openai_compat import finish_reason as openai_finish_reason
@@ -185,13 +186,10 @@ def completion_logprobs(choice: CompletionOutput, texts: TokenText, offset: int 
         return None
     end = None if counts is None else start + len(counts)
     token_ids, entries = choice.token_ids[start:end], choice.logprobs[start:end]
-    tokens, offsets = [], []
-    for token_id, count in zip(token_ids, texts.char_counts(token_ids) if counts is None else counts):
-        tokens.append(texts.text_of(token_id))
-        offsets.append(offset)
-        offset += count
-    return {"tokens": tokens, "token_logprobs": [_logprob(entry[t]) for entry, t in zip(entries, token_ids)],
-            "top_logprobs": [_top_by_text(entry, texts) for entry in entries], "text_offset": offsets}
+    counts = texts.char_counts(token_ids) if counts is None else counts
+    return {"tokens": [texts.text_of(t) for t in token_ids], "token_logprobs": [_logprob(entry[t]) for entry, t in zip(entries, token_ids)],
+            "top_logprobs": [_top_by_text(entry, texts) for entry in entries],
+            "text_offset": _offsets(counts, offset)}
 
 
 def echo_logprobs(output: RequestOutput, texts: TokenText) -> dict | None:
@@ -202,14 +200,15 @@ def echo_logprobs(output: RequestOutput, texts: TokenText) -> dict | None:
     if scores is None:
         return None
     ids = output.prompt_token_ids
-    offsets, offset = [], 0
-    for count in texts.char_counts(ids):
-        offsets.append(offset)
-        offset += count
     return {"tokens": [texts.text_of(t) for t in ids],
             "token_logprobs": [None if entry is None else _logprob(entry[t]) for entry, t in zip(scores, ids)],
             "top_logprobs": [None if entry is None else _top_by_text(entry, texts) for entry in scores],
-            "text_offset": offsets}
+            "text_offset": _offsets(texts.char_counts(ids), 0)}
+
+
+def _offsets(counts: list[int], start: int) -> list[int]:
+    """Where each token starts in the text, from the characters each one adds and where the first starts."""
+    return list(accumulate(counts, initial=start))[:-1]
 
 
 def _top_by_text(entry: dict[int, float], texts: TokenText) -> dict[str, float]:
