@@ -1,4 +1,4 @@
-"""The CPU benchmark script still runs end to end (tiny model, --quick); its numbers are not checked."""
+"""The benchmark scripts that run on the CPU still run end to end (tiny models); their speed is not checked."""
 from __future__ import annotations
 
 import subprocess
@@ -14,3 +14,14 @@ def test_bench_quick_runs_and_prints_both_rows():
     assert "HF generate, static batches" in result.stdout
     assert "inferq continuous batching" in result.stdout
     assert "greedy agreement" in result.stdout
+
+
+def test_prefix_caching_bench_runs_and_finds_the_shared_prompt():
+    """bench/prefix_caching.py on a tiny model: it prints its table, and the shared-prefix run with caching on hits."""
+    script = SCRIPT.parent / "prefix_caching.py"
+    result = subprocess.run([sys.executable, str(script), "--shape", "tiny", "--device", "cpu", "--requests", "8",
+                             "--system-tokens", "64", "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| shared prefix")]
+    hit_rate = {row[3].strip(): float(row[7]) for row in rows}
+    assert hit_rate["on"] > 0.5 and hit_rate["off"] == 0
