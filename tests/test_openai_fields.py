@@ -435,8 +435,10 @@ def test_streamed_completion_chunks_carry_their_tokens_logprobs(client):
 def test_streams_without_logprobs_have_none(client):
     chat = sse(client, "/v1/chat/completions", {**GREEDY, "messages": CHAT, "max_tokens": 4})
     completion = sse(client, "/v1/completions", {**GREEDY, "prompt": "Hi", "max_tokens": 4})
-    assert all(c["logprobs"] is None for chunk in chat + completion for c in chunk["choices"])
-    assert len(chat) > 1 and len(completion) > 1
+    choices = [c for chunk in chat + completion for c in chunk["choices"]]
+    # (A short job may come as one chunk: a reader that starts after it ended gets the whole text at once.)
+    assert any(c.get("text") for c in choices) and any(c.get("delta", {}).get("content") for c in choices)
+    assert all(c["logprobs"] is None for c in choices)
 
 
 def test_stream_logprobs_split_as_the_body_does(demo_model_dir):
