@@ -62,6 +62,8 @@ class Job:
     bulk: bool = False  # a batch line: waits in the bulk lane, not in the queued set
     stream: bool = False  # its text deltas are written to its stream as they come (it streams, or has a reader)
     worker: str = ""  # the worker that runs it (or ran it last)
+    # Output tokens its latest attempt took over from the attempts before it (a resume after its worker died).
+    resumed_tokens: int = 0
     result: dict | None = None
     usage: dict | None = None
     error: dict | None = None
@@ -80,6 +82,7 @@ class Job:
                "metadata": dump(self.metadata or {}), "attempts": str(int(self.attempts)),
                "dispatch": str(int(self.dispatch)), "bulk": "1" if self.bulk else "0",
                "stream": "1" if self.stream else "0", "worker": self.worker,
+               "resumed_tokens": str(int(self.resumed_tokens)),
                "cancel_requested": "1" if self.cancel_requested else "0"}
         out.update({name: dump(getattr(self, name)) for name in _JSON_OR_NONE})
         out.update({name: "" if getattr(self, name) is None else repr(getattr(self, name)) for name in _TIMES})
@@ -95,6 +98,7 @@ class Job:
                    priority=int(f.get("priority") or 0), metadata=load(f.get("metadata")) or {},
                    attempts=int(f.get("attempts") or 0), dispatch=int(f.get("dispatch") or 0),
                    bulk=f.get("bulk") == "1", stream=f.get("stream") == "1", worker=f.get("worker", ""),
+                   resumed_tokens=int(f.get("resumed_tokens") or 0),
                    cancel_requested=f.get("cancel_requested") == "1",
                    **{name: load(f.get(name)) for name in _JSON_OR_NONE},
                    **{name: float(f[name]) if f.get(name) else None for name in _TIMES})

@@ -2,6 +2,8 @@
 
   {p}:job:{id}                  hash, the job record (fields: see api/job_record.py); TTL = retention once terminal
   {p}:job:{id}:stream           stream of the job's events (api/streams.py), each entry's JSON under "data"
+  {p}:job:{id}:progress         list of the job's output tokens so far, each entry a JSON {choice index: [token ids]}
+                                of the tokens since the entry before (worker/output_writer.py): what a rerun resumes
   {p}:job:{id}:done             pub/sub channel; the terminal status is published there when the job ends
   {p}:idem:{owner}:{key}        idempotency key -> job id (TTL = retention)
   {p}:owner:{owner}:jobs        sorted set of the owner's job ids, score = created_at
@@ -33,6 +35,9 @@ class Keys:
 
     def stream(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:stream"
+
+    def progress(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:progress"
 
     def done(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:done"

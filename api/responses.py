@@ -195,6 +195,7 @@ class JobObject(BaseModel):
     dispatch: int
     bulk: bool
     stream: bool
+    resumed_tokens: int  # output tokens its latest attempt took over from earlier ones (its worker died)
     result: dict[str, Any] | None
     usage: dict[str, Any] | None
     error: dict[str, Any] | None

@@ -73,6 +73,11 @@ class Settings(BaseSettings):
         3, gt=0, description="Runs of a job at most: a worker that dies or a task that fails queues it again until "
                              "then; after the last run it fails with a server error.",
     )
+    resume_checkpoint_tokens: int = Field(
+        32, ge=0, description="A job run again (its worker died) resumes from the output tokens saved before: a "
+                              "job that does not stream saves them every this many tokens (a streaming job with "
+                              "every delta). 0: nothing is saved, and a rerun starts over.",
+    )
     api_redis_connections: int = Field(
         2048, gt=0, description="Redis connections of one API process at most (each waiting request or stream "
                                 "holds one while it waits); requests past it wait for a free one.",

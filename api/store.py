@@ -15,6 +15,7 @@ backoff, so a Redis restart is ridden out rather than failing every caller.
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -31,7 +32,8 @@ from api.streams import STREAM_MAXLEN, parse_read
 SETTLE_GRACE_S = 10.0  # an ended job's aftermath is left to whoever ended it for this long, then a sweeper does it
 
 # ---- Lua ------------------------------------------------------------------------------------------------------
-# Every script that may end a job takes KEYS = job, stream, queued set and starts its ARGV with END_ARGS:
+# Every script that may end a job takes KEYS = job, stream, queued set, open interactive set, progress list (an
+# ended job has nothing to resume: deleted) and starts its ARGV with END_ARGS:
 # now, ttl, job id, done channel, stream maxlen, lease key prefix, ended set, settle-at.
 _END_LUA = """
 local function end_job(status)
@@ -45,6 +47,7 @@ local function end_job(status)
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'data', cjson.encode({type='end', status=status}))
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   redis.call('EXPIRE', KEYS[2], ARGV[2])
+  redis.call('DEL', KEYS[5])
   redis.call('PUBLISH', ARGV[4], status)
 end
 local function is_terminal(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' end
@@ -198,7 +201,7 @@ class JobStore:
 
     def _end_keys(self, job_id: str, model: str) -> list[str]:
         return [self.keys.job(job_id), self.keys.stream(job_id), self.keys.queued(model),
-                self.keys.open_interactive(model)]
+                self.keys.open_interactive(model), self.keys.progress(job_id)]
 
     def _end_args(self, job_id: str) -> list:
         now = time.time()
@@ -424,6 +427,28 @@ class JobStore:
             target.expire(self.keys.stream(job_id), self.retention_seconds)
         if pipe is None:
             target.execute()
+
+    def save_progress(self, job_id: str, tokens: dict[int, list], pipe, expire: bool = True) -> None:
+        """Queue on `pipe` the append of a running job's new output tokens to its progress list (what a rerun
+        resumes from: read_progress): per choice index, [position of the first, token ids]. The positions make a
+        save sent twice harmless. `expire` as in append_stream."""
+        key = self.keys.progress(job_id)
+        pipe.rpush(key, dump(tokens))
+        if expire:
+            pipe.expire(key, self.retention_seconds)
+
+    def read_progress(self, job_id: str) -> dict[int, list[int]]:
+        """Per choice index, the output tokens saved so far (none once the job has ended)."""
+        tokens: dict[int, list[int]] = {}
+        for entry in self.r.lrange(self.keys.progress(job_id), 0, -1):
+            for index, (start, ids) in json.loads(entry).items():
+                have = tokens.setdefault(int(index), [])
+                if start <= len(have):  # a save sent twice overlaps what is there (a gap never comes)
+                    have.extend(ids[len(have) - start:])
+        return tokens
+
+    def record_resume(self, job_id: str, num_tokens: int) -> None:
+        self.r.hset(self.keys.job(job_id), "resumed_tokens", num_tokens)
 
     def read_stream(self, job_id: str, last_id: str = "0", block_ms: int = 0,
                     count: int | None = None) -> list[tuple[str, dict]]:

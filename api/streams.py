@@ -96,6 +96,22 @@ def end_event(status: str) -> dict:
     return {"type": EventType.END.value, "status": str(status)}
 
 
+def sent_so_far(events: list[dict]) -> tuple[dict[int, int], dict[int, int]]:
+    """Per choice, the characters of text and the tool calls that a stream's deltas carry since its last
+    restart: what a resumed job has sent its readers already."""
+    chars: dict[int, int] = {}
+    calls: dict[int, int] = {}
+    for event in events:
+        if event["type"] == EventType.RESTART:
+            chars, calls = {}, {}
+        elif event["type"] == EventType.DELTA:
+            for choice in event["choices"]:
+                index = choice["index"]
+                chars[index] = chars.get(index, 0) + len(choice["text"])
+                calls[index] = calls.get(index, 0) + len(choice.get("tool_calls") or ())
+    return chars, calls
+
+
 def result_deltas(job: Job) -> list[DeltaChoice]:
     """A finished job's whole text as one delta per choice, from its result (completion or chat body)."""
     choices = (job.result or {}).get("choices") or []

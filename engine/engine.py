@@ -64,8 +64,18 @@ class _Group:
     choices: list[Request]
     sent_tokens: list[int]
     sent_text: list[str]
-    # Whether the caller wants an output after every step; otherwise only after its first token and at its end.
+    # Whether the caller wants an output after every step; otherwise only after its first token and at its end
+    # (and every `checkpoint_every` tokens, when set).
     stream: bool = True
+    checkpoint_every: int | None = None
+
+    def wants_output(self) -> bool:
+        """After a step that advanced it: whether the caller gets an output now."""
+        if self.stream or self.finished or not any(self.sent_tokens):
+            return True
+        every = self.checkpoint_every
+        return every is not None and any(r.num_output_tokens - sent >= every
+                                         for r, sent in zip(self.choices, self.sent_tokens))
 
     @property
     def finished(self) -> bool:
@@ -128,15 +138,26 @@ class LLMEngine:
     # ---- requests in and out ----
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    priority: int = 0, stream: bool = True) -> None:
+                    priority: int = 0, stream: bool = True, resume: list[list[int]] | None = None,
+                    checkpoint_every: int | None = None) -> None:
         """Queue a prompt (text or token ids). ValueError for a bad request; the engine state is then unchanged.
         With `stream=False`, step() returns this request's output only after its first token and once finished
         (the later one carries everything): building an output for every request at every step is a large part
-        of a big batch's host time, wasted on callers that only want results."""
+        of a big batch's host time, wasted on callers that only want results. `checkpoint_every`: such a request
+        also gets an output once a choice has that many tokens more than its last output held (what a worker
+        persists to resume the request after a crash).
+
+        `resume`: per choice, the tokens an earlier run of this same request generated (a run that died): they
+        continue as if this engine had generated them (see _resume). The first output carries them with their
+        text; max_tokens counts them."""
         params = params or SamplingParams()
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if resume is not None and (params.logprobs is not None or len(resume) > params.n):
+            raise ValueError("resume takes at most n token lists, and no request with logprobs (they are not kept)")
         prompt_ids = self._prompt_ids(prompt)
+        if resume is not None:
+            self._prompt_ids([t for tokens in resume for t in tokens] or [0])  # token ids within the vocabulary
         max_tokens = self.max_model_len - len(prompt_ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
@@ -153,12 +174,41 @@ class LLMEngine:
                                    self.eos_token_ids, generator, detokenizer))
         spec = params.structured_outputs
         compiling = self._structured_outputs().compile(spec) if spec is not None else None
-        self._groups[request_id] = _Group(request_id, prompt_ids, choices, [0] * params.n, [""] * params.n, stream)
+        group = _Group(request_id, prompt_ids, choices, [0] * params.n, [""] * params.n, stream, checkpoint_every)
+        self._groups[request_id] = group
+        for request, tokens in zip(choices, resume or ()):
+            self._resume(request, tokens)
+        if group.finished:  # the earlier run had generated its last token, but its end was never delivered
+            del self._groups[request_id]
+            self._pending.append(self._output(group))
+            return
         if compiling is not None:
             self._compiling.append((compiling, choices))
             return
         for request in choices:
-            self.scheduler.add(request)
+            if not request.status.finished:
+                self.scheduler.add(request)
+
+    def _resume(self, request: Request, tokens: list[int]) -> None:
+        """Take `tokens` as the request's first outputs, before it is scheduled: its first step prefills the prompt
+        and them (a cached prefix included), the stop checks and the detokenizer see them as if generated here,
+        and a seeded generator is moved past the draws they took (the sampler draws `vocab` values per token of a
+        seeded row), so that greedy and seeded sampling continue as an uninterrupted run would. A grammar takes
+        them once it is compiled (_admit_compiled). A token that ends the request ends it here."""
+        draws = request.generator is not None and not request.params.greedy
+        for token in tokens:
+            request.append_token(token)
+            if draws:
+                torch.empty(self.vocab_size, dtype=torch.float32, device=self.device).exponential_(
+                    generator=request.generator)
+            status = request.stop_by_token()
+            if request.detokenizer is not None:
+                stop = request.detokenizer.add_tokens([token])
+                if stop is not None:
+                    request.stop_reason, status = stop, RequestStatus.FINISHED_STOPPED
+            if status is not None:
+                request.status = status
+                return
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request wherever it is; its KV blocks are free at once. False if it is unknown or already done."""
@@ -263,7 +313,7 @@ class LLMEngine:
             advanced[group_id] = self._groups[group_id]
         for group_id, group in advanced.items():
             finished = group.finished
-            if group.stream or finished or not any(group.sent_tokens):
+            if group.wants_output():
                 outputs.append(self._output(group))
             if finished:
                 del self._groups[group_id]
@@ -378,8 +428,12 @@ class LLMEngine:
                 self.abort_request(group_id)
                 continue
             for request in choices:
-                if not request.status.finished:  # not aborted while its grammar compiled
+                if not request.status.finished:  # not aborted (nor ended by its resumed tokens) meanwhile
                     request.grammar = self._structured.matcher(future)
+                    if not all(request.grammar.accept_token(t) for t in request.output_token_ids):  # resumed
+                        log.error("request %s: its resumed tokens are outside its grammar", request.request_id)
+                        self.abort_request(group_id)
+                        break
                     self.scheduler.add(request)
         self._compiling = still
 

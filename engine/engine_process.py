@@ -113,13 +113,15 @@ class EngineProcess:
     # ---- calls ----
 
     def submit_to_sink(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       priority: int = 0, incremental: bool = True) -> None:
+                       priority: int = 0, incremental: bool = True, resume: list[list[int]] | None = None,
+                       checkpoint_every: int | None = None) -> None:
         """Queue a request (token ids: tokenize in the caller's thread); ValueError if the engine rejects it. With
-        `incremental=False` its outputs come only after its first token and at its end."""
+        `incremental=False` its outputs come only after its first token and at its end (and every
+        `checkpoint_every` tokens); `resume`: per choice, tokens an earlier run generated (LLMEngine.add_request)."""
         with self._lock:
             self._requests[request_id] = _Submitted(list(prompt_token_ids))
         try:
-            self._call("add", request_id, prompt_token_ids, params, priority, incremental)
+            self._call("add", request_id, prompt_token_ids, params, priority, incremental, resume, checkpoint_every)
         except BaseException:
             with self._lock:
                 self._requests.pop(request_id, None)
@@ -334,8 +336,9 @@ class _EngineLoop:
     def _command(self, name: str, call_id: int, *args) -> None:
         try:
             if name == "add":
-                request_id, prompt, params, priority, incremental = args
-                self.engine.add_request(request_id, prompt, params, priority, stream=incremental)
+                request_id, prompt, params, priority, incremental, resume, checkpoint_every = args
+                self.engine.add_request(request_id, prompt, params, priority, stream=incremental, resume=resume,
+                                        checkpoint_every=checkpoint_every)
                 self.live.add(request_id)
                 value = None
             elif name == "abort":

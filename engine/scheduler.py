@@ -99,7 +99,8 @@ class Scheduler:
                 self.prefix_queried_tokens += request.num_tokens
                 self.prefix_hit_tokens += request.num_computed_tokens
                 if not request.num_preemptions:
-                    request.num_cached_tokens = request.num_computed_tokens
+                    # Prompt tokens only: a resumed request (engine.py) also finds its earlier outputs' blocks.
+                    request.num_cached_tokens = min(request.num_computed_tokens, len(request.prompt_token_ids))
             self.waiting.pop(0)
             request.status = RequestStatus.RUNNING
             bisect.insort(self.running, request, key=lambda r: r.sort_key)

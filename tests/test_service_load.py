@@ -100,16 +100,19 @@ def read_events(service, job_id: str) -> list[dict]:
         return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
 
 
-def test_a_redis_error_in_a_running_task_retries_the_job(demo_model_dir, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"logprobs": 1}], ids=["resumes", "logprobs-start-over"])
+def test_a_redis_error_in_a_running_task_retries_the_job(demo_model_dir, tmp_path, extra):
     """Redis refuses every write (out of memory) while a job runs: its result cannot be recorded, so the attempt
-    fails; once Redis takes writes again the job is queued again and succeeds on its second run."""
+    fails; once Redis takes writes again the job is queued again and succeeds on its second run. The rerun resumes
+    from the tokens saved before, and its reader sees one output; a job with logprobs (not saved) starts over,
+    and its reader is told so."""
     server = start_redis()
     service = Service(server.url, demo_model_dir, tmp_path)
     admin = redis.Redis.from_url(server.url)
     try:
         start(service)
         with service.client() as client:
-            job_id = client.post("/v1/jobs", json={**COMPLETION, "max_tokens": 400}).json()["id"]
+            job_id = client.post("/v1/jobs", json={**COMPLETION, "max_tokens": 400, **extra}).json()["id"]
             reader = ThreadPoolExecutor(1)  # someone reads its events: its deltas are written
             read = reader.submit(read_events, service, job_id)
             deadline = time.monotonic() + 30
@@ -124,14 +127,18 @@ def test_a_redis_error_in_a_running_task_retries_the_job(demo_model_dir, tmp_pat
             job = service.wait_for_job(job_id, timeout_s=60)
             assert job.status == "succeeded" and job.attempts == 2, job
             assert job.usage["completion_tokens"] == 400
-            # Its reader was told that the text starts over, and the text after that is the whole result.
             events = read.result(timeout=60)
             reader.shutdown()
-            assert "restart" in [e["type"] for e in events] and events[-1]["type"] == "end"
-            restart = max(i for i, e in enumerate(events) if e["type"] == "restart")
+            assert events[-1]["type"] == "end"
             result = client.get(f"/v1/jobs/{job_id}").json()["result"]["choices"][0]
             assert result["finish_reason"] == "length"
-            assert "".join(c["text"] for e in events[restart:] if e["type"] == "delta" for c in e["choices"]) \
+            types = [e["type"] for e in events]
+            if extra:  # told that the text starts over, and the text after that is the whole result
+                assert "restart" in types and job.resumed_tokens == 0
+                events = events[max(i for i, t in enumerate(types) if t == "restart"):]
+            else:
+                assert "restart" not in types and job.resumed_tokens > 0
+            assert "".join(c["text"] for e in events if e["type"] == "delta" for c in e["choices"]) \
                 == result["text"]
     finally:
         admin.config_set("maxmemory", "0")

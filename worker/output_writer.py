@@ -7,9 +7,16 @@ that stream (appended per job, across the coalesced steps; with their tokens' lo
 asked), the first-token times, and the results of the jobs that finished. Then it tells each finished job's task
 thread whether its finish won (a cancel may have ended it first).
 
+Jobs that can resume (worker/tasks.py) also get their new output tokens appended to their progress list, in the
+same transaction as their text deltas: every token whose text a reader has seen is saved, so a rerun after a crash
+continues from there (a job that does not stream gets its tokens saved every few dozen, as the engine sends them:
+LLMEngine.add_request's checkpoint_every). A resumed job's writer leaves out of its stream the text its earlier
+attempts wrote there already: its readers see one unbroken output.
+
 If Redis is away, the batch is retried with backoff until it comes back: the engine goes on meanwhile, deltas pile
-up in memory and are written later, and the task threads wait for their results. A pipeline that broke half-way
-may be sent twice: finishes and first-token times are idempotent, a delta could then repeat. Any other error
+up in memory and are written later, and the task threads wait for their results. A transaction whose reply was
+lost may be sent twice: finishes, first-token times and saved tokens (each saved with its position) are
+idempotent, a delta could then repeat. Any other error
 (Redis refusing writes, a result that cannot be built) fails the attempt of every job in the batch: their tasks
 abort them and queue them again (worker/tasks.py).
 """
@@ -76,6 +83,14 @@ class Tracked:
     tool_parser: str | None = None
     tool_streams: dict[int, ToolCallStream] = field(default_factory=dict)
     logprob_streams: dict[int, LogprobStream] = field(default_factory=dict)  # per choice, of an OpenAI stream
+    # Resuming (see the module's docstring): whether its tokens are saved; per choice, how many are, and those
+    # not yet; the text and tool calls its earlier attempts wrote to its stream, not to be written again.
+    resumable: bool = False
+    saved: dict[int, int] = field(default_factory=dict)
+    unsaved: dict[int, list[int]] = field(default_factory=dict)
+    progress_expiry_set: bool = False
+    resent: dict[int, int] = field(default_factory=dict)
+    calls_resent: dict[int, int] = field(default_factory=dict)
 
     @property
     def num_parts(self) -> int:
@@ -83,6 +98,46 @@ class Tracked:
 
     def usage_so_far(self) -> dict:
         return usage_body(sum(self.prompt_lens), sum(self.tokens.values()))
+
+    def keep_for_resume(self, index: int, start: int, token_ids: list[int]) -> None:
+        """Choice `index`'s tokens from output position `start` on: those not saved or kept already wait for the
+        next save (a resumed job's first output repeats the tokens it resumed from)."""
+        have = self.saved.get(index, 0) + len(self.unsaved.get(index, ()))
+        new = token_ids[max(0, have - start):]
+        if new:
+            self.unsaved.setdefault(index, []).extend(new)
+
+    def progress_entry(self) -> dict[int, list]:
+        """The tokens to save now, per choice: [position of the first, token ids]."""
+        return {index: [self.saved.get(index, 0), list(ids)] for index, ids in self.unsaved.items()}
+
+    def progress_saved(self, entry: dict[int, list]) -> None:
+        for index, (_, ids) in entry.items():
+            self.saved[index] = self.saved.get(index, 0) + len(ids)
+            del self.unsaved[index][:len(ids)]
+            if not self.unsaved[index]:
+                del self.unsaved[index]
+
+    def drop_resent(self, choices: list[DeltaChoice]) -> list[DeltaChoice]:
+        """The deltas without the text and tool calls that earlier attempts wrote to the stream already (a resumed
+        job generates them again, identically, from its saved tokens); choices left with nothing are dropped."""
+        if not self.resent and not self.calls_resent:
+            return choices
+        kept = []
+        for choice in choices:
+            index = choice["index"]
+            skip = min(self.resent.get(index, 0), len(choice["text"]))
+            calls = choice.get("tool_calls") or []
+            skip_calls = min(self.calls_resent.get(index, 0), len(calls))
+            if skip or skip_calls:
+                self.resent[index] = self.resent.get(index, 0) - skip
+                self.calls_resent[index] = self.calls_resent.get(index, 0) - skip_calls
+                choice = {**choice, "text": choice["text"][skip:]}
+                if calls:
+                    choice["tool_calls"] = calls[skip_calls:]
+            if choice["text"] or choice.get("tool_calls") or choice["finish_reason"] is not None:
+                kept.append(choice)
+        return kept
 
     def wait(self) -> bool:
         self.done.wait()
@@ -113,11 +168,17 @@ class OutputWriter:
         self._thread.join(timeout=10)
 
     def track(self, job: Job, chat: bool, top_logprobs: int = 0, prompts: list[list[int]] | None = None,
-              n: int = 1, tool_parser: str | None = None) -> Tracked:
+              n: int = 1, tool_parser: str | None = None, resumable: bool = False,
+              resume: dict[int, list[int]] | None = None, sent: tuple[dict, dict] | None = None) -> Tracked:
         """Call before submitting the job to the engine; `prompts`: its prompts' token ids, one engine request
-        each (engine_request_id); `tool_parser`: the format of the tool calls its replies may hold."""
+        each (engine_request_id); `tool_parser`: the format of the tool calls its replies may hold; `resumable`:
+        save its tokens as they come; `resume`: per choice, the saved tokens this attempt resumes from; `sent`:
+        (characters, tool calls) per choice that its stream holds already (api/streams.sent_so_far)."""
         tracked = Tracked(job, chat, top_logprobs, streaming=job.stream, n=n,
-                          prompt_lens=[len(p) for p in prompts or ()], tool_parser=tool_parser)
+                          prompt_lens=[len(p) for p in prompts or ()], tool_parser=tool_parser, resumable=resumable,
+                          saved={index: len(ids) for index, ids in (resume or {}).items()})
+        if sent is not None:
+            tracked.resent, tracked.calls_resent = dict(sent[0]), dict(sent[1])
         options = job.request.get("stream_options")
         tracked.continuous_usage = isinstance(options, dict) and bool(options.get("continuous_usage_stats"))
         if not chat and job.request.get("echo"):
@@ -201,7 +262,10 @@ class OutputWriter:
                     continue
                 if echo:
                     tracked.echoed.add(index)
-                tracked.tokens[index] = tracked.tokens.get(index, 0) + len(c.delta_token_ids)
+                position = tracked.tokens.get(index, 0)
+                tracked.tokens[index] = position + len(c.delta_token_ids)
+                if tracked.resumable and c.delta_token_ids:
+                    tracked.keep_for_resume(index, position, c.delta_token_ids)
                 entry = merged.setdefault(index, {"index": index, "text": "", "finish_reason": None})
                 text = echo + c.delta_text
                 if tracked.tool_parser is not None:  # text that may be a call is held until the call is whole
@@ -233,7 +297,12 @@ class OutputWriter:
                     finals[job_id] = tracked
         try:
             results = {job_id: self._result(tracked) for job_id, tracked in finals.items()}
-            replies = self._send(deltas, first, results, jobs)
+            deltas = {job_id: kept for job_id, choices in deltas.items()
+                      if (kept := jobs[job_id].drop_resent(list(choices.values())))}
+            # An ending job's progress is deleted by its finish: nothing to save.
+            progress = {job_id: tracked.progress_entry() for job_id, tracked in jobs.items()
+                        if tracked is not None and tracked.unsaved and job_id not in results}
+            replies = self._send(deltas, first, results, jobs, progress)
         except Exception as exc:  # noqa: BLE001 - e.g. Redis refusing writes (out of memory)
             # Every job of the batch lost something (its result, or deltas its readers will never see): that
             # attempt fails, its task aborts it and queues it again, and readers are told to start over.
@@ -265,16 +334,19 @@ class OutputWriter:
         return {"status": JobStatus.CANCELLED if aborted else JobStatus.SUCCEEDED, "result": body,
                 "usage": usage(parts)}
 
-    def _send(self, deltas, first, results, jobs) -> list:
-        """One pipeline for the whole batch; retried until Redis takes it. The finishes' replies, in order."""
+    def _send(self, deltas, first, results, jobs, progress) -> list:
+        """One transaction for the whole batch (a job's deltas never land without its saved tokens); retried
+        until Redis takes it. The finishes' replies, in order."""
         delay = 0.1
         while True:
-            pipe = self.store.r.pipeline(transaction=False)
+            pipe = self.store.r.pipeline(transaction=True)
             for job_id, choices in deltas.items():
                 tracked = jobs[job_id]
-                self.store.append_stream(job_id, delta_event(list(choices.values()), tracked.usage_so_far()
+                self.store.append_stream(job_id, delta_event(choices, tracked.usage_so_far()
                                                              if tracked.continuous_usage else None),
                                          pipe=pipe, expire=not tracked.stream_expiry_set)
+            for job_id, entry in progress.items():
+                self.store.save_progress(job_id, entry, pipe, expire=not jobs[job_id].progress_expiry_set)
             for job_id in first:
                 self.store.mark_first_token(job_id, pipe=pipe)
             for job_id, outcome in results.items():
@@ -291,4 +363,7 @@ class OutputWriter:
                 continue
             for job_id in deltas:
                 jobs[job_id].stream_expiry_set = True
+            for job_id, entry in progress.items():
+                jobs[job_id].progress_expiry_set = True
+                jobs[job_id].progress_saved(entry)
             return replies[len(replies) - len(results):] if results else []

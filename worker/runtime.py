@@ -188,14 +188,19 @@ class WorkerRuntime:
                 self.engine.stream(request_id)
 
     def submit(self, job_id: str, prompts: list[list[int]], params: SamplingParams, priority: int = 0,
-               incremental: bool = True) -> None:
+               incremental: bool = True, resume: dict[int, list[int]] | None = None,
+               checkpoint_every: int | None = None) -> None:
         """The job's prompts into the engine, one request each (engine_request_id): a completion with several
         prompts is answered as one (worker/output_writer.py merges them), and cancels and readers reach every part
-        (abort, stream_deltas). ValueError if the engine refuses one; the parts already in are aborted then."""
+        (abort, stream_deltas). ValueError if the engine refuses one; the parts already in are aborted then.
+        `resume`: per job choice index (prompt k's choice i is k * n + i), the tokens an earlier attempt saved."""
+        n = params.n
         for part, prompt_ids in enumerate(prompts):
+            tokens = [(resume or {}).get(part * n + i, []) for i in range(n)]
             try:
                 self.engine.submit_to_sink(engine_request_id(job_id, part, len(prompts)), prompt_ids, params,
-                                           priority, incremental=incremental)
+                                           priority, incremental=incremental,
+                                           resume=tokens if any(tokens) else None, checkpoint_every=checkpoint_every)
             except ValueError:
                 self.abort(job_id)
                 raise

@@ -18,7 +18,7 @@ from api.celery_client import GENERATE_TASK, app
 from api.job_record import Job, JobStatus
 from api.lifecycle import run_again_or_end, settle
 from api.schemas import ENDPOINTS, ChatCompletionRequest, CompletionRequest, error_body
-from api.streams import restart_event
+from api.streams import restart_event, sent_so_far
 from api.tool_calls import constraint
 from api.webhook_events import enqueue_event
 from engine.sampling_params import SamplingParams, StructuredOutputsParams
@@ -72,10 +72,7 @@ def generate(job_id: str, dispatch: int) -> None:
 
 def run(runtime: WorkerRuntime, job: Job) -> None:
     store = runtime.store
-    if job.attempts > 1:
-        if job.stream:  # readers of the stream start over from this event
-            store.append_stream(job.id, restart_event(job.attempts))
-    else:
+    if job.attempts == 1:
         enqueue_event(store, job, "start")  # once per job: a rerun does not start it again for the client
     try:
         body = ENDPOINTS[job.endpoint].model_validate(job.request)
@@ -93,12 +90,16 @@ def run(runtime: WorkerRuntime, job: Job) -> None:
     except ValueError as exc:
         _fail_as_invalid(store, job, exc)
         return
+    resumable = runtime.settings.resume_checkpoint_tokens > 0 and params.logprobs is None
+    resume, sent = _resume_point(runtime, job, resumable)
     chat = isinstance(body, ChatCompletionRequest)
     tracked = runtime.writer.track(job, chat, (body.top_logprobs or 0) if chat else 0, prompts, params.n,
-                                   tool_parser)
+                                   tool_parser, resumable, resume, sent)
     try:
-        # Non-streaming jobs get outputs only at their first token and their end: no per-token work at all.
-        runtime.submit(job.id, prompts, params, job.priority, incremental=job.stream)
+        # Non-streaming jobs get outputs only at their first token, every few dozen tokens (to save them for a
+        # resume) and at their end: no per-token work.
+        runtime.submit(job.id, prompts, params, job.priority, incremental=job.stream, resume=resume,
+                       checkpoint_every=runtime.settings.resume_checkpoint_tokens if resumable else None)
     except ValueError as exc:  # the engine refused it (an empty prompt, a token id past the vocabulary): no rerun
         runtime.writer.forget(job.id)
         _fail_as_invalid(store, job, exc)
@@ -111,6 +112,25 @@ def run(runtime: WorkerRuntime, job: Job) -> None:
         runtime.stream_deltas(job.id)
     if tracked.wait():
         settle(store, store.get(job.id))
+
+
+def _resume_point(runtime: WorkerRuntime, job: Job, resumable: bool) -> tuple[dict[int, list[int]], tuple | None]:
+    """A rerun's starting point: per choice, the output tokens its earlier attempts saved, and what of their text
+    its stream holds (api/streams.sent_so_far): it continues from there, and its readers see one output. With
+    nothing to resume from (a first run, a job that saves nothing: one that asked for logprobs, which are not
+    saved), it starts over, and its stream's readers are told to drop what came before."""
+    store = runtime.store
+    if job.attempts == 1:
+        return {}, None
+    resume = store.read_progress(job.id) if resumable else {}
+    if not resume:
+        if job.stream:
+            store.append_stream(job.id, restart_event(job.attempts))
+        return {}, None
+    num_tokens = sum(map(len, resume.values()))
+    store.record_resume(job.id, num_tokens)
+    log.info("job %s resumes on attempt %d from %d saved tokens", job.id, job.attempts, num_tokens)
+    return resume, sent_so_far([event for _, event in store.read_stream(job.id)])
 
 
 def _fail_as_invalid(store, job: Job, exc: ValueError) -> None:
