@@ -4,7 +4,9 @@ Events (the JSON under each entry's "data" field):
   {"type": "delta", "choices": [{"index", "text", "finish_reason"}]}   text generated since the last delta
                                           (and "usage" so far, when the OpenAI stream asked for it; and per
                                           choice its new tokens' "logprobs", when an OpenAI stream asked)
-  {"type": "restart", "attempt": n}       the job runs again after a failure: readers drop what came before
+  {"type": "restart", "attempt": n}       the job runs again from scratch after a failure: readers drop what came
+                                          before (a rerun that resumes from saved tokens writes none: its deltas
+                                          continue where the last attempt's stopped)
   {"type": "end", "status": "succeeded" | "failed" | "cancelled"}        always the last one
 
 Only jobs that stream get deltas as they come: OpenAI `stream: true` from the start, and a /v1/jobs job from when
