@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from engine.cpu_linear import pack_linears, packs
 from engine.low_bit import quantize_linears
 from engine.models import model_class
 
@@ -104,6 +105,8 @@ def load_model(model_dir: str | Path, config, device: torch.device, dtype: torch
                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
     model.to(device)  # moves the buffers (rotary frequencies, computed on the CPU); weights are there already
     model.eval().requires_grad_(False)
+    if packs(device, dtype):
+        pack_linears(model)
     log.info("loaded %s (%s) on %s as %s%s", path, cls.__name__, device, dtype,
              f", decoder projections in {low_bit}" if low_bit else "")
     return model

@@ -25,6 +25,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from engine.cpu_linear import PackedLinear
+
 log = logging.getLogger(__name__)
 
 _FLOAT_FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -213,7 +215,7 @@ def _tinygemm_scale_and_zero(scale: torch.Tensor, zero_point: torch.Tensor) -> t
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes the model's weights take on the device, counting the packed data of quantized tensors."""
-    total = 0
+    total = sum(m.packed.numel() * m.packed.element_size() for m in model.modules() if isinstance(m, PackedLinear))
     for param in model.parameters():
         names = getattr(param, "tensor_data_names", None)
         parts = [getattr(param, n) for n in names] if names else [param]

@@ -170,8 +170,8 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return linear(hidden, weight)
+        head = getattr(self, "lm_head", None)  # a tied model has none, unless engine/cpu_linear.py packed a copy
+        return linear(hidden, self.model.embed_tokens.weight) if head is None else project(hidden, head)
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
