@@ -15,7 +15,7 @@ def select_backend(name: str, device: torch.device) -> AttentionBackend:
     """`torch`: portable; `triton`: Triton kernels (CUDA or Intel XPU, or the CPU under TRITON_INTERPRET=1);
     `auto`: triton on an accelerator where the triton package imports, else torch."""
     if name == "torch":
-        return TorchAttentionBackend()
+        return TorchAttentionBackend(device)
     if name == "triton":
         return _triton_backend(device)
     if name == "auto":
@@ -24,7 +24,7 @@ def select_backend(name: str, device: torch.device) -> AttentionBackend:
                 return _triton_backend(device)
             except ValueError:
                 pass
-        return TorchAttentionBackend()
+        return TorchAttentionBackend(device)
     raise ValueError(f"unknown attention backend {name!r}")
 
 
