@@ -14,6 +14,14 @@ if not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_ava
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build the CPU attention kernel (engine/attention/cpu_kernels.py) once, before any test: about 40 s on two
+    cores the first time; engines and worker processes then load the cached build."""
+    from engine.attention.cpu_kernels import cpu_kernels
+
+    cpu_kernels()
+
+
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny demo checkpoint (trained tokenizer + random weights), written once per test session."""

@@ -31,6 +31,7 @@ def cpu_kernels():
         directory = Path(os.environ.get("INFERQ_HOME", Path.home() / ".cache" / "inferq"), "torch_extensions",
                          f"cpu_paged_attention_{digest}")
         directory.mkdir(parents=True, exist_ok=True)
+        log.info("loading the CPU attention kernel from %s (built there first if it is not: about a minute)", directory)
         return load(name=f"inferq_cpu_paged_attention_{digest}", sources=[str(SOURCE)], build_directory=str(directory),
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                     verbose=False)
