@@ -54,6 +54,7 @@ class _Submitted:
     text: dict[int, str] = field(default_factory=dict)  # per choice index, the text so far
     token_ids: dict[int, list[int]] = field(default_factory=dict)  # per choice index, the tokens so far
     logprobs: dict[int, list[dict[int, float]]] = field(default_factory=dict)  # per choice index, if it asked
+    resumed: int = 0  # tokens it resumed from (LLMEngine.add_request): its outputs carry them, but they are not new
 
 
 class EngineProcess:
@@ -119,7 +120,7 @@ class EngineProcess:
         `incremental=False` its outputs come only after its first token and at its end (and every
         `checkpoint_every` tokens); `resume`: per choice, tokens an earlier run generated (LLMEngine.add_request)."""
         with self._lock:
-            self._requests[request_id] = _Submitted(list(prompt_token_ids))
+            self._requests[request_id] = _Submitted(list(prompt_token_ids), resumed=sum(map(len, resume or ())))
         try:
             self._call("add", request_id, prompt_token_ids, params, priority, incremental, resume, checkpoint_every)
         except BaseException:
@@ -214,8 +215,8 @@ class EngineProcess:
         with self._lock:
             for item in wired:
                 if isinstance(item, RequestOutput):  # finished: it carries everything
-                    self._requests.pop(item.request_id, None)
-                    self.num_generated_tokens += sum(len(c.delta_token_ids) for c in item.outputs)
+                    self._count(self._requests.pop(item.request_id, None),
+                                sum(len(c.delta_token_ids) for c in item.outputs))
                     outputs.append(item)
                     continue
                 request_id, num_preemptions, choices = item
@@ -224,7 +225,7 @@ class EngineProcess:
                     continue
                 output = RequestOutput(request_id, submitted.prompt_token_ids, [], False, num_preemptions)
                 for index, delta_text, delta_token_ids, finish_reason, stop_reason, delta_logprobs in choices:
-                    self.num_generated_tokens += len(delta_token_ids)
+                    self._count(submitted, len(delta_token_ids))
                     tokens = submitted.token_ids.setdefault(index, [])
                     tokens += delta_token_ids
                     text = submitted.text[index] = submitted.text.get(index, "") + delta_text
@@ -239,6 +240,13 @@ class EngineProcess:
             self.sink.on_outputs(outputs)
         except Exception:  # noqa: BLE001 - the sink's trouble must not stop the reader
             log.exception("the output sink failed")
+
+    def _count(self, submitted: _Submitted | None, num_tokens: int) -> None:
+        """Add a request's new tokens to num_generated_tokens, less the resumed ones its outputs repeat."""
+        repeated = min(submitted.resumed, num_tokens) if submitted is not None else 0
+        if submitted is not None:
+            submitted.resumed -= repeated
+        self.num_generated_tokens += num_tokens - repeated
 
     def _on_reply(self, call_id: int, ok: bool, value) -> None:
         with self._lock:

@@ -114,6 +114,20 @@ def test_a_request_that_is_not_incremental_gets_the_first_and_the_last_output(se
     assert final.outputs[0].token_ids == greedy_reference(model, [5, 6, 7], 12)
 
 
+def test_a_resumed_request_through_the_process_counts_only_its_new_tokens(setup):
+    """Resumed tokens travel to the child and come back in the outputs, with checkpoints of a quiet request; the
+    generated-tokens counter (a Prometheus counter on the worker) counts only what this run generated."""
+    engine, sink, model = setup
+    expected = greedy_reference(model, [5, 6, 7], 12)
+    before = engine.num_generated_tokens
+    engine.submit_to_sink("resumed", [5, 6, 7], GREEDY, incremental=False, resume=[expected[:5]], checkpoint_every=3)
+    final = sink.wait("resumed")
+    assert final.outputs[0].token_ids == expected
+    # The first output brings the resumed tokens and the first new one; then one every 3 tokens.
+    assert [len(o.outputs[0].delta_token_ids) for o in sink.outputs["resumed"]] == [6, 3, 3]
+    assert engine.num_generated_tokens - before == 12 - 5
+
+
 def test_a_dead_engine_process_fails_its_requests_and_starts_again(setup):
     engine, sink, model = setup
     engine.submit_to_sink("doomed", [5] * 20, SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))
