@@ -64,7 +64,7 @@ def _expand(batch_id: str) -> None:
         total += 1
         if batches.get(batch_id).status != "validating":  # cancelled while expanding: queue nothing more
             batches.record_line(batch_id, f"line-{number}",
-                                error_line(None, "batch_cancelled", f"line {number}: not started"), False)
+                                error_line(_custom_id(raw), "batch_cancelled", f"line {number}: not started"), False)
             continue
         problem, custom_id, body = _check_line(raw, number, batch.endpoint, job_endpoint, seen, served)
         if problem:
@@ -95,6 +95,16 @@ def _hand_over(jobs: JobStore, pending: dict[str, list[str]]) -> None:
         BulkLane(jobs, model).add(job_ids)
         pump(jobs, model)
     pending.clear()
+
+
+def _custom_id(raw: bytes) -> str | None:
+    """A line's custom_id where it has one (the error line of a line never started still names it)."""
+    try:
+        line = json.loads(raw)
+    except ValueError:
+        return None
+    custom_id = line.get("custom_id") if isinstance(line, dict) else None
+    return custom_id if isinstance(custom_id, str) and custom_id else None
 
 
 def _check_line(raw: bytes, number: int, url: str, job_endpoint: str, seen: set[str],
