@@ -1,10 +1,17 @@
 """EngineConfig: every knob of the engine, validated once at construction."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 # --load-in-low-bit formats (engine/low_bit.py); here so that the command line can offer them without torch.
 LOW_BIT_FORMATS = ("sym_int4", "asym_int4", "sym_int8", "fp8", "fp16", "bf16")
+
+
+def inferq_home() -> Path:
+    """Where inferq keeps what it builds once (the demo model, Redis' data, compiled kernels): $INFERQ_HOME."""
+    return Path(os.environ.get("INFERQ_HOME", Path.home() / ".cache" / "inferq"))
 
 
 @dataclass(frozen=True, slots=True)

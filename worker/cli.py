@@ -11,11 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.config import LOW_BIT_FORMATS
-
-
-def inferq_home() -> Path:
-    return Path(os.environ.get("INFERQ_HOME", Path.home() / ".cache" / "inferq"))
+from engine.config import LOW_BIT_FORMATS, inferq_home
 
 
 def default_model_dir() -> Path:

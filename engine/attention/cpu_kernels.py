@@ -13,6 +13,8 @@ import os
 import platform
 from pathlib import Path
 
+from engine.config import inferq_home
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_paged_attention.cpp")
@@ -28,8 +30,7 @@ def cpu_kernels():
 
         # Named by the source and the CPU: a cache shared between machines never hands one a build for another.
         digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_identity().encode()).hexdigest()[:12]
-        directory = Path(os.environ.get("INFERQ_HOME", Path.home() / ".cache" / "inferq"), "torch_extensions",
-                         f"cpu_paged_attention_{digest}")
+        directory = inferq_home() / "torch_extensions" / f"cpu_paged_attention_{digest}"
         directory.mkdir(parents=True, exist_ok=True)
         log.info("loading the CPU attention kernel from %s (built there first if it is not: about a minute)", directory)
         return load(name=f"inferq_cpu_paged_attention_{digest}", sources=[str(SOURCE)], build_directory=str(directory),

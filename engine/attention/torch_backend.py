@@ -29,7 +29,7 @@ class TorchAttentionBackend(AttentionBackend):
         out = torch.empty_like(q)
 
         num_decodes = len(meta.decode_context_lens_host)
-        if self.cpu_kernels is not None and num_decodes and q.device.type == "cpu":
+        if self.cpu_kernels is not None and num_decodes:
             out[:num_decodes] = self.cpu_kernels.paged_decode_attention(
                 q[:num_decodes], k_cache, v_cache, meta.decode_block_tables.int(), meta.decode_context_lens.int(),
                 scale, sliding_window or 0)
