@@ -9,6 +9,7 @@ from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.fused_ops import linear, project, rms_norm, silu_and_mul_project
+from engine.low_bit import QuantizedLinear
 from engine.models.rope import RotaryEmbedding
 
 
@@ -25,9 +26,12 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, residual)
 
 
-def fuse_linears(parts: list[nn.Linear]) -> nn.Linear:
+def fuse_linears(parts: list[nn.Module]) -> nn.Module:
     """One Linear that computes several projections of the same input: one GEMM (one launch, one read of the
-    input) instead of one per part. The outputs come concatenated in the order of `parts`."""
+    input) instead of one per part. The outputs come concatenated in the order of `parts`. Parts read quantized
+    from a checkpoint (engine/low_bit.py) fuse into one quantized module."""
+    if isinstance(parts[0], QuantizedLinear):
+        return QuantizedLinear.cat(parts)
     weight = torch.cat([part.weight for part in parts])
     has_bias = parts[0].bias is not None
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
