@@ -18,7 +18,7 @@ Env: PEERS (comma list of inferq, transformers_cb, transformers_cb_graphs, trans
 hf_static_b64; default inferq,transformers_cb,hf_static_b64; inferq always runs first, the peers after it in the
 order given), MICRO (default 1,8,64,256), MICRO_CTX (512), PROFILE_BATCH (comma list, default 64; empty or 0 skips;
 the last one's table is printed), PROFILE_STEPS (10), GPU_UTIL (0.85), OUT (directory for full outputs),
-INFERQ_ATTENTION (auto | torch | triton), INFERQ_EAGER=1 (no decode graphs), INFERQ_ASYNC=0|1 (async scheduling off/on;
+INFERQ_ATTENTION (auto | torch | triton), INFERQ_LOW_BIT (a --load-in-low-bit format for inferq), INFERQ_EAGER=1 (no decode graphs), INFERQ_ASYNC=0|1 (async scheduling off/on;
 default: the engine's, on for GPUs).
 BENCH_DEVICE=cpu with the `tiny` shape is a smoke test of the script itself, not a benchmark.
 """
@@ -135,6 +135,7 @@ def load_inferq(model_dir, max_num_seqs=256):
     llm = LLM(model_dir, skip_tokenizer_init=True, device=DEV, dtype="bfloat16", max_num_seqs=max_num_seqs,
               max_num_batched_tokens=8192, gpu_memory_utilization=float(os.environ.get("GPU_UTIL", "0.85")),
               attention_backend=os.environ.get("INFERQ_ATTENTION", "auto"),
+              load_in_low_bit=os.environ.get("INFERQ_LOW_BIT") or None,
               enforce_eager=os.environ.get("INFERQ_EAGER") == "1",
               async_scheduling=None if os.environ.get("INFERQ_ASYNC") is None else os.environ["INFERQ_ASYNC"] == "1")
     stats = llm.engine.stats()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -108,25 +109,27 @@ class QuantizedLinear(nn.Module):
         self.scale = nn.Parameter(scale.to(torch.float16), requires_grad=False)
         self.offset = None if offset is None else nn.Parameter(offset.to(torch.float16), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # Counters of the GPU kernels' split-K reduction (engine/low_bit_kernels.py), zero between calls.
+        self.register_buffer("_locks", torch.zeros(0, dtype=torch.int32, device=qweight.device), persistent=False)
+
+    def split_locks(self, count: int) -> torch.Tensor:
+        """`count` zeroed int32 counters on the weight's device, kept with the module (each kernel call leaves them
+        zero again), so a captured device graph reuses them and never allocates."""
+        if self._locks.numel() < count:
+            self._locks = torch.zeros(max(count, 256), dtype=torch.int32, device=self.qweight.device)
+        return self._locks
 
     @property
     def format(self) -> str:
-        return "sym_int8" if self.bits == 8 else "sym_int4" if self.offset is None else "asym_int4"
+        return format_name(self.bits, self.offset is not None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str) -> "QuantizedLinear | None":
         """`linear` in `fmt` (an INTEGER_FORMATS name), or None (with a warning) where its width has no group size."""
-        weight = linear.weight.detach()
-        bias = None if linear.bias is None else linear.bias.detach()
-        if fmt == "sym_int8":
-            return cls(8, weight.shape[1], *quantize_int8(weight, weight.shape[1]), bias=bias)
-        group_size = next((g for g in _GROUP_SIZES if weight.shape[1] % g == 0), None)
-        if group_size is None:
-            log.warning("%s: %d inputs is not a multiple of %d, so this projection stays in %s",
-                        fmt, weight.shape[1], _GROUP_SIZES[-1], weight.dtype)
+        quantized = quantize_weight(linear.weight.detach(), fmt)
+        if quantized is None:
             return None
-        qweight, scale, offset = quantize_int4(weight, group_size, symmetric=fmt == "sym_int4")
-        return cls(4, group_size, qweight, scale, offset, bias)
+        return cls(*quantized, bias=None if linear.bias is None else linear.bias.detach())
 
     @classmethod
     def cat(cls, parts: list["QuantizedLinear"]) -> "QuantizedLinear":
@@ -200,6 +203,56 @@ def _cpu_kernels() -> ModuleType | None:
     except ImportError:
         return None
     return cpu_low_bit
+
+
+def format_name(bits: int, has_offset: bool) -> str:
+    return "sym_int8" if bits == 8 else "asym_int4" if has_offset else "sym_int4"
+
+
+class QuantizedWeight(NamedTuple):
+    """A weight [N, K] in an integer format, as QuantizedLinear holds it (QuantizedLinear(*weight, bias=...)): what
+    quantize_weight makes, a pre-quantized checkpoint stores and a GGUF file's Q4_0/Q4_1/Q8_0 blocks are."""
+
+    bits: int
+    group_size: int
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor | None = None
+
+    @classmethod
+    def from_tensors(cls, qweight: torch.Tensor, scale: torch.Tensor,
+                     offset: torch.Tensor | None = None) -> "QuantizedWeight":
+        """The tensors as stored, which imply the rest: uint8 packs two 4-bit values, int8 holds one 8-bit value,
+        and K / the scale's width is the group size. QuantizedLinear checks that the shapes agree."""
+        bits = 4 if qweight.dtype == torch.uint8 else 8
+        groups = scale.shape[-1] if scale.dim() and scale.shape[-1] else 1
+        return cls(bits, qweight.shape[-1] * (8 // bits) // groups, qweight, scale, offset)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """[N, K] of the weight it stands for."""
+        return self.qweight.shape[0], self.qweight.shape[1] * (8 // self.bits)
+
+    @property
+    def format(self) -> str:
+        return format_name(self.bits, self.offset is not None)
+
+
+def quantize_weight(weight: torch.Tensor, fmt: str, group_size: int | None = None) -> QuantizedWeight | None:
+    """weight [N, K] in `fmt` (an INTEGER_FORMATS name): what every path quantizes with (a 16-bit checkpoint as it
+    loads, `inferq quantize`, GGUF tensors brought to their file's format). `group_size` defaults to the format's:
+    one scale per row for sym_int8, else the largest of _GROUP_SIZES dividing K. None (with a warning) where K has
+    no 4-bit group size: the projection stays unquantized."""
+    k = weight.shape[1]
+    if fmt == "sym_int8":
+        group_size = group_size or k
+        return QuantizedWeight(8, group_size, *quantize_int8(weight, group_size))
+    group_size = group_size or next((g for g in _GROUP_SIZES if k % g == 0), None)
+    if group_size is None:
+        log.warning("%s: %d inputs is not a multiple of %d, so this projection stays in %s",
+                    fmt, k, _GROUP_SIZES[-1], weight.dtype)
+        return None
+    return QuantizedWeight(4, group_size, *quantize_int4(weight, group_size, symmetric=fmt == "sym_int4"))
 
 
 def quantize_int8(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

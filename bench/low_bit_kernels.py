@@ -1,0 +1,158 @@
+"""The low-bit matmul kernels (engine/low_bit_kernels.py) on a GPU, one decoder layer of the Llama-2-7B shape at a
+time: for each format and row count, GPU time of the layer's four projections through our kernel, against bf16
+(cuBLAS) and against the dequantize-then-matmul reference. Also the kernels' error against the float32 product of the dequantized weight. Times are CUDA-graph replays
+(triton.testing.do_bench_cudagraph): GPU time without launch overhead, as decode steps run.
+
+    python bench/low_bit_kernels.py             # the table with the shipped block sizes
+    python bench/low_bit_kernels.py --sweep     # also try candidate block sizes; prints the best per row count
+    FORMATS=sym_int4 SWEEP=sym_int4 python bench/low_bit_kernels.py --sweep
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+# (N, K) of one Llama-2-7B decoder layer's fused projections: qkv, o, gate_up, down.
+LAYER = ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008))
+ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+FORMATS = ("sym_int4", "asym_int4", "sym_int8")
+
+
+def layers(fmt: str) -> list:
+    from engine.low_bit import QuantizedLinear
+
+    torch.manual_seed(0)
+    out = []
+    for n, k in LAYER:
+        linear = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        nn.init.normal_(linear.weight, std=0.02)
+        out.append((linear, QuantizedLinear.from_linear(linear, fmt)))
+    return out
+
+
+def gpu_us(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=20) * 1e3
+
+
+def measure(fmt: str) -> list[dict]:
+    from engine import low_bit_kernels as kernels
+
+    rows_out = []
+    pairs = layers(fmt)
+    for m in ROWS:
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _, k in LAYER]
+        ours = gpu_us(lambda: [kernels.quantized_matmul(x, q) for x, (_, q) in zip(xs, pairs)])
+        bf16 = gpu_us(lambda: [nn.functional.linear(x, lin.weight) for x, (lin, _) in zip(xs, pairs)])
+        reference = gpu_us(lambda: [nn.functional.linear(x, q.dequantize(torch.bfloat16))
+                                    for x, (_, q) in zip(xs, pairs)])
+        row = {"format": fmt, "rows": m, "ours_us": ours, "bf16_us": bf16, "dequant_then_mm_us": reference}
+        errors = []
+        for x, (_, q) in zip(xs, pairs):
+            exact = x.float() @ q.dequantize().t()
+            errors.append(((kernels.quantized_matmul(x, q).float() - exact).norm() / exact.norm()).item())
+        row["max_rel_err"] = max(errors)
+        weight_bytes = sum(q.qweight.numel() + 2 * q.scale.numel() * (2 if q.offset is not None else 1)
+                           for _, q in pairs)
+        row["ours_TBps"] = weight_bytes / (ours * 1e-6) / 1e12
+        rows_out.append(row)
+        print(json.dumps(row), flush=True)
+    return rows_out
+
+
+def candidates(bits: int, m: int) -> list[tuple]:
+    from engine import low_bit_kernels as kernels
+
+    if m <= kernels.ROWS_MAX:
+        return [("rows", bn, bk, w) for bn, bk, w in itertools.product((8, 16, 32, 64), (256, 512, 1024), (2, 4, 8))
+                if bn * bk <= 32768]
+    block_ms = {2: (16,), 4: (16,), 8: (16,), 16: (16,), 32: (32,), 64: (64,), 128: (64, 128), 256: (128, 256)}[m]
+    return [("tiles", bm, bn, bk, w, s) for bm, bn, bk, (w, s) in
+            itertools.product(block_ms, (64, 128), (64, 128), ((4, 3), (4, 4), (8, 3)))
+            if bm * bn <= 256 * 64]
+
+
+def _with_config(config: tuple):
+    """Patch the kernel tables so that every call takes `config` (a candidate)."""
+    from engine import low_bit_kernels as kernels
+
+    if config[0] == "rows":
+        kernels._rows_config = lambda bits: config[1:]
+    else:
+        kernels._tiles_config = lambda bits, m: config[1:]
+
+
+def _compile(job: tuple) -> str:
+    """Run one candidate once (in a pool process: compiles land in Triton's on-disk cache for the timing pass)."""
+    fmt, m, config = job
+    from engine import low_bit_kernels as kernels
+
+    _with_config(config)
+    try:
+        for (n, k), (_, q) in zip(LAYER[:2], layers(fmt)[:2]):
+            kernels.quantized_matmul(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), q)
+        torch.cuda.synchronize()
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - a candidate that does not compile is skipped
+        return f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
+def sweep(fmt: str) -> dict:
+    import engine.low_bit_kernels as kernels
+
+    bits = 8 if fmt == "sym_int8" else 4
+    sweep_rows = [int(r) for r in os.environ.get("SWEEP_ROWS", ",".join(map(str, ROWS))).split(",")]
+    jobs = [(fmt, m, c) for m in sweep_rows for c in candidates(bits, m)]
+    with ProcessPoolExecutor(max_workers=min(12, os.cpu_count() or 1),
+                             mp_context=torch.multiprocessing.get_context("spawn")) as pool:
+        status = list(pool.map(_compile, jobs))
+    pairs = layers(fmt)
+    rows_fn, tiles_fn = kernels._rows_config, kernels._tiles_config
+    best = {}
+    for m in sweep_rows:
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _, k in LAYER]
+        timings = []
+        for (_, job_m, config), ok in zip(jobs, status):
+            if job_m != m or ok != "ok":
+                continue
+            _with_config(config)
+            timings.append((gpu_us(lambda: [kernels.quantized_matmul(x, q) for x, (_, q) in zip(xs, pairs)]), config))
+        kernels._rows_config, kernels._tiles_config = rows_fn, tiles_fn
+        timings.sort()
+        best[m] = timings[:3]
+        print(f"sweep {fmt} rows {m}: " + "; ".join(f"{t:.1f} us {c}" for t, c in timings[:3]), flush=True)
+    return best
+
+
+def main() -> None:
+    name = torch.cuda.get_device_name()
+    print(f"device {name}, torch {torch.__version__}", flush=True)
+    formats = [f for f in os.environ.get("FORMATS", ",".join(FORMATS)).split(",") if f]
+    results = {"device": name}
+    if "--sweep" in sys.argv:
+        # asym_int4 runs sym_int4's block sizes
+        swept = [f for f in os.environ.get("SWEEP", "sym_int4,sym_int8").split(",") if f]
+        results["sweep"] = {fmt: {str(m): v for m, v in sweep(fmt).items()} for fmt in swept}
+    results["rows"] = [row for fmt in formats for row in measure(fmt)]
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "low_bit_kernels.json").write_text(json.dumps(results, indent=1))
+    print(f"\n== one Llama-2-7B decoder layer's projections (qkv, o, gate_up, down) on {name}: GPU µs ==")
+    print("| format | rows | ours | TB/s of weights | bf16 (cuBLAS) | ours × bf16 | dequantize + matmul | max rel. err. |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results["rows"]:
+        print(f"| {r['format']} | {r['rows']} | {r['ours_us']:.1f} | {r['ours_TBps']:.2f} | {r['bf16_us']:.1f} | "
+              f"{r['bf16_us'] / r['ours_us']:.2f} | {r['dequant_then_mm_us']:.1f} | {r['max_rel_err']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
