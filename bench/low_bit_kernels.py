@@ -74,7 +74,7 @@ def candidates(bits: int, m: int) -> list[tuple]:
     from engine import low_bit_kernels as kernels
 
     if m <= kernels.ROWS_MAX:
-        return [("rows", bn, bk, w) for bn, bk, w in itertools.product((8, 16, 32, 64), (256, 512, 1024), (2, 4, 8))
+        return [("rows", bn, bk, w) for bn, bk, w in itertools.product((8, 16, 32, 64, 128), (64, 128, 256, 512, 1024), (2, 4, 8))
                 if bn * bk <= 32768]
     block_ms = {2: (16,), 4: (16,), 8: (16,), 16: (16,), 32: (32,), 64: (64,), 128: (64, 128), 256: (128, 256)}[m]
     return [("tiles", bm, bn, bk, w, s) for bm, bn, bk, (w, s) in

@@ -63,7 +63,7 @@ def split_count(tiles: int, k: int, block_k: int) -> int:
 
 
 # Tuning tables, from bench/low_bit_kernels.py --sweep on an H200. rows: bits -> (BLOCK_N, BLOCK_K, warps).
-ROWS_CONFIGS = {4: (32, 512, 4), 8: (32, 512, 4)}
+ROWS_CONFIGS = {4: (64, 128, 4), 8: (8, 512, 4)}
 # tiles: (largest M, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)), the first that holds M.
 TILES_CONFIGS = {4: ((16, (16, 64, 64, 4, 3)), (32, (32, 64, 128, 4, 3)), (128, (64, 128, 64, 8, 3)),
                      (None, (128, 128, 128, 8, 3))),
