@@ -117,7 +117,8 @@ def test_a_redis_error_in_a_running_task_retries_the_job(demo_model_dir, tmp_pat
             read = reader.submit(read_events, service, job_id)
             deadline = time.monotonic() + 30
             while (service.store.get(job_id).status != "running"
-                   or not service.store.requests_while_starting(job_id)[1]):  # its reader's request is in
+                   or not service.store.requests_while_starting(job_id)[1]  # its reader's request is in
+                   or (not extra and not service.store.read_progress(job_id))):  # a checkpoint to resume from
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
             admin.config_set("maxmemory", "1")  # noeviction: every write command now fails with OOM
