@@ -23,7 +23,7 @@ from engine.decode_graphs import DecodeGraphs, graph_batch_sizes, graphs_support
 from engine.detokenizer import IncrementalDetokenizer
 from engine.device import resolve_device, resolve_dtype, use_device
 from engine.kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for_budget
-from engine.loader import eos_token_ids, load_config, load_model, load_tokenizer
+from engine.loader import effective_low_bit, eos_token_ids, load_config, load_model, load_tokenizer
 from engine.low_bit import compute_dtype
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, RequestOutput
@@ -88,10 +88,12 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         use_device(self.device)
         self.hf_config = hf_config = load_config(config.model)
+        # A quantized checkpoint (pre-quantized directory, GGUF file) runs in its own format.
+        self.load_in_low_bit = low_bit = effective_low_bit(hf_config, config.load_in_low_bit)
         self.dtype = resolve_dtype(config.dtype, _checkpoint_dtype(hf_config), self.device)
-        if config.load_in_low_bit:
-            self.dtype = compute_dtype(config.load_in_low_bit, self.device, self.dtype, config.dtype != "auto")
-        self.model = load_model(config.model, hf_config, self.device, self.dtype, config.load_in_low_bit)
+        if low_bit:
+            self.dtype = compute_dtype(low_bit, self.device, self.dtype, config.dtype != "auto")
+        self.model = load_model(config.model, hf_config, self.device, self.dtype, low_bit)
         self.tokenizer = (None if config.skip_tokenizer_init
                           else load_tokenizer(config.tokenizer or config.model))
         self.eos_token_ids = eos_token_ids(config.model, hf_config)

@@ -302,7 +302,7 @@ def _engine_main(config: EngineConfig, conn, log_level) -> None:
                                        str(exc))))
         return
     conn.send(("ready", {"max_model_len": engine.max_model_len, "device": str(engine.device),
-                         "dtype": str(engine.dtype).removeprefix("torch.")}))
+                         "dtype": str(engine.dtype).removeprefix("torch."), "load_in_low_bit": engine.load_in_low_bit}))
     _EngineLoop(engine, conn).run()
 
 

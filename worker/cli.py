@@ -1,5 +1,5 @@
-"""The `inferq` command line: demo-model, generate (offline), worker, webhook-worker, api, and serve (everything
-locally)."""
+"""The `inferq` command line: demo-model, generate (offline), quantize, worker, webhook-worker, api, and serve
+(everything locally)."""
 from __future__ import annotations
 
 import argparse
@@ -30,7 +30,7 @@ def ensure_demo_model(path: Path) -> Path:
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Engine flags, named as in the seed recipe and vLLM."""
-    parser.add_argument("--model", help="HF checkpoint directory (default: the demo model)")
+    parser.add_argument("--model", help="HF checkpoint directory or GGUF file (default: the demo model)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] | xpu[:i]")
     parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     parser.add_argument("--max-num-seqs", type=int, default=256)
@@ -69,6 +69,12 @@ def engine_options(args: argparse.Namespace) -> dict:
                 enable_prefix_caching=args.enable_prefix_caching, load_in_low_bit=args.load_in_low_bit)
 
 
+def served_model_name(model: str | Path) -> str:
+    """The name clients use unless given: a checkpoint directory's name, a GGUF file's stem."""
+    model = Path(model)
+    return model.stem if model.suffix == ".gguf" else model.name
+
+
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from engine.demo_model import write_demo_model
 
@@ -91,6 +97,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from engine.quantized_checkpoint import save_quantized
+
+    src = Path(args.model) if args.model else ensure_demo_model(default_model_dir())
+    dst = save_quantized(src, args.output, args.load_in_low_bit)
+    print(f"{dst}: {args.load_in_low_bit}, weights {_weight_bytes(src) / 1e6:.1f} MB -> "
+          f"{_weight_bytes(dst) / 1e6:.1f} MB")
+    return 0
+
+
+def _weight_bytes(model_dir: Path) -> int:
+    return sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.pinning import pin_device
 
@@ -103,7 +123,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import worker.tasks  # noqa: F401 - registers the tasks
 
     options = engine_options(args) | {"device": device}
-    name = args.served_model_name or Path(options["model"]).name
+    name = args.served_model_name or served_model_name(options["model"])
     runtime = start_runtime(EngineConfig(**options), name, get_settings(),
                             {"requested_device": args.device, "tool_call_parser": args.tool_call_parser})
     # Threads, never prefork with a GPU: a thread per sequence the engine can hold plus the lanes' reserve (see
@@ -180,7 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)
     model = Path(args.model) if args.model else ensure_demo_model(default_model_dir())
-    name = args.served_model_name or model.name
+    name = args.served_model_name or served_model_name(model)
     # Append-only in $INFERQ_HOME/redis: jobs, files and batches outlive a restart of `inferq serve`.
     with start_redis(data_dir=inferq_home() / "redis", appendonly=True) as redis:
         env = os.environ | {"INFERQ_REDIS_URL": redis.url}
@@ -242,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int)
     generate.add_argument("--stop", action="append")
     generate.set_defaults(func=cmd_generate)
+
+    quantize = commands.add_parser("quantize", help="write a checkpoint with its decoder projections in an integer "
+                                                    "format, to load without the 16-bit weights")
+    quantize.add_argument("--model", help="HF checkpoint directory (default: the demo model)")
+    quantize.add_argument("--load-in-low-bit", required=True, choices=LOW_BIT_FORMATS,
+                          help="sym_int4 | asym_int4 | sym_int8 (the float formats apply at load time)")
+    quantize.add_argument("--output", required=True, help="the directory to write (new or empty)")
+    quantize.set_defaults(func=cmd_quantize)
 
     worker = commands.add_parser("worker", help="a Celery worker owning one engine on one device")
     add_engine_arguments(worker)

@@ -252,7 +252,7 @@ def start_runtime(config: EngineConfig, model_name: str, settings: Settings, ext
     writer = OutputWriter(store, tokenizer).start()
     engine = EngineProcess(config, sink=writer, log_level=logging.getLogger().level).start()
     info = {"model": model_name, "max_model_len": engine.max_model_len, "device": engine.info["device"],
-            "dtype": engine.info["dtype"], "load_in_low_bit": config.load_in_low_bit, **extra_info}
+            "dtype": engine.info["dtype"], "load_in_low_bit": engine.info["load_in_low_bit"], **extra_info}
     _runtime = WorkerRuntime(engine, store, settings, model_name, info, writer, tokenizer)
     _runtime.start_background_threads()
     return _runtime
