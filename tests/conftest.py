@@ -15,11 +15,16 @@ if not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_ava
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Build the CPU attention kernel (engine/attention/cpu_kernels.py) once, before any test: about 40 s on two
-    cores the first time; engines and worker processes then load the cached build."""
+    """Build the CPU kernels once, before any test: the attention kernel (engine/attention/cpu_kernels.py) and the
+    integer low-bit one (engine/cpu_low_bit.py), about 40 s each on two cores the first time; engines and worker
+    processes then load the cached builds."""
     from engine.attention.cpu_kernels import cpu_kernels
 
     cpu_kernels()
+    try:
+        import engine.cpu_low_bit  # noqa: F401 - importing builds it
+    except ImportError:
+        pass  # logged; the low-bit layers fall back to their dequantized weights
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,92 @@
+"""The CPU kernel of the integer low-bit formats (engine/cpu_low_bit.cpp) computes x @ Wᵀ with exactly the weights
+QuantizedLinear.dequantize stands for: every format and group size, widths that are not multiples of its tiles, row
+counts on both of its paths (weights dequantized in registers for a few rows, through a panel for more), bias,
+bfloat16 input; and without the kernel the layer still computes the same through the dequantized weight."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine import low_bit
+from engine.low_bit import QuantizedLinear, quantize_int4, quantize_int8
+
+cpu_low_bit = pytest.importorskip("engine.cpu_low_bit", reason="the CPU low-bit kernel could not be built here")
+
+ROWS = (1, 2, 3, 5, 17, 32, 33, 300)
+N = 97  # not a multiple of either tile's width (4 and 6 weight rows) nor of the threads' split (12)
+# (format, group size, K): int4 groups 32, 64, 128; int8 one scale per row (group K) and GGUF's Q8_0 (32). K = 288
+# and 384 are no power of two; 200 (int8, one scale per row) is not even a multiple of the 16-float vectors.
+CASES = [("sym_int4", 32, 288), ("asym_int4", 32, 288), ("sym_int4", 64, 384), ("asym_int4", 64, 384),
+         ("sym_int4", 128, 384), ("asym_int4", 128, 384), ("sym_int8", 288, 288), ("sym_int8", 200, 200),
+         ("sym_int8", 32, 288)]
+
+
+def make_layer(fmt: str, group_size: int, k: int, bias: bool = True) -> QuantizedLinear:
+    generator = torch.Generator().manual_seed(k + group_size)
+    weight = torch.randn(N, k, generator=generator) * 0.05 + (0.01 if fmt == "asym_int4" else 0.0)
+    b = torch.randn(N, generator=generator) if bias else None
+    if fmt == "sym_int8":
+        return QuantizedLinear(8, group_size, *quantize_int8(weight, group_size), bias=b)
+    qweight, scale, offset = quantize_int4(weight, group_size, symmetric=fmt == "sym_int4")
+    return QuantizedLinear(4, group_size, qweight, scale, offset, b)
+
+
+def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((y.double() - reference.double()).norm() / reference.double().norm()).item()
+
+
+def test_the_layer_runs_on_the_kernel():
+    assert low_bit._cpu_kernels() is cpu_low_bit
+
+
+@pytest.mark.parametrize(("fmt", "group_size", "k"), CASES, ids=[f"{f}-g{g}-k{k}" for f, g, k in CASES])
+def test_kernel_equals_the_dequantized_weight(fmt, group_size, k):
+    layer = make_layer(fmt, group_size, k)
+    weight = layer.dequantize().double()
+    generator = torch.Generator().manual_seed(1)
+    for m in ROWS:
+        x = torch.randn(m, k, generator=generator)
+        reference = x.double() @ weight.t()
+        assert relative_error(cpu_low_bit.quantized_matmul(x, layer), reference) < 1e-5, (fmt, group_size, k, m)
+        y = layer(x)  # the module: the kernel, then the bias
+        assert y.dtype == torch.float32 and y.shape == (m, N)
+        assert relative_error(y, reference + layer.bias.double()) < 1e-5, (fmt, group_size, k, m)
+
+
+@pytest.mark.parametrize("fmt", ["sym_int4", "asym_int4", "sym_int8"])
+@pytest.mark.parametrize("m", [1, 33])
+def test_bfloat16_input_and_strided_rows(fmt, m):
+    layer = make_layer(fmt, 32 if fmt != "sym_int8" else 288, 288, bias=False)
+    weight = layer.dequantize().double()
+    x = torch.randn(m, 288)
+    y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    # The input rounded to bfloat16, then float32 math, then the output rounded to bfloat16 (8 bits: 2^-8 each).
+    assert relative_error(y, x.bfloat16().double() @ weight.t()) < 1e-2
+    wide = torch.randn(m, 300)
+    wide[:, :288] = x
+    rows = wide[:, :288]  # rows 300 floats apart
+    assert relative_error(cpu_low_bit.quantized_matmul(rows, layer), x.double() @ weight.t()) < 1e-5
+    batched = layer(x.reshape(1, m, 288))  # leading dimensions, as a model's [batch, tokens, hidden]
+    assert batched.shape == (1, m, N)
+
+
+def test_without_the_kernel_the_layer_multiplies_by_the_dequantized_weight():
+    """INFERQ_CPU_KERNELS=0: engine.cpu_low_bit does not import, and engine/low_bit.py falls back."""
+    script = (
+        "import torch\n"
+        "from engine import low_bit\n"
+        "from engine.low_bit import QuantizedLinear\n"
+        "assert low_bit._cpu_kernels() is None\n"
+        "layer = QuantizedLinear.from_linear(torch.nn.Linear(128, 40), 'sym_int4')\n"
+        "x = torch.randn(3, 128)\n"
+        "expected = x @ layer.dequantize().t() + layer.bias\n"
+        "assert ((layer(x) - expected).norm() / expected.norm()).item() < 1e-6\n"
+    )
+    env = {**os.environ, "INFERQ_CPU_KERNELS": "0"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
