@@ -1,11 +1,15 @@
 """The low-bit matmul kernels (engine/low_bit_kernels.py) on a GPU, one decoder layer of the Llama-2-7B shape at a
 time: for each format and row count, GPU time of the layer's four projections through our kernel, against bf16
-(cuBLAS) and against the dequantize-then-matmul reference. Also the kernels' error against the float32 product of the dequantized weight. Times are CUDA-graph replays
-(triton.testing.do_bench_cudagraph): GPU time without launch overhead, as decode steps run.
+(cuBLAS) and against the dequantize-then-matmul reference. Also the kernels' error against the float32 product of
+the dequantized weight. Times are CUDA-graph replays (triton.testing.do_bench_cudagraph): GPU time without launch
+overhead, as decode steps run.
 
     python bench/low_bit_kernels.py             # the table with the shipped block sizes
-    python bench/low_bit_kernels.py --sweep     # also try candidate block sizes; prints the best per row count
-    FORMATS=sym_int4 SWEEP=sym_int4 python bench/low_bit_kernels.py --sweep
+    python bench/low_bit_kernels.py --sweep     # first try candidate block sizes; the table then runs the best
+    FORMATS=sym_int4 SWEEP=sym_int4 SWEEP_ROWS=1,64 python bench/low_bit_kernels.py --sweep
+
+--sweep writes the best block sizes as JSON to $OUT/low_bit_kernel_configs.json (or the working directory), the
+file INFERQ_LOW_BIT_KERNEL_CONFIGS takes (engine/low_bit_kernels.py) for another GPU than the tables were swept on.
 """
 from __future__ import annotations
 
@@ -56,7 +60,10 @@ def measure(fmt: str) -> list[dict]:
         bf16 = gpu_us(lambda: [nn.functional.linear(x, lin.weight) for x, (lin, _) in zip(xs, pairs)])
         reference = gpu_us(lambda: [nn.functional.linear(x, q.dequantize(torch.bfloat16))
                                     for x, (_, q) in zip(xs, pairs)])
-        row = {"format": fmt, "rows": m, "ours_us": ours, "bf16_us": bf16, "dequant_then_mm_us": reference}
+        fast_dequant = gpu_us(lambda: [nn.functional.linear(x, kernels.dequantize(q, x.dtype))
+                                       for x, (_, q) in zip(xs, pairs)])
+        row = {"format": fmt, "rows": m, "ours_us": ours, "bf16_us": bf16, "dequant_then_mm_us": reference,
+               "dequant_kernel_then_mm_us": fast_dequant}
         errors = []
         for x, (_, q) in zip(xs, pairs):
             exact = x.float() @ q.dequantize().t()
@@ -74,22 +81,32 @@ def candidates(bits: int, m: int) -> list[tuple]:
     from engine import low_bit_kernels as kernels
 
     if m <= kernels.ROWS_MAX:
-        return [("rows", bn, bk, w) for bn, bk, w in itertools.product((8, 16, 32, 64, 128), (64, 128, 256, 512, 1024), (2, 4, 8))
-                if bn * bk <= 32768]
-    block_ms = {2: (16,), 4: (16,), 8: (16,), 16: (16,), 32: (32,), 64: (64,), 128: (64, 128), 256: (128, 256)}[m]
-    return [("tiles", bm, bn, bk, w, s) for bm, bn, bk, (w, s) in
-            itertools.product(block_ms, (64, 128), (64, 128), ((4, 3), (4, 4), (8, 3)))
-            if bm * bn <= 256 * 64]
+        if bits == 8:
+            return [("rows", bn, bk, w, s, False) for bn, bk, w, s in
+                    itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (1, 3)) if 2048 <= bn * bk <= 32768]
+        flat = [("rows", bn, 128, w, s, False) for bn, w, s in itertools.product((32, 64, 128), (4, 8), (1, 3))]
+        runs = [("rows", bn, bk, w, s, True) for bn, bk, w, s in
+                itertools.product((4, 8, 16, 32, 64), (128, 256, 512, 1024), (2, 4, 8), (1, 3))
+                if 1024 <= bn * bk <= 32768]
+        return flat + runs
+    block_ms = {2: (16,), 4: (16,), 8: (16,), 16: (16,), 32: (32,), 64: (64,), 128: (64, 128), 256: (128,)}[m]
+    w16s = (True, False) if bits == 4 else (False,)
+    return [("cublas",)] + [("tiles", bm, bn, bk, w, s, w16) for bm, bn, bk, (w, s), w16 in
+                            itertools.product(block_ms, (64, 128, 256), (64, 128), ((4, 3), (8, 3), (8, 4)), w16s)
+                            if bm * bn <= 128 * 128]
 
 
 def _with_config(config: tuple):
     """Patch the kernel tables so that every call takes `config` (a candidate)."""
     from engine import low_bit_kernels as kernels
 
+    kernels.CUBLAS_FROM_ROWS.clear()
     if config[0] == "rows":
         kernels._rows_config = lambda bits: config[1:]
-    else:
+    elif config[0] == "tiles":
         kernels._tiles_config = lambda bits, m: config[1:]
+    else:  # dequantize, then cuBLAS
+        kernels.CUBLAS_FROM_ROWS.update({4: 1, 8: 1})
 
 
 def _compile(job: tuple) -> str:
@@ -128,10 +145,31 @@ def sweep(fmt: str) -> dict:
             _with_config(config)
             timings.append((gpu_us(lambda: [kernels.quantized_matmul(x, q) for x, (_, q) in zip(xs, pairs)]), config))
         kernels._rows_config, kernels._tiles_config = rows_fn, tiles_fn
+        kernels.CUBLAS_FROM_ROWS.clear()
         timings.sort()
-        best[m] = timings[:3]
+        best[m] = timings[:3] + [t for t in timings[3:] if t[1][0] == "tiles"][:1]  # with the best of ours
         print(f"sweep {fmt} rows {m}: " + "; ".join(f"{t:.1f} us {c}" for t, c in timings[:3]), flush=True)
     return best
+
+
+def tuned_tables(best: dict[int, list]) -> dict:
+    """A format's sweep as low_bit_kernels' tables: the rows config, and tiles configs by largest M (the largest
+    swept M's config for any M above)."""
+    tables: dict = {}
+    tiles, cublas = [], []
+    for m, timings in sorted(best.items()):
+        if timings and timings[0][1][0] == "rows":
+            tables["rows"] = timings[0][1][1:]
+        ours = [config for _, config in timings if config[0] == "tiles"]
+        if ours:
+            tiles.append((m, ours[0][1:]))
+        if timings and timings[0][1][0] == "cublas":
+            cublas.append(m)
+    if tiles:
+        tables["tiles"] = [[m, c] for m, c in tiles[:-1]] + [[None, tiles[-1][1]]]
+    if cublas and cublas == [m for m, _ in tiles][-len(cublas):]:  # from some M on, and for every larger one
+        tables["cublas_from_rows"] = cublas[0]
+    return tables
 
 
 def main() -> None:
@@ -142,16 +180,31 @@ def main() -> None:
     if "--sweep" in sys.argv:
         # asym_int4 runs sym_int4's block sizes
         swept = [f for f in os.environ.get("SWEEP", "sym_int4,sym_int8").split(",") if f]
-        results["sweep"] = {fmt: {str(m): v for m, v in sweep(fmt).items()} for fmt in swept}
+        configs: dict = {"rows": {}, "tiles": {}, "cublas_from_rows": {}}
+        results["sweep"] = {}
+        for fmt in swept:
+            best = sweep(fmt)
+            results["sweep"][fmt] = {str(m): v for m, v in best.items()}
+            bits = "8" if fmt == "sym_int8" else "4"
+            for table, value in tuned_tables(best).items():
+                configs[table][bits] = value
+        path = Path(os.environ.get("OUT", "."), "low_bit_kernel_configs.json")
+        path.write_text(json.dumps(configs, indent=1))
+        print(f"best block sizes: {path}", flush=True)
+        from engine import low_bit_kernels
+
+        low_bit_kernels.load_configs(path)  # the table below runs them
     results["rows"] = [row for fmt in formats for row in measure(fmt)]
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "low_bit_kernels.json").write_text(json.dumps(results, indent=1))
     print(f"\n== one Llama-2-7B decoder layer's projections (qkv, o, gate_up, down) on {name}: GPU µs ==")
-    print("| format | rows | ours | TB/s of weights | bf16 (cuBLAS) | ours × bf16 | dequantize + matmul | max rel. err. |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| format | rows | ours | TB/s of weights | bf16 (cuBLAS) | ours × bf16 | dequantize (torch) + matmul | "
+          "dequantize (kernel) + matmul | max rel. err. |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
         print(f"| {r['format']} | {r['rows']} | {r['ours_us']:.1f} | {r['ours_TBps']:.2f} | {r['bf16_us']:.1f} | "
-              f"{r['bf16_us'] / r['ours_us']:.2f} | {r['dequant_then_mm_us']:.1f} | {r['max_rel_err']:.1e} |")
+              f"{r['bf16_us'] / r['ours_us']:.2f} | {r['dequant_then_mm_us']:.1f} | "
+              f"{r['dequant_kernel_then_mm_us']:.1f} | {r['max_rel_err']:.1e} |")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,23 @@ Two kernels per width, chosen by the number of rows (tokens) of x:
   operand that may live in registers (Hopper's wgmma reads its other operand from shared memory), with the same
   optional split of K for the few-tiles case.
 
+Integers become floats by the exponent trick (as FasterTransformer's and Marlin's kernels do it, here in portable
+Triton): an integer q below 2^m, OR-ed into the mantissa of a float whose exponent makes its mantissa steps exactly 1,
+reads as that float plus q, so one subtraction leaves q exactly. A GPU's int-to-float conversions run at a small
+fraction of its FMA rate (16 per clock per SM on Hopper, against 128 FMAs): with each weight converted once per
+multiply, they, not memory, bounded these kernels. The GEMV converts into float32; the GEMM straight into the
+16-bit type its tensor cores take, where the type's mantissa holds the integers (4-bit always; 8-bit in float16).
+
 4-bit weights are in GGUF's pairing (byte j of each run of 32 inputs holds inputs j and j + 16), so a tile's low
 nibbles meet x's inputs k_lo = 32·(t // 16) + t % 16 and its high nibbles k_lo + 16. Portable Triton only (no
 vendor intrinsics), so it also builds for Intel GPUs and runs in Triton's CPU interpreter (tests). Block sizes come
 from bench/low_bit_kernels.py's sweep on an H200; other GPUs get the same (correct, maybe not best) choices.
 """
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import torch
 import triton
@@ -34,12 +45,14 @@ def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
         return out
     if x.stride(1) != 1:
         x = x.contiguous()
+    if m >= CUBLAS_FROM_ROWS.get(layer.bits, m + 1):
+        return torch.nn.functional.linear(x, dequantize(layer, x.dtype))
     if m <= ROWS_MAX:
         block_m = 1
-        block_n, block_k, warps = _rows_config(layer.bits)
-        kernel, stages = (_int4_rows_kernel if layer.bits == 4 else _int8_rows_kernel), 1
+        block_n, block_k, warps, stages, runs = _rows_config(layer.bits)
+        kernel = (_int4_runs_kernel if runs else _int4_rows_kernel) if layer.bits == 4 else _int8_rows_kernel
     else:
-        block_m, block_n, block_k, warps, stages = _tiles_config(layer.bits, m)
+        block_m, block_n, block_k, warps, stages, w16 = _tiles_config(layer.bits, m)
         kernel = _int4_tiles_kernel if layer.bits == 4 else _int8_tiles_kernel
     grid_m, grid_n = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
     split_k = split_count(grid_m * grid_n, k, block_k)
@@ -48,6 +61,8 @@ def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
     offset = layer.offset if layer.offset is not None else layer.scale  # unread when HAS_OFFSET is False
     flags = dict(GROUP=layer.group_size)
     flags |= dict(HAS_OFFSET=layer.offset is not None) if layer.bits == 4 else dict(PER_ROW=layer.group_size == k)
+    if layer.bits == 4 and m > ROWS_MAX:
+        flags |= dict(W16=w16)
     kernel[(grid_m * grid_n, split_k)](
         x, layer.qweight, layer.scale, offset, out, partials, locks, m, n, k, x.stride(0), layer.qweight.stride(0),
         layer.scale.stride(0), out.stride(0), **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -62,20 +77,40 @@ def split_count(tiles: int, k: int, block_k: int) -> int:
     return max(1, min(wanted, blocks // 4, 16))
 
 
-# Tuning tables, from bench/low_bit_kernels.py --sweep on an H200. rows: bits -> (BLOCK_N, BLOCK_K, warps).
-ROWS_CONFIGS = {4: (64, 128, 4), 8: (8, 512, 4)}
-# tiles: (largest M, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)), the first that holds M.
-TILES_CONFIGS = {4: ((16, (16, 64, 64, 4, 3)), (32, (32, 64, 128, 4, 3)), (128, (64, 128, 64, 8, 3)),
-                     (None, (128, 128, 128, 8, 3))),
-                 8: ((16, (16, 64, 128, 4, 3)), (32, (32, 64, 128, 4, 3)), (128, (64, 64, 128, 4, 3)),
-                     (None, (128, 64, 64, 4, 3)))}
+# Tuning tables, from bench/low_bit_kernels.py --sweep on an H200; INFERQ_LOW_BIT_KERNEL_CONFIGS names a JSON file
+# of the sweep's (written with --sweep) that replaces them, for another GPU.
+# rows: bits -> (BLOCK_N, BLOCK_K, warps, stages, runs: the 4-bit GEMV that tiles runs of 32 inputs, else the flat one).
+ROWS_CONFIGS = {4: (64, 128, 4, 1, False), 8: (8, 512, 4, 1, False)}
+# Rows from which the weight is dequantized into a 16-bit scratch copy and multiplied by the vendor's GEMM (bits ->
+# rows); absent: never.
+CUBLAS_FROM_ROWS: dict[int, int] = {}
+# tiles: bits -> ((largest M, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, 16-bit dequantization)), ...), the first
+# entry that holds M (the last: None, any M). The last flag (4-bit only): weights dequantized in x's 16-bit type
+# rather than in float32 and rounded.
+TILES_CONFIGS = {4: ((16, (16, 64, 64, 4, 3, True)), (32, (32, 64, 128, 4, 3, True)),
+                     (128, (64, 128, 64, 8, 3, True)), (None, (128, 128, 128, 8, 3, True))),
+                 8: ((16, (16, 64, 128, 4, 3, False)), (32, (32, 64, 128, 4, 3, False)),
+                     (128, (64, 64, 128, 4, 3, False)), (None, (128, 64, 64, 4, 3, False)))}
 
 
-def _rows_config(bits: int) -> tuple[int, int, int]:
+def load_configs(path: str | os.PathLike) -> None:
+    """Replace the tuning tables by a sweep's JSON file: {"rows": {bits: config}, "tiles": {bits: [[M, config]]}}."""
+    tuned = json.loads(Path(path).read_text())
+    ROWS_CONFIGS.update({int(bits): tuple(c) for bits, c in tuned.get("rows", {}).items()})
+    CUBLAS_FROM_ROWS.update({int(bits): rows for bits, rows in tuned.get("cublas_from_rows", {}).items()})
+    TILES_CONFIGS.update({int(bits): tuple((limit, tuple(c)) for limit, c in table)
+                          for bits, table in tuned.get("tiles", {}).items()})
+
+
+if os.environ.get("INFERQ_LOW_BIT_KERNEL_CONFIGS"):
+    load_configs(os.environ["INFERQ_LOW_BIT_KERNEL_CONFIGS"])
+
+
+def _rows_config(bits: int) -> tuple[int, int, int, int, bool]:
     return ROWS_CONFIGS[bits]
 
 
-def _tiles_config(bits: int, m: int) -> tuple[int, int, int, int, int]:
+def _tiles_config(bits: int, m: int) -> tuple[int, int, int, int, int, bool]:
     return next(c for limit, c in TILES_CONFIGS[bits] if limit is None or m <= limit)
 
 
@@ -110,9 +145,23 @@ def _finish(acc, out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om, 
 
 
 @triton.jit
+def _as_float(q, bias: tl.constexpr, DTYPE: tl.constexpr):
+    """q - bias as DTYPE, exactly, for int32 q >= 0 small enough for DTYPE's mantissa (below 2^23 in float32, 2^10 in
+    float16, 2^7 in bfloat16): the exponent trick of the module docstring, no int-to-float conversion."""
+    if DTYPE == tl.float16:
+        return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - (1024.0 + bias)
+    elif DTYPE == tl.bfloat16:
+        return (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - (128.0 + bias)
+    else:
+        return (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + bias)
+
+
+@triton.jit
 def _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_sn,
-               GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The float32 weights [len(cols), BLOCK_K / 2] of inputs k0 + k_lo (low nibbles) and k0 + k_lo + 16 (high)."""
+               GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+    """The weights [len(cols), BLOCK_K / 2] of inputs k0 + k_lo (low nibbles) and k0 + k_lo + 16 (high), as DTYPE
+    (float32, or the 16-bit type of x: a scale rounded to bfloat16 loses 3 of float16's bits, far below 4-bit
+    steps)."""
     col_ok = cols < N
     mask = col_ok[:, None] & (k0 + k_lo < K)[None, :]
     cols64 = cols.to(tl.int64)
@@ -120,19 +169,21 @@ def _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_s
     s_at = s_ptr + cols64[:, None] * stride_sn
     o_at = o_ptr + cols64[:, None] * stride_sn
     if BLOCK_K <= GROUP:  # the tile lies in one group: one scale per output row
-        scale = tl.load(s_at + k0 // GROUP, mask=col_ok[:, None], other=0.0).to(tl.float32)
+        scale = tl.load(s_at + k0 // GROUP, mask=col_ok[:, None], other=0.0).to(DTYPE)
         if HAS_OFFSET:
-            offset = tl.load(o_at + k0 // GROUP, mask=col_ok[:, None], other=0.0).to(tl.float32)
+            offset = tl.load(o_at + k0 // GROUP, mask=col_ok[:, None], other=0.0).to(DTYPE)
     else:
         group = ((k0 + k_lo) // GROUP)[None, :]
-        scale = tl.load(s_at + group, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(s_at + group, mask=mask, other=0.0).to(DTYPE)
         if HAS_OFFSET:
-            offset = tl.load(o_at + group, mask=mask, other=0.0).to(tl.float32)
-    low = (byte & 0xF).to(tl.float32)
-    high = (byte >> 4).to(tl.float32)
+            offset = tl.load(o_at + group, mask=mask, other=0.0).to(DTYPE)
+    byte = byte.to(tl.int32)
+    bias: tl.constexpr = 0.0 if HAS_OFFSET else 8.0  # symmetric: q - 8
+    low = _as_float(byte & 0xF, bias, DTYPE)
+    high = _as_float(byte >> 4, bias, DTYPE)
     if HAS_OFFSET:
         return low * scale + offset, high * scale + offset
-    return (low - 8.0) * scale, (high - 8.0) * scale
+    return low * scale, high * scale
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -149,12 +200,89 @@ def _int4_rows_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_p
     start, end = _k_range(K, BLOCK_K, SPLIT_K)
     for k0 in range(start, end, BLOCK_K):
         w_low, w_high = _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_sn,
-                                   GROUP, HAS_OFFSET, BLOCK_K)
+                                   GROUP, HAS_OFFSET, BLOCK_K, tl.float32)
         k_ok = k0 + k_lo < K
         x_low = tl.load(x_ptr + k0 + k_lo, mask=k_ok, other=0.0).to(tl.float32)
         x_high = tl.load(x_ptr + k0 + 16 + k_lo, mask=k_ok, other=0.0).to(tl.float32)
         acc += w_low * x_low[None, :] + w_high * x_high[None, :]
     _finish(tl.sum(acc, axis=1)[None, :], out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om, SPLIT_K)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _int4_runs_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
+                      stride_xm, stride_qn, stride_sn, stride_om, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The 4-bit GEMV on tiles [BLOCK_N, runs, 16 bytes]: a row's bytes are contiguous across a tile of any width
+    (GGUF's runs of 32 inputs follow each other), and each run lies in one group, so its integer products are summed
+    first and scaled once (no per-weight scale multiply or gather): Σ s·(q - 8)·x = s·Σ (q - 8)·x, and with an offset
+    Σ (q·s + o)·x = s·Σ q·x + o·Σ x. K is a whole number of runs (group sizes are multiples of 32)."""
+    RUNS: tl.constexpr = BLOCK_K // 32
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    col_ok = cols < N
+    runs = tl.arange(0, RUNS)
+    j = tl.arange(0, 16)
+    cols64 = cols.to(tl.int64)
+    q_at = q_ptr + cols64[:, None, None] * stride_qn + (runs * 16)[None, :, None] + j[None, None, :]
+    s_at = s_ptr + cols64[:, None] * stride_sn
+    o_at = o_ptr + cols64[:, None] * stride_sn
+    bias: tl.constexpr = 0.0 if HAS_OFFSET else 8.0
+    acc = tl.zeros((BLOCK_N, RUNS), dtype=tl.float32)
+    start, end = _k_range(K, BLOCK_K, SPLIT_K)
+    for k0 in range(start, end, BLOCK_K):
+        first = k0 + runs * 32  # each run's first input
+        run_ok = first < K
+        byte = tl.load(q_at + k0 // 2, mask=col_ok[:, None, None] & run_ok[None, :, None], other=0).to(tl.int32)
+        x_at = x_ptr + first[:, None] + j[None, :]
+        x_low = tl.load(x_at, mask=run_ok[:, None], other=0.0).to(tl.float32)
+        x_high = tl.load(x_at + 16, mask=run_ok[:, None], other=0.0).to(tl.float32)
+        dots = tl.sum(_as_float(byte & 0xF, bias, tl.float32) * x_low[None, :, :]
+                      + _as_float(byte >> 4, bias, tl.float32) * x_high[None, :, :], axis=2)
+        group = (first // GROUP)[None, :]
+        mask = col_ok[:, None] & run_ok[None, :]
+        acc += dots * tl.load(s_at + group, mask=mask, other=0.0).to(tl.float32)
+        if HAS_OFFSET:
+            x_sums = tl.sum(x_low + x_high, axis=1)
+            acc += tl.load(o_at + group, mask=mask, other=0.0).to(tl.float32) * x_sums[None, :]
+    _finish(tl.sum(acc, axis=1)[None, :], out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om, SPLIT_K)
+
+
+def dequantize(layer, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's weight [N, K] in `dtype` (16-bit), in one pass over its bytes: for the vendor's GEMM where many
+    rows share each weight (CUBLAS_FROM_ROWS)."""
+    n, k = layer.out_features, layer.in_features
+    out = torch.empty((n, k), dtype=dtype, device=layer.qweight.device)
+    block_n, block_k = 16, 256
+    offset = layer.offset if layer.offset is not None else layer.scale
+    _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        layer.qweight, layer.scale, offset, out, n, k, layer.qweight.stride(0), layer.scale.stride(0),
+        BITS=layer.bits, GROUP=layer.group_size, HAS_OFFSET=layer.offset is not None, BLOCK_N=block_n,
+        BLOCK_K=block_k)
+    return out
+
+
+@triton.jit
+def _dequantize_kernel(q_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_qn, stride_sn, BITS: tl.constexpr,
+                       GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    col_ok = (cols < N)[:, None]
+    cols64 = cols.to(tl.int64)[:, None]
+    if BITS == 4:
+        t = tl.arange(0, BLOCK_K // 2)
+        k_lo = (t // 16) * 32 + t % 16
+        w_low, w_high = _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_sn,
+                                   GROUP, HAS_OFFSET, BLOCK_K, tl.float32)
+        mask = col_ok & (k0 + k_lo < K)[None, :]
+        at = out_ptr + cols64 * K + (k0 + k_lo)[None, :]
+        tl.store(at, w_low.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(at + 16, w_high.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask = col_ok & (ks < K)[None, :]
+        w = _int8_as_float(tl.load(q_ptr + cols64 * stride_qn + ks[None, :], mask=mask, other=0), tl.float32)
+        scale = tl.load(s_ptr + cols64 * stride_sn + (ks // GROUP)[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + cols64 * K + ks[None, :], (w * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -170,7 +298,8 @@ def _tile_coordinates(M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit(do_not_specialize=["M"])
 def _int4_tiles_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
                        stride_xm, stride_qn, stride_sn, stride_om, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                       W16: tl.constexpr):
     HALF: tl.constexpr = BLOCK_K // 2
     rows, cols = _tile_coordinates(M, BLOCK_M, BLOCK_N)
     t = tl.arange(0, HALF)
@@ -181,7 +310,7 @@ def _int4_tiles_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
     start, end = _k_range(K, BLOCK_K, SPLIT_K)
     for k0 in range(start, end, BLOCK_K):
         w_low, w_high = _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_sn,
-                                   GROUP, HAS_OFFSET, BLOCK_K)
+                                   GROUP, HAS_OFFSET, BLOCK_K, x_ptr.dtype.element_ty if W16 else tl.float32)
         x_mask = (k0 + k_lo < K)[:, None] & (rows < M)[None, :]
         x_low = tl.load(x_at + k0, mask=x_mask, other=0.0)
         x_high = tl.load(x_at + k0 + 16, mask=x_mask, other=0.0)
@@ -201,6 +330,16 @@ def _int8_scales(s_ptr, cols, ks, k0, K, N, stride_sn, GROUP: tl.constexpr, BLOC
                    other=0.0).to(tl.float32)
 
 
+@triton.jit
+def _int8_as_float(q, DTYPE: tl.constexpr):
+    """int8 q as DTYPE exactly: q + 128 (0..255) through the exponent trick in float32, or float16's (1152 + q);
+    bfloat16's mantissa cannot hold 256 steps, so it takes float32's and rounds (exactly: |q| < 2^8)."""
+    if DTYPE == tl.float16:
+        return (q.to(tl.int32) + 0x6480).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0
+    else:
+        return ((q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0).to(DTYPE)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _int8_rows_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
                       stride_xm, stride_qn, stride_sn, stride_om, GROUP: tl.constexpr, PER_ROW: tl.constexpr,
@@ -214,7 +353,7 @@ def _int8_rows_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_p
     start, end = _k_range(K, BLOCK_K, SPLIT_K)
     for k0 in range(start, end, BLOCK_K):
         k_ok = k0 + ks < K
-        w = tl.load(q_at + k0, mask=col_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
+        w = _int8_as_float(tl.load(q_at + k0, mask=col_ok[:, None] & k_ok[None, :], other=0), tl.float32)
         if not PER_ROW:
             w = w * _int8_scales(s_ptr, cols, ks, k0, K, N, stride_sn, GROUP, BLOCK_K)
         acc += w * tl.load(x_ptr + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
@@ -240,10 +379,10 @@ def _int8_tiles_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
         x = tl.load(x_at + k0, mask=k_ok[:, None] & (rows < M)[None, :], other=0.0)
         w = tl.load(q_at + k0, mask=col_ok[:, None] & k_ok[None, :], other=0)
         if PER_ROW:  # int8 values are exact in every 16-bit float type: exact products, scaled at the end
-            acc = tl.dot(w.to(x.dtype), x, acc)
+            acc = tl.dot(_int8_as_float(w, x.dtype), x, acc)
         else:
             scale = _int8_scales(s_ptr, cols, ks, k0, K, N, stride_sn, GROUP, BLOCK_K)
-            acc = tl.dot((w.to(tl.float32) * scale).to(x.dtype), x, acc)
+            acc = tl.dot((_int8_as_float(w, tl.float32) * scale).to(x.dtype), x, acc)
     if PER_ROW:
         acc = acc * tl.load(s_ptr + cols.to(tl.int64) * stride_sn, mask=col_ok, other=0.0).to(tl.float32)[:, None]
     _finish(tl.trans(acc), out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om, SPLIT_K)

@@ -61,3 +61,30 @@ def test_bias_and_strided_rows_through_the_module():
     out = kernels.quantized_matmul(x, layer) + layer.bias
     exact = x.float() @ layer.dequantize().t() + linear.bias.float()
     assert ((out.float() - exact).norm() / exact.norm()).item() < 2e-3
+
+
+@pytest.mark.parametrize("fmt,group,n,k", [c for c in CASES if c[0].endswith("int4")])
+@pytest.mark.parametrize("block_k", [128, 512])
+def test_the_runs_gemv_computes_the_dequantized_product(monkeypatch, fmt, group, n, k, block_k):
+    """The 4-bit GEMV over runs of 32 inputs (scales applied per run), with tiles narrower and wider than a group."""
+    torch.manual_seed(0)
+    monkeypatch.setitem(kernels.ROWS_CONFIGS, 4, (16, block_k, 4, 1, True))
+    layer = layer_for(fmt, group, n, k)
+    x = torch.randn(1, k, dtype=torch.float16)
+    exact = x.float() @ layer.dequantize().t()
+    out = kernels.quantized_matmul(x, layer)
+    assert ((out.float() - exact).norm() / exact.norm()).item() < 2e-3, (fmt, group, n, k, block_k)
+
+
+@pytest.mark.parametrize("fmt,group,n,k", [CASES[1], CASES[3], CASES[5], CASES[7]])
+def test_many_rows_can_take_the_dequantized_weight_to_the_vendor_gemm(monkeypatch, fmt, group, n, k):
+    """CUBLAS_FROM_ROWS: the weight dequantized in one kernel pass (exactly dequantize()'s values, rounded once),
+    then F.linear."""
+    torch.manual_seed(0)
+    layer = layer_for(fmt, group, n, k)
+    assert torch.equal(kernels.dequantize(layer, torch.float16), layer.dequantize(torch.float16))
+    monkeypatch.setitem(kernels.CUBLAS_FROM_ROWS, layer.bits, 64)
+    x = torch.randn(70, k, dtype=torch.float16)
+    exact = x.float() @ layer.dequantize().t()
+    out = kernels.quantized_matmul(x, layer)
+    assert ((out.float() - exact).norm() / exact.norm()).item() < 2e-3
