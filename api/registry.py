@@ -2,7 +2,10 @@
 
 Keys: {p}:worker:{model}:{wid} (string, JSON of the worker's info, TTL = its heartbeat lease),
 {p}:workers:{model} (sorted set of worker ids, score = lease expiry), {p}:models (every model ever announced),
-{p}:models:created (hash, model -> when a worker first announced it: the model object's `created`).
+{p}:models:created (hash, model -> when a worker first announced it: the model object's `created`),
+{p}:throughput:{t} (hash, model -> completion tokens generated in the THROUGHPUT_BUCKET_S seconds from Unix time t,
+a multiple of the bucket: each heartbeat adds what its worker's engine generated since the one before; TTL = the
+window the dashboard plots, plus a minute).
 """
 from __future__ import annotations
 
@@ -13,6 +16,34 @@ import redis
 
 from api.job_record import dump
 
+THROUGHPUT_BUCKET_S = 5
+THROUGHPUT_WINDOW_S = 600  # what the dashboard plots (api/dashboard.py): 120 buckets
+
+
+def throughput_key(prefix: str, bucket: int) -> str:
+    return f"{prefix}:throughput:{bucket}"
+
+
+def spread_tokens(tokens: int, start: float, end: float) -> dict[int, int]:
+    """`tokens` generated between Unix times `start` and `end`, shared among the throughput buckets that interval
+    spans in proportion to their overlap with it (bucket start -> tokens; the shares sum to `tokens`, less what
+    falls before the window): a heartbeat's period need not match the bucket's."""
+    if tokens <= 0:
+        return {}
+    size = THROUGHPUT_BUCKET_S
+    if end <= start:
+        return {int(end // size) * size: tokens}
+    first, last = int(max(start, end - THROUGHPUT_WINDOW_S) // size), int(end // size)
+    shares: dict[int, int] = {}
+    given = max(0, round(tokens * (first * size - start) / (end - start)))  # before the window: dropped
+    for index in range(first, last + 1):
+        upto = min(end, (index + 1) * size)
+        share = round(tokens * (upto - start) / (end - start)) - given
+        if share > 0:
+            shares[index * size] = share
+            given += share
+    return shares
+
 
 class WorkerRegistry:
     def __init__(self, redis_client: redis.Redis, prefix: str) -> None:
@@ -20,8 +51,9 @@ class WorkerRegistry:
         self.prefix = prefix
         self._snapshot: tuple[float, dict[str, list[dict]], set[str]] | None = None
 
-    def announce(self, worker_id: str, info: dict, ttl_s: int) -> None:
-        """Heartbeat: the worker serving `info["model"]` is alive for `ttl_s` more seconds."""
+    def announce(self, worker_id: str, info: dict, ttl_s: int, tokens: dict[int, int] | None = None) -> None:
+        """Heartbeat: the worker serving `info["model"]` is alive for `ttl_s` more seconds; `tokens`: what its
+        engine generated since the last heartbeat, per throughput bucket (spread_tokens)."""
         model, now = info["model"], time.time()
         record = {**info, "worker_id": worker_id, "last_seen": now}
         pipe = self.r.pipeline(transaction=True)
@@ -29,6 +61,10 @@ class WorkerRegistry:
         pipe.zadd(f"{self.prefix}:workers:{model}", {worker_id: now + ttl_s})
         pipe.sadd(f"{self.prefix}:models", model)
         pipe.hsetnx(f"{self.prefix}:models:created", model, int(now))
+        for bucket, count in (tokens or {}).items():
+            key = throughput_key(self.prefix, bucket)
+            pipe.hincrby(key, model, count)
+            pipe.expire(key, THROUGHPUT_WINDOW_S + 60)
         pipe.execute()
 
     def created(self, models: list[str]) -> dict[str, int]:

@@ -52,8 +52,10 @@ local function end_job(status)
 end
 local function is_terminal(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' end
 """
-# KEYS: job, owner index, queued set, idempotency key ("-" = none), open interactive set ("-" = bulk).
-# ARGV: id, created, idem ttl, has idem, fields...
+RECENT_JOBS = 50  # interactive jobs per owner in its recent-jobs index (the dashboard's list: api/dashboard.py)
+
+# KEYS: job, owner index, queued set, idempotency key ("-" = none), open interactive set ("-" = bulk), the owner's
+# recent interactive jobs ("-" = bulk). ARGV: id, created, idem ttl (the retention), has idem, fields...
 _CREATE_LUA = """
 if ARGV[4] == '1' then
   local existing = redis.call('GET', KEYS[4])
@@ -65,9 +67,12 @@ redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 if KEYS[3] ~= '-' then
   redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
   redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
+  redis.call('ZADD', KEYS[6], ARGV[2], ARGV[1])
+  redis.call('ZREMRANGEBYRANK', KEYS[6], 0, -KEEP_PLUS_ONE)
+  redis.call('EXPIRE', KEYS[6], ARGV[3])
 end
 return {1, ARGV[1]}
-"""
+""".replace("KEEP_PLUS_ONE", str(RECENT_JOBS + 1))
 # KEYS: job. ARGV: "first" (never sent yet) or "again" (sent before). A queued job's next dispatch number, or nil.
 _DISPATCH_LUA = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return nil end
@@ -226,7 +231,8 @@ class JobStore:
             created, job_id = self._create(
                 keys=[self.keys.job(job.id), self.keys.owner_jobs(owner),
                       self.keys.queued(model) if interactive else "-", idem_key or "-",
-                      self.keys.open_interactive(model) if interactive else "-"],
+                      self.keys.open_interactive(model) if interactive else "-",
+                      self.recent_key(owner) if interactive else "-"],
                 args=[job.id, repr(job.created_at), self.retention_seconds, "1" if idem_key else "0", *[part for pair in job.to_fields().items() for part in pair]],
             )
             if int(created):
@@ -238,6 +244,11 @@ class JobStore:
             # The key outlived its job (both expired on their own clocks): forget it and create afresh.
             self.r.delete(idem_key)
         raise RuntimeError("idempotent create kept racing with expiry")  # pragma: no cover
+
+    def recent_key(self, owner: str) -> str:
+        """{p}:owner:{owner}:recent: sorted set of the owner's newest RECENT_JOBS interactive jobs (batch lines are
+        left out: their batch stands for them), score = created_at; kept by the create script, in its step."""
+        return f"{self.prefix}:owner:{owner}:recent"
 
     def get(self, job_id: str, owner: str | None = None) -> Job | None:
         """The job, or None if it does not exist (or expired), is no job id, or belongs to another owner than

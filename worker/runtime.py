@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import redis
 
 from api.job_record import JobStatus
 from api.lifecycle import pump, run_again_or_end, settle, sweep_ended
+from api.registry import spread_tokens
 from api.settings import Settings
 from api.store import JobStore
 from api.tokenization import publish_tokenizer
@@ -88,6 +90,10 @@ class WorkerRuntime:
     _orphans: set[str] = field(default_factory=set)  # leased here, no task: seen at the last sweep
     _resend_pending: bool = False  # after_consumer_restart could not reach Redis: the next sweep does it
     _tokenizer_published: bool = False  # for the API's /tokenize (api/tokenization.py): before the first announce
+    # The engine's generated tokens as of the last heartbeat that reached Redis, and when: each heartbeat adds the
+    # tokens since to the throughput buckets (api/registry.py) the dashboard plots.
+    _tokens_announced: int = 0
+    _tokens_announced_at: float = field(default_factory=time.time)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -117,7 +123,7 @@ class WorkerRuntime:
         return {**self.info, **engine.stats(), "worker_id": self.worker_id, "bulk_slots": caps["bulk_slots"],
                 "bulk_slots_idle": caps["bulk_slots_idle"], "batch_size": engine.last_batch_size,
                 "max_batch_size": engine.max_batch_size, "steps": engine.num_steps,
-                "engine_busy_seconds": round(engine.busy_seconds, 3),
+                "engine_busy_seconds": round(engine.busy_seconds, 3), "max_num_seqs": engine.config.max_num_seqs,
                 "generated_tokens": engine.num_generated_tokens, "active_jobs": len(self.active)}
 
     def sweep(self) -> None:
@@ -164,11 +170,18 @@ class WorkerRuntime:
             try:
                 if not self._tokenizer_published:
                     self._publish_tokenizer()
-                self.store.registry.announce(self.worker_id, self.announcement(), ttl_s=int(period * 3) + 1)
+                self._announce(ttl_s=int(period * 3) + 1)
                 self.sweep()
             except Exception:  # noqa: BLE001 - Redis may blip; the next beat retries
                 log.warning("heartbeat failed", exc_info=True)
             self._stop.wait(period)
+
+    def _announce(self, ttl_s: int) -> None:
+        info, now = self.announcement(), time.time()
+        generated = info["generated_tokens"]
+        tokens = spread_tokens(generated - self._tokens_announced, self._tokens_announced_at, now)
+        self.store.registry.announce(self.worker_id, info, ttl_s=ttl_s, tokens=tokens)
+        self._tokens_announced, self._tokens_announced_at = generated, now  # not before: a failed beat's carry over
 
     def _publish_tokenizer(self) -> None:
         try:
