@@ -25,11 +25,24 @@ log = logging.getLogger(__name__)
 
 def settle(store: JobStore, job: Job, celery=None) -> None:
     """Everything that follows the end of `job` (read after it ended); then it leaves the ended set."""
+    _log_end(job)
     record_finished(store, job)
     if job.metadata.get("batch_id"):
         _settle_batch_line(store, job, celery)
     enqueue_event(store, job, "completed", celery)
     store.settled(job.id)
+
+
+def _log_end(job: Job) -> None:
+    """One INFO line per job, wherever it ended (`--log-level INFO` shows them)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    usage, error = job.usage or {}, job.error or {}
+    took = f"{job.finished_at - job.created_at:.2f} s" if job.finished_at and job.created_at else "?"
+    log.info("job %s %s: %s %s, %d prompt + %d output tokens, %s%s%s", job.id, job.status.value, job.model,
+             job.endpoint, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), took,
+             f", {job.attempts} attempts" if job.attempts > 1 else "",
+             f", {error.get('code') or error.get('type')}: {error.get('message')}" if error else "")
 
 
 def run_again_or_end(store: JobStore, job_id: str, model: str, reason: str, code: str, max_attempts: int,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -39,10 +38,13 @@ def _descendants(marker: bytes) -> list[int]:
 
 
 def test_a_killed_serve_leaves_no_process_behind(tmp_path):
-    port = free_port()
+    port, redis_port = free_port(), free_port()
     log = open(tmp_path / "serve.log", "w+b")
-    serve = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve", "--port", str(port), "--max-num-seqs", "8"],
-                             env=os.environ | {"INFERQ_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"},
+    # INFERQ_CPU_KERNELS=0: a fresh INFERQ_HOME would build the C++ kernels first (tens of seconds).
+    serve = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve", "--port", str(port), "--redis-port",
+                              str(redis_port), "--max-num-seqs", "8"],
+                             env=os.environ | {"INFERQ_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1",
+                                               "INFERQ_CPU_KERNELS": "0"},
                              stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -56,7 +58,6 @@ def test_a_killed_serve_leaves_no_process_behind(tmp_path):
             time.sleep(0.5)
         else:
             raise AssertionError("inferq serve did not come up: " + (tmp_path / "serve.log").read_text())
-        redis_port = int(re.search(r"Redis at redis://127\.0\.0\.1:(\d+)", (tmp_path / "serve.log").read_text())[1])
         assert _accepts(port) and _accepts(redis_port)
         serve.send_signal(signal.SIGKILL)
         serve.wait(10)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -12,10 +13,24 @@ import httpx
 from tqdm import tqdm
 
 TERMINAL = ("completed", "failed", "cancelled", "expired")
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _reaching_the_api(command):
+    """A server that is down, or goes away during `--wait`, is one line and exit status 1, not a traceback."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except httpx.TransportError as exc:  # refused, reset, timed out, closed mid-answer
+            raise SystemExit(f"error: cannot reach the inferq API at {args.url}: "
+                             f"{str(exc) or type(exc).__name__}") from None
+    return run
 
 
 def _client(args: argparse.Namespace) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    api_key = args.api_key or os.environ.get("INFERQ_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return httpx.Client(base_url=args.url, headers=headers, timeout=120)
 
 
@@ -88,25 +103,37 @@ def cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_batch_commands(commands) -> None:
-    batch = commands.add_parser("batch", help="submit and follow bulk work (OpenAI Batch API)")
-    batch.add_argument("--url", default=os.environ.get("INFERQ_API_URL", "http://127.0.0.1:8000"))
-    batch.add_argument("--api-key", default=os.environ.get("INFERQ_API_KEY"))
+def add_batch_commands(commands, add_command) -> None:
+    """`add_command(subparsers, name, help=..., parents=[...])`: worker/cli.py's, which gives every command the
+    global flags."""
+    batch = add_command(commands, "batch", help="submit and follow bulk work (OpenAI Batch API)")
+    batch.add_argument("--url", default=os.environ.get("INFERQ_API_URL", DEFAULT_URL),
+                       help="the API (env INFERQ_API_URL)")
+    # Read from the environment when used (_client), not as the default: --help shows defaults, never a key.
+    batch.add_argument("--api-key", help="bearer key (env INFERQ_API_KEY)")
+    # The same flags after the verb too (`inferq batch submit f --url ...`); SUPPRESS, so that an absent one keeps
+    # what was given before the verb (or the default above).
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--url", default=argparse.SUPPRESS,
+                        help=f"the API (env INFERQ_API_URL; default: {DEFAULT_URL})")
+    client.add_argument("--api-key", default=argparse.SUPPRESS, help="bearer key (env INFERQ_API_KEY)")
     verbs = batch.add_subparsers(dest="verb", required=True)
-    p = verbs.add_parser("submit", help="upload a JSONL file and create a batch; prints its id")
-    p.add_argument("file")
-    p.add_argument("--endpoint", default="/v1/chat/completions")
-    p.add_argument("--completion-window", default="24h")
+
+    def add_verb(name: str, func, help: str) -> argparse.ArgumentParser:
+        verb = add_command(verbs, name, help=help, parents=[client])
+        verb.set_defaults(func=_reaching_the_api(func))
+        return verb
+
+    p = add_verb("submit", submit, "upload a JSONL file and create a batch; prints its id")
+    p.add_argument("file", help="JSONL, one request per line (OpenAI's batch input format)")
+    p.add_argument("--endpoint", default="/v1/chat/completions", help="the lines' endpoint")
+    p.add_argument("--completion-window", default="24h", help="after this the batch expires")
     p.add_argument("--wait", action="store_true", help="follow it with a progress bar until it ends")
-    p.set_defaults(func=submit)
-    p = verbs.add_parser("status", help="the batch object")
+    p = add_verb("status", status, "the batch object")
     p.add_argument("batch_id")
-    p.set_defaults(func=status)
-    p = verbs.add_parser("results", help="download the output (and error) file")
+    p = add_verb("results", results, "download the output (and error) file")
     p.add_argument("batch_id")
-    p.add_argument("-o", "--output", default="output.jsonl")
+    p.add_argument("-o", "--output", default="output.jsonl", help="where the output file goes")
     p.add_argument("-e", "--errors", help="also write the error file here")
-    p.set_defaults(func=results)
-    p = verbs.add_parser("cancel", help="cancel a batch; finished results are kept")
+    p = add_verb("cancel", cancel, "cancel a batch; finished results are kept")
     p.add_argument("batch_id")
-    p.set_defaults(func=cancel)

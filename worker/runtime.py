@@ -253,13 +253,18 @@ class WorkerRuntime:
 _runtime: WorkerRuntime | None = None
 
 
-def start_runtime(config: EngineConfig, model_name: str, settings: Settings, extra_info: dict) -> WorkerRuntime:
+def start_runtime(config: EngineConfig, model_name: str, settings: Settings, extra_info: dict,
+                  chat_template: str | None = None) -> WorkerRuntime:
+    """The worker's runtime: its engine process, writer and background threads. `chat_template` replaces the
+    tokenizer's own (for the worker's chat prompts and the tokenizer it publishes for the API's /tokenize)."""
     global _runtime
     # One connection per Celery thread, plus the writer, heartbeat, cancel listener and some slack: threads past
     # the pool wait for a connection rather than fail.
     store = JobStore.from_url(settings.redis_url, max_connections=capacities(config.max_num_seqs)["threads"] + 16,
                               prefix=settings.key_prefix, retention_seconds=settings.result_retention_seconds)
     tokenizer = load_tokenizer(config.tokenizer or config.model)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     if not extra_info.get("tool_call_parser"):
         extra_info = extra_info | {"tool_call_parser": parser_for_template(getattr(tokenizer, "chat_template", None))}
     writer = OutputWriter(store, tokenizer).start()
