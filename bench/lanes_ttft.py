@@ -24,7 +24,7 @@ import httpx  # noqa: E402
 
 from api.local_redis import start_redis  # noqa: E402
 from tests.service import API_KEYS, MODEL, Service  # noqa: E402
-from worker.cli import default_model_dir, ensure_demo_model  # noqa: E402
+from worker.engine_flags import default_model_dir, ensure_demo_model  # noqa: E402
 
 
 def ttft(client: httpx.Client, prompt: str, max_tokens: int) -> float:

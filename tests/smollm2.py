@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.cli import inferq_home
+from engine.config import inferq_home
 
 NAME = "smollm2-135m-instruct"
 

@@ -23,16 +23,9 @@ import pytest
 
 from engine.config import EngineConfig
 from tests.service import free_port
-from worker.cli import (
-    build_parser,
-    check_auth_for,
-    engine_argv,
-    engine_flag,
-    engine_flag_fields,
-    engine_options,
-    read_chat_template,
-    serve_worker_argv,
-)
+from worker.cli import build_parser
+from worker.engine_flags import engine_argv, engine_flag, engine_flag_fields, engine_options, read_chat_template
+from worker.serve import check_auth_for, serve_worker_argv
 
 REPO = Path(__file__).resolve().parent.parent
 

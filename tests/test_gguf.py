@@ -103,7 +103,7 @@ def test_worker_serves_a_gguf_file_and_announces_its_format(redis_url, tmp_path)
 
 
 def test_served_model_name_is_the_file_stem():
-    from worker.cli import served_model_name
+    from worker.engine_flags import served_model_name
 
     assert served_model_name("/models/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1"
     assert served_model_name("/models/Llama-2-7b-hf") == "Llama-2-7b-hf"
