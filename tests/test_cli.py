@@ -321,3 +321,9 @@ def test_make_run_banner_curl_answers_the_first_time(tmp_path):
             serve.kill()
             serve.wait()
     assert serve.returncode == 0, "".join(lines)
+
+
+def test_a_worker_on_a_directory_without_a_checkpoint_says_so(tmp_path):
+    """An empty --model directory (an unset docker mount) stops the worker with one line, before any loading."""
+    result = inferq("worker", "--model", str(tmp_path), env={"INFERQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    assert one_error_line(result) == f"error: {tmp_path} is not a model directory: it has no config.json"

@@ -77,6 +77,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     chat_template = read_chat_template(args.chat_template) if args.chat_template else None
     options = engine_options(args) | {"device": device}
+    if not options["model"].endswith(".gguf"):
+        from engine.loader import check_model_dir
+
+        check_model_dir(options["model"])  # an empty mount fails here, not deep in the tokenizer's loading
     name = args.served_model_name or served_model_name(options["model"])
     # The tool-call format is read from the chat template the worker uses: an overriding one decides it.
     tool_call_parser = args.tool_call_parser or (parser_for_template(chat_template) if chat_template else None)
