@@ -12,15 +12,20 @@
 //
 // Weights come out exactly as QuantizedLinear.dequantize computes them: w = q * s + a with (s, a) = (scale, 0) for
 // int8, (scale, -8 * scale) for symmetric int4 and (scale, offset) for asymmetric int4. q * s is exact in float32
-// (a small integer times a float16), so the fused multiply-add rounds once, where the reference's add does.
+// (a small integer times a float16), so the fused multiply-add rounds once, where the reference's add does. A 4-bit
+// group's 16 weights are computed so once and looked up; int8 with one scale per row, on the few-rows path, sums
+// x * q and multiplies the sums by the scale (the same product, rounded in another order).
 //
 // AVX-512 (x86-64 -march=native on a CPU that has it) gets intrinsics; every other CPU the portable path (the panel
-// path in plain loops that the compiler vectorises).
+// path for every row count, in loops and generic vectors that the compiler turns into AVX2, SSE or NEON; building
+// with -DINFERQ_PORTABLE or -mno-avx512f selects it on an AVX-512 machine, which is how it is tested).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__) && \
@@ -46,6 +51,9 @@ constexpr int64_t kSplit = 12;  // threads split W's rows in blocks of this (a m
 constexpr int64_t kPanelBytes = 128 * 1024;
 // Multiply-adds below which a thread is not worth waking (tens of microseconds of work).
 constexpr int64_t kMinWorkPerThread = 1 << 16;
+// Claims of rows per thread (matmul): enough that a late thread's share is taken over in small steps, few enough
+// that the shared counter costs nothing next to a claim's work.
+constexpr int64_t kClaimsPerThread = 8;
 
 struct QWeight {
   const uint8_t* q;        // 4-bit: [N, K / 2] nibble pairs; 8-bit: int8 [N, K]
@@ -82,9 +90,30 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 #ifdef INFERQ_AVX512
 inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
 
+// 16 int8 weights as floats. Masked loads only where K ends mid-vector (`tail`): streaming a weight from memory
+// through masked loads ran at a quarter of the bandwidth of plain ones (measured on Zen 5: the prefetchers seem
+// not to follow them).
+template <bool tail>
+inline __m512 int8_vector(const uint8_t* p, __mmask16 m) {
+  const __m128i bytes = tail ? _mm_maskz_loadu_epi8(m, p) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+}
+
+template <bool tail>
+inline __m512 float_vector(const float* p, __mmask16 m) {
+  return tail ? _mm512_maskz_loadu_ps(m, p) : _mm512_loadu_ps(p);
+}
+
+// A 4-bit group has only 16 distinct weights: lane q holds q * s + a, computed as dequantize computes it. vpermps
+// (_mm512_permutexvar_ps) then turns a vector of nibbles into their weights in one instruction, reading only the
+// low 4 bits of each index, where convert-then-multiply-add takes two and the low nibble a mask besides.
+inline __m512 nibble_table(__m512 vs, __m512 va) {
+  const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm512_fmadd_ps(q, vs, va);
+}
+
 void dequant_row(const QWeight& w, int64_t r, float* dst, int64_t stride) {
   const uint8_t* q = w.row(r);
-  const __m512i low = _mm512_set1_epi32(0xF);
   for (int64_t g = 0; g < w.groups(); ++g) {
     float s, a;
     group_affine(w, r, g, s, a);
@@ -93,37 +122,47 @@ void dequant_row(const QWeight& w, int64_t r, float* dst, int64_t stride) {
     if (w.bits == 8) {
       // Any group size: one per row need not be a multiple of 16. Groups of 32 start on a vector; a group of
       // K is the only one, so the masked tail (zeros past K, as a = 0) is the row's end.
-      for (int64_t k = k0; k < k1; k += kLanes) {
-        const __m512i v = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail_mask(k1 - k), q + k));
-        _mm512_storeu_ps(dst + k / kLanes * stride, _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), vs, va));
+      int64_t k = k0;
+      for (; k + kLanes <= k1; k += kLanes)
+        _mm512_storeu_ps(dst + k / kLanes * stride, _mm512_fmadd_ps(int8_vector<false>(q + k, 0), vs, va));
+      if (k < k1) {
+        const __m512 tail = int8_vector<true>(q + k, tail_mask(k1 - k));
+        _mm512_storeu_ps(dst + k / kLanes * stride, _mm512_fmadd_ps(tail, vs, va));
       }
       continue;
     }
+    const __m512 table = nibble_table(vs, va);
     for (int64_t run = k0; run < k1; run += kRun) {
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + run / 2)));
       float* out = dst + run / kLanes * stride;
-      _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), vs, va));
-      _mm512_storeu_ps(out + stride, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), vs, va));
+      _mm512_storeu_ps(out, _mm512_permutexvar_ps(v, table));  // the low nibble: vpermps reads 4 bits
+      _mm512_storeu_ps(out + stride, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table));
     }
   }
 }
 #else
+// Every loop below runs over the 16 contiguous floats of one panel vector, so the compiler vectorises each
+// (per-element index arithmetic, k / 16 and k % 16, would keep it scalar).
 void dequant_row(const QWeight& w, int64_t r, float* dst, int64_t stride) {
   const uint8_t* q = w.row(r);
-  const auto at = [&](int64_t k) -> float& { return dst[k / kLanes * stride + k % kLanes]; };
-  for (int64_t k = w.k; k < round_up(w.k, kLanes); ++k) at(k) = 0.f;
   for (int64_t g = 0; g < w.groups(); ++g) {
     float s, a;
     group_affine(w, r, g, s, a);
-    const int64_t k0 = g * w.group;
+    const int64_t k0 = g * w.group, k1 = k0 + w.group;
     if (w.bits == 8) {
+      // A group of 32 starts on a vector; one of K is the only one, so the zeros past K are the row's end.
       const int8_t* src = reinterpret_cast<const int8_t*>(q);
-      for (int64_t k = k0; k < k0 + w.group; ++k) at(k) = static_cast<float>(src[k]) * s + a;
+      for (int64_t k = k0; k < k1; k += kLanes) {
+        float* out = dst + k / kLanes * stride;
+        const int64_t n = std::min(kLanes, k1 - k);
+        for (int64_t l = 0; l < n; ++l) out[l] = static_cast<float>(src[k + l]) * s + a;
+        for (int64_t l = n; l < kLanes; ++l) out[l] = 0.f;
+      }
       continue;
     }
-    for (int64_t run = k0; run < k0 + w.group; run += kRun) {  // one run is two whole vectors
-      float* lo = &at(run);
-      float* hi = &at(run + kLanes);
+    for (int64_t run = k0; run < k1; run += kRun) {  // one run is two whole vectors
+      float* lo = dst + run / kLanes * stride;
+      float* hi = lo + stride;
       const uint8_t* src = q + run / 2;
       for (int64_t j = 0; j < kLanes; ++j) {
         lo[j] = static_cast<float>(src[j] & 0xF) * s + a;
@@ -199,15 +238,32 @@ void tile(const float* a, int64_t lda, const float* b, int64_t vectors, float* c
   store_sums<MR, NR>(acc, c, ldc, cols);
 }
 
+// Inputs k .. k + 15 (those of mask m where `tail`) of NR int8 weight rows against MR rows of x, added to acc.
+template <int MR, int NR, bool tail>
+INFERQ_INLINE void int8_step(const uint8_t* const (&rows)[NR], int64_t k, __mmask16 m, const float* x, int64_t ldx,
+                             bool per_row, const __m512 (&vs)[NR], __m512 (&acc)[MR][NR]) {
+  __m512 wv[NR];
+  INFERQ_UNROLL for (int j = 0; j < NR; ++j) {
+    const __m512 q = int8_vector<tail>(rows[j] + k, m);
+    wv[j] = per_row ? q : _mm512_mul_ps(q, vs[j]);
+  }
+  INFERQ_UNROLL for (int i = 0; i < MR; ++i) {
+    const __m512 xv = float_vector<tail>(x + i * ldx + k, m);
+    INFERQ_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+  }
+}
+
 // The few-rows path: NR weight rows from row r on, dequantized in registers, against MR rows of x (all of K).
 template <int MR, int NR>
 void stream_tile(const QWeight& w, int64_t r, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t cols) {
   __m512 acc[MR][NR];
   INFERQ_UNROLL for (int i = 0; i < MR; ++i)
     INFERQ_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  const __m512i low = _mm512_set1_epi32(0xF);
   const uint8_t* rows[NR];
   INFERQ_UNROLL for (int j = 0; j < NR; ++j) rows[j] = w.row(r + j);
+  // int8 with one scale per row (the default): sum x * q, then multiply each sum by its row's scale once, instead
+  // of every weight (the result differs from the reference's order only in rounding).
+  const bool per_row = w.bits == 8 && w.groups() == 1;
   for (int64_t g = 0; g < w.groups(); ++g) {
     __m512 vs[NR], va[NR];
     INFERQ_UNROLL for (int j = 0; j < NR; ++j) {
@@ -218,20 +274,18 @@ void stream_tile(const QWeight& w, int64_t r, const float* x, int64_t ldx, float
     }
     const int64_t k0 = g * w.group, k1 = k0 + w.group;
     if (w.bits == 8) {
-      for (int64_t k = k0; k < k1; k += kLanes) {
-        const __mmask16 m = tail_mask(k1 - k);  // one scale per row: K need not be a multiple of 16
-        __m512 wv[NR];
-        INFERQ_UNROLL for (int j = 0; j < NR; ++j) {
-          const __m512i v = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, rows[j] + k));
-          wv[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(v), vs[j]);
-        }
-        INFERQ_UNROLL for (int i = 0; i < MR; ++i) {
-          const __m512 xv = _mm512_maskz_loadu_ps(m, x + i * ldx + k);
-          INFERQ_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
-        }
+      int64_t k = k0;
+      for (; k + kLanes <= k1; k += kLanes) int8_step<MR, NR, false>(rows, k, 0, x, ldx, per_row, vs, acc);
+      // One scale per row: K need not be a multiple of 16.
+      if (k < k1) int8_step<MR, NR, true>(rows, k, tail_mask(k1 - k), x, ldx, per_row, vs, acc);
+      if (per_row) {
+        INFERQ_UNROLL for (int i = 0; i < MR; ++i)
+          INFERQ_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_mul_ps(acc[i][j], vs[j]);
       }
       continue;
     }
+    __m512 table[NR];
+    INFERQ_UNROLL for (int j = 0; j < NR; ++j) table[j] = nibble_table(vs[j], va[j]);
     for (int64_t run = k0; run < k1; run += kRun) {
       __m512i v[NR];
       INFERQ_UNROLL for (int j = 0; j < NR; ++j)
@@ -240,8 +294,8 @@ void stream_tile(const QWeight& w, int64_t r, const float* x, int64_t ldx, float
       INFERQ_UNROLL for (int half = 0; half < 2; ++half) {
         __m512 wv[NR];
         INFERQ_UNROLL for (int j = 0; j < NR; ++j) {
-          const __m512i nib = half == 0 ? _mm512_and_si512(v[j], low) : _mm512_srli_epi32(v[j], 4);
-          wv[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(nib), vs[j], va[j]);
+          const __m512i nib = half == 0 ? v[j] : _mm512_srli_epi32(v[j], 4);
+          wv[j] = _mm512_permutexvar_ps(nib, table[j]);
         }
         INFERQ_UNROLL for (int i = 0; i < MR; ++i) {
           const __m512 xv = _mm512_loadu_ps(x + i * ldx + run + kLanes * half);
@@ -253,20 +307,49 @@ void stream_tile(const QWeight& w, int64_t r, const float* x, int64_t ldx, float
   store_sums<MR, NR>(acc, y + r, ldy, cols);
 }
 #else
+// The compiler's generic vectors, as wide as the target's registers (AVX: 8 floats; else 4, which SSE and NEON
+// have): wider ones GCC would split through the stack. A panel vector of 16 floats is kParts of them. Loaded
+// through memcpy, as x's rows and the panel need not be aligned.
+#ifdef __AVX__
+constexpr int kVecFloats = 8;
+#else
+constexpr int kVecFloats = 4;
+#endif
+constexpr int kParts = kLanes / kVecFloats;
+typedef float Vec __attribute__((vector_size(kVecFloats * sizeof(float))));
+
+inline Vec load_vec(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// One row of x against the NR rows of a panel tile: NR accumulators per part, so each vector of x is loaded once
+// for all of them (NR = 6 with AVX2: 12 registers, plus 2 for x). A row at a time, as more would not fit 16
+// registers. The loops over the accumulators are unrolled fully, so that GCC keeps them in registers.
+template <int NR>
+void tile_row(const float* a, const float* b, int64_t vectors, float* c, int64_t cols) {
+  Vec acc[NR][kParts] = {};
+  for (int64_t v = 0; v < vectors; ++v, b += NR * kLanes) {
+    Vec av[kParts];
+#pragma GCC unroll 16
+    for (int p = 0; p < kParts; ++p) av[p] = load_vec(a + v * kLanes + p * kVecFloats);
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 16
+      for (int p = 0; p < kParts; ++p) acc[j][p] += av[p] * load_vec(b + j * kLanes + p * kVecFloats);
+  }
+  for (int j = 0; j < NR && j < cols; ++j) {
+    float sum = 0.f;
+    for (int p = 0; p < kParts; ++p)
+      for (int l = 0; l < kVecFloats; ++l) sum += acc[j][p][l];
+    c[j] = sum;
+  }
+}
+
 template <int MR, int NR>
 void tile(const float* a, int64_t lda, const float* b, int64_t vectors, float* c, int64_t ldc, int64_t cols) {
-  for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NR && j < cols; ++j) {
-      float sum = 0.f;
-      for (int64_t v = 0; v < vectors; ++v) {
-        const float* av = a + i * lda + v * kLanes;
-        const float* bv = b + (v * NR + j) * kLanes;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t l = 0; l < kLanes; ++l) sum += av[l] * bv[l];
-      }
-      c[i * ldc + j] = sum;
-    }
-  }
+  for (int i = 0; i < MR; ++i) tile_row<NR>(a + i * lda, b, vectors, c + i * ldc, cols);
 }
 #endif
 
@@ -338,17 +421,33 @@ void stream_rows(const QWeight&, const float*, int64_t, int64_t, float*, int64_t
 
 bool streams(int64_t m) { return kHasStream && m <= kStreamRows; }
 
+// Weight rows [r0, r1) against every row of x, by whichever path m calls for.
+void multiply_rows(const QWeight& w, const float* x, int64_t ldx, int64_t m, float* y, int64_t r0, int64_t r1) {
+  if (streams(m)) {
+    stream_rows(w, x, ldx, m, y, r0, r1);
+  } else {
+    panel_rows(w, x, ldx, m, y, r0, r1);
+  }
+}
+
 // y [m, N] = x @ Wᵀ; x's rows are ldx floats apart, zero-padded to whole vectors unless streams(m).
+//
+// Threads claim blocks of W's rows from a shared counter, a few claims' worth each, rather than a fixed share: on a
+// machine shared with other work a thread may start late or be preempted, and the others then take over its rows,
+// so the call costs that thread's absence rather than its absence plus its whole share done after it returns.
 void matmul(const QWeight& w, const float* x, int64_t ldx, int64_t m, float* y) {
   const int64_t blocks = (w.n + kSplit - 1) / kSplit;
-  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / (kSplit * w.k * m));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    const int64_t r0 = b0 * kSplit, r1 = std::min(b1 * kSplit, w.n);
-    if (streams(m)) {
-      stream_rows(w, x, ldx, m, y, r0, r1);
-    } else {
-      panel_rows(w, x, ldx, m, y, r0, r1);
-    }
+  const int64_t work = blocks * kSplit * w.k * m;
+  const int64_t threads = std::clamp<int64_t>(work / kMinWorkPerThread, 1, at::get_num_threads());
+  if (threads == 1) {
+    multiply_rows(w, x, ldx, m, y, 0, w.n);
+    return;
+  }
+  const int64_t per_claim = std::max<int64_t>(1, blocks / (threads * kClaimsPerThread));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t b0; (b0 = next.fetch_add(per_claim, std::memory_order_relaxed)) < blocks;)
+      multiply_rows(w, x, ldx, m, y, b0 * kSplit, std::min((b0 + per_claim) * kSplit, w.n));
   });
 }
 

@@ -25,3 +25,13 @@ def test_prefix_caching_bench_runs_and_finds_the_shared_prompt():
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| shared prefix")]
     hit_rate = {row[3].strip(): float(row[7]) for row in rows}
     assert hit_rate["on"] > 0.5 and hit_rate["off"] == 0
+
+
+def test_cpu_low_bit_bench_runs_and_tables_every_format():
+    """bench/cpu_low_bit.py --quick: the decode and per-projection tables, a ratio for every format."""
+    script = SCRIPT.parent / "cpu_low_bit.py"
+    result = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    header = next(line for line in result.stdout.splitlines() if line.startswith("| model | batch"))
+    assert all(f"{fmt} vs f32" in header for fmt in ("sym_int8", "sym_int4", "asym_int4"))
+    assert [line for line in result.stdout.splitlines() if line.startswith("| demo | 1 |")]

@@ -1,7 +1,8 @@
 """The CPU kernel of the integer low-bit formats (engine/cpu_low_bit.cpp) computes x @ Wᵀ with exactly the weights
 QuantizedLinear.dequantize stands for: every format and group size, widths that are not multiples of its tiles, row
-counts on both of its paths (weights dequantized in registers for a few rows, through a panel for more), bias,
-bfloat16 input; and without the kernel the layer still computes the same through the dequantized weight."""
+counts on both of its paths (weights dequantized in registers for a few rows, through a panel for more), rows
+shared among threads in claims, bias, bfloat16 input; and without the kernel the layer still computes the same
+through the dequantized weight."""
 from __future__ import annotations
 
 import os
@@ -55,6 +56,27 @@ def test_kernel_equals_the_dequantized_weight(fmt, group_size, k):
         y = layer(x)  # the module: the kernel, then the bias
         assert y.dtype == torch.float32 and y.shape == (m, N)
         assert relative_error(y, reference + layer.bias.double()) < 1e-5, (fmt, group_size, k, m)
+
+
+@pytest.mark.parametrize("fmt", ["sym_int4", "asym_int4", "sym_int8"])
+def test_threads_share_the_rows_in_claims(fmt):
+    """Enough work for every thread: they claim blocks of rows from a shared counter, several each, the last one
+    partial (1000 rows are no multiple of the 12-row blocks). Four threads even on fewer cores."""
+    k, n = 384, 1000
+    generator = torch.Generator().manual_seed(7)
+    linear = torch.nn.Linear(k, n, bias=False)
+    linear.weight.data = torch.randn(n, k, generator=generator) * 0.05
+    layer = QuantizedLinear.from_linear(linear, fmt)
+    weight = layer.dequantize().double()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        for m in (1, 4, 33):
+            x = torch.randn(m, k, generator=generator)
+            y = cpu_low_bit.quantized_matmul(x, layer)
+            assert relative_error(y, x.double() @ weight.t()) < 1e-5, (fmt, m)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("fmt", ["sym_int4", "asym_int4", "sym_int8"])
