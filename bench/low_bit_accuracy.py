@@ -46,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from tests.checkpoints import common_prefix
+
 DATA = Path(__file__).resolve().parent / "data"
 FORMATS = ("float32", "bf16", "fp16", "sym_int8", "sym_int4", "asym_int4", "gguf")
 REFERENCE = "float32"
@@ -184,12 +186,7 @@ def agreement(answer: list[int], reference: list[int], eos: frozenset[int], max_
     by EOS identically agree in full."""
     if answer == reference and (len(answer) == max_tokens or (answer and answer[-1] in eos)):
         return max_tokens
-    n = 0
-    for a, b in zip(answer, reference):
-        if a != b:
-            break
-        n += 1
-    return n
+    return common_prefix(answer, reference)
 
 
 def compare(run: FormatRun, reference: FormatRun, max_tokens: int = GREEDY_TOKENS) -> dict:

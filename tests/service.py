@@ -140,3 +140,12 @@ class Service:
     def client(self, key: str | None = API_KEYS[0]) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+
+def wait_done(client: httpx.Client, job_id: str) -> dict:
+    """The job once it ended, long-polling (5 s at a time, 5 minutes at most)."""
+    for _ in range(60):
+        job = client.get(f"/v1/jobs/{job_id}", params={"wait": 5}).json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+    raise AssertionError(f"job {job_id} did not finish")

@@ -20,7 +20,7 @@ import pytest
 
 from api.registry import THROUGHPUT_BUCKET_S, THROUGHPUT_WINDOW_S, spread_tokens
 from api.store import RECENT_JOBS
-from tests.service import API_KEYS, MODEL, Service
+from tests.service import API_KEYS, MODEL, Service, wait_done
 
 MAX_NUM_SEQS = 16
 BATCH_LINES = 600  # about half a minute on two cores: still running while the page is checked (then cancelled)
@@ -56,14 +56,6 @@ def submit_jobs(client: httpx.Client, count: int) -> list[str]:
         assert response.status_code == 202, response.text
         ids.append(response.json()["id"])
     return ids
-
-
-def wait_done(client: httpx.Client, job_id: str) -> dict:
-    for _ in range(30):
-        job = client.get(f"/v1/jobs/{job_id}", params={"wait": 5}).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-    raise AssertionError(f"job {job_id} did not finish")
 
 
 def submit_batch(service: Service, lines: int) -> str:

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.service import API_KEYS, MODEL, Service, running
+from tests.service import API_KEYS, MODEL, Service, running, wait_done
 from worker.runtime import capacities
 
 COMPLETION = {"model": MODEL, "prompt": "def main():", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
@@ -32,14 +32,6 @@ def submit(client: httpx.Client, body: dict | None = None, **headers) -> dict:
     response = client.post("/v1/jobs", json=body or COMPLETION, headers=headers)
     assert response.status_code in (200, 202), response.text
     return response.json()
-
-
-def wait_done(client: httpx.Client, job_id: str) -> dict:
-    for _ in range(60):
-        job = client.get(f"/v1/jobs/{job_id}", params={"wait": 5}).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-    raise AssertionError(f"job {job_id} did not finish")
 
 
 def assert_error(response: httpx.Response, status: int, text: str) -> dict:
