@@ -65,9 +65,14 @@ def _weight_bytes(model_dir: Path) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.pinning import pin_device
+    from worker.pinning import expand_devices, pin_device
 
-    device = pin_device(args.device)  # before anything initialises the GPU
+    devices = expand_devices(args.device)
+    if len(devices) > 1:  # `cuda:0-3`, `cpu,cpu`: a worker process per device (worker/supervisor.py)
+        from worker.supervisor import supervise
+
+        return supervise(args, devices)
+    device = pin_device(devices[0])  # before anything initialises the GPU
     from api.celery_client import app, queue_for
     from api.settings import get_settings
     from api.tool_calls import parser_for_template
@@ -242,11 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--output", required=True, help="the directory to write (new or empty)")
     quantize.set_defaults(func=cmd_quantize)
 
-    worker = add_command(commands, "worker", help="a Celery worker owning one engine on one device")
+    worker = add_command(commands, "worker", help="a Celery worker owning one engine on one device (or one "
+                                                    "such worker per device of a list)")
     worker.add_argument("--served-model-name", help="the model name clients use (default: the directory name)")
     add_tool_parser_argument(worker)
     add_chat_template_argument(worker)
     add_engine_arguments(worker)
+    device = next(action for action in worker._actions if action.dest == "device")
+    device.help += ("; or several, one worker process each, supervised: cuda:0,1,2,3 | cuda:0-3 | xpu:0-3 | "
+                    "cpu,cpu (CPU engines, the cores shared)")
     worker.set_defaults(func=cmd_worker)
 
     webhooks = add_command(commands, "webhook-worker", help="a Celery worker that delivers job webhooks and keeps "
