@@ -47,15 +47,22 @@ def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
         x = x.contiguous()
     if m >= CUBLAS_FROM_ROWS.get(layer.bits, m + 1):
         return torch.nn.functional.linear(x, dequantize(layer, x.dtype))
+    words = False
     if m <= ROWS_MAX:
         block_m = 1
-        block_n, block_k, warps, stages, runs = _rows_config(layer.bits)
-        kernel = (_int4_runs_kernel if runs else _int4_rows_kernel) if layer.bits == 4 else _int8_rows_kernel
+        block_n, block_k, warps, stages, words = _rows_config(layer.bits)
+        words = words and layer.bits == 4
+        if words:  # its tiles lie in one group (so K is a whole number of them); it reads x in pairs of 16-bit values
+            block_k = min(block_k, layer.group_size)
+            if x.data_ptr() % 4:
+                x = x.clone()
+        kernel = (_int4_words_kernel if words else _int4_rows_kernel) if layer.bits == 4 else _int8_rows_kernel
     else:
         block_m, block_n, block_k, warps, stages, w16 = _tiles_config(layer.bits, m)
         kernel = _int4_tiles_kernel if layer.bits == 4 else _int8_tiles_kernel
     grid_m, grid_n = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
-    split_k = split_count(grid_m * grid_n, k, block_k)
+    # The words GEMV's tiles are one group (128 inputs at most): it may split K further.
+    split_k = split_count(grid_m * grid_n, k, block_k, *((2, 32) if words else (4, 16)))
     partials = torch.empty((split_k, m, n) if split_k > 1 else (1,), dtype=torch.float32, device=x.device)
     locks = layer.split_locks(grid_m * grid_n)
     offset = layer.offset if layer.offset is not None else layer.scale  # unread when HAS_OFFSET is False
@@ -70,16 +77,17 @@ def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
     return out
 
 
-def split_count(tiles: int, k: int, block_k: int) -> int:
-    """How many programs share each output tile's K: enough for _TARGET_PROGRAMS in all, at least 4 K-blocks each."""
+def split_count(tiles: int, k: int, block_k: int, min_blocks: int = 4, most: int = 16) -> int:
+    """How many programs share each output tile's K: enough for _TARGET_PROGRAMS in all, at least `min_blocks`
+    K-blocks each, `most` at most."""
     blocks = triton.cdiv(k, block_k)
     wanted = triton.cdiv(_TARGET_PROGRAMS, tiles)
-    return max(1, min(wanted, blocks // 4, 16))
+    return max(1, min(wanted, blocks // min_blocks, most))
 
 
 # Tuning tables, from bench/low_bit_kernels.py --sweep on an H200; INFERQ_LOW_BIT_KERNEL_CONFIGS names a JSON file
 # of the sweep's (written with --sweep) that replaces them, for another GPU.
-# rows: bits -> (BLOCK_N, BLOCK_K, warps, stages, runs: the 4-bit GEMV that tiles runs of 32 inputs, else the flat one).
+# rows: bits -> (BLOCK_N, BLOCK_K, warps, stages, words: the 4-bit GEMV on int32 words, else the flat one).
 ROWS_CONFIGS = {4: (64, 128, 4, 1, False), 8: (8, 512, 4, 1, False)}
 # Rows from which the weight is dequantized into a 16-bit scratch copy and multiplied by the vendor's GEMM (bits ->
 # rows); absent: never.
@@ -163,7 +171,10 @@ def _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_s
     (float32, or the 16-bit type of x: a scale rounded to bfloat16 loses 3 of float16's bits, far below 4-bit
     steps)."""
     col_ok = cols < N
-    mask = col_ok[:, None] & (k0 + k_lo < K)[None, :]
+    # K is a whole number of runs, so input k0 + k_lo is in range exactly where its byte is; masking by the byte's
+    # index keeps the mask constant over each run's 16 contiguous bytes, which lets the load be one 16-byte access
+    # per run (masked by k_lo, it was 16 one-byte loads).
+    mask = col_ok[:, None] & (k0 // 2 + t < K // 2)[None, :]
     cols64 = cols.to(tl.int64)
     byte = tl.load(q_ptr + cols64[:, None] * stride_qn + (k0 // 2 + t)[None, :], mask=mask, other=0)
     s_at = s_ptr + cols64[:, None] * stride_sn
@@ -208,43 +219,91 @@ def _int4_rows_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_p
     _finish(tl.sum(acc, axis=1)[None, :], out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om, SPLIT_K)
 
 
+@triton.jit
+def _bf16_pair(pair):
+    """Two bfloat16 values packed in int32 (the first in the low half) as float32: their bits, moved up."""
+    return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _word_inputs(x_ptr, first):
+    """x at the inputs of a word's 8 nibbles (nibble n: byte n // 2, high if n is odd), as float32 [WORDS] each, for
+    words whose byte 0 low nibble is input `first`."""
+    if x_ptr.dtype.element_ty == tl.bfloat16:  # loaded two at a time, as int32 (first is even)
+        pairs = x_ptr.to(tl.pointer_type(tl.int32)) + first // 2
+        x0, x2 = _bf16_pair(tl.load(pairs))
+        x4, x6 = _bf16_pair(tl.load(pairs + 1))
+        x1, x3 = _bf16_pair(tl.load(pairs + 8))
+        x5, x7 = _bf16_pair(tl.load(pairs + 9))
+    else:
+        x0 = tl.load(x_ptr + first).to(tl.float32)
+        x2 = tl.load(x_ptr + first + 1).to(tl.float32)
+        x4 = tl.load(x_ptr + first + 2).to(tl.float32)
+        x6 = tl.load(x_ptr + first + 3).to(tl.float32)
+        x1 = tl.load(x_ptr + first + 16).to(tl.float32)
+        x3 = tl.load(x_ptr + first + 17).to(tl.float32)
+        x5 = tl.load(x_ptr + first + 18).to(tl.float32)
+        x7 = tl.load(x_ptr + first + 19).to(tl.float32)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _at_12_and_16(word):
+    """Floats of the nibbles of `word` at bits 12-15 and 16-19 without a shift: each masked under the exponent of 1.0,
+    f12 = 1 + q·2^-11 and f16 = 1 + q·2^-7 (one masked OR each)."""
+    f12 = ((word & 0x0000F000) | 0x3F800000).to(tl.float32, bitcast=True)
+    f16 = ((word & 0x000F0000) | 0x3F800000).to(tl.float32, bitcast=True)
+    return f12, f16
+
+
 @triton.jit(do_not_specialize=["M"])
-def _int4_runs_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
-                      stride_xm, stride_qn, stride_sn, stride_om, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """The 4-bit GEMV on tiles [BLOCK_N, runs, 16 bytes]: a row's bytes are contiguous across a tile of any width
-    (GGUF's runs of 32 inputs follow each other), and each run lies in one group, so its integer products are summed
-    first and scaled once (no per-weight scale multiply or gather): Σ s·(q - 8)·x = s·Σ (q - 8)·x, and with an offset
-    Σ (q·s + o)·x = s·Σ q·x + o·Σ x. K is a whole number of runs (group sizes are multiples of 32)."""
-    RUNS: tl.constexpr = BLOCK_K // 32
+def _int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
+                       stride_xm, stride_qn, stride_sn, stride_om, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The 4-bit GEMV (one row of x) on int32 words, under three operations per weight (CUDA cores; at one row a
+    tensor core would idle 15 of its 16 rows).
+
+    Word c of a run holds in byte b the inputs 4c + b (low nibble) and 4c + b + 16 (high nibble): nibble n at bits
+    4n. A nibble q at bits 12-15 or 16-19 becomes a float by one masked OR under the exponent of 1.0
+    (_at_12_and_16: 1 + q·2^-11, 1 + q·2^-7), and the word shifted by 8 either way or rotated by 16 brings every
+    other nibble there, two at a time: 8 nibbles in 3 shifts and 8 ORs, then one FMA each with x scaled by 2^7 or
+    2^3 (x' per position, computed once per thread for all its rows), so f·x' = x' + q·x/16. With D = Σ f·x' and
+    X' = Σ x', X = Σ x over a tile, which lies in one group (BLOCK_K <= GROUP) of scale s (and offset o):
+    Σ (q - 8)·s·x = 16·s·(D - X' - X/2), and Σ (q·s + o)·x = 16·(s·(D - X') + o/16·X)."""
+    WORDS: tl.constexpr = BLOCK_K // 8
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
     col_ok = cols < N
-    runs = tl.arange(0, RUNS)
-    j = tl.arange(0, 16)
+    c = tl.arange(0, WORDS)
     cols64 = cols.to(tl.int64)
-    q_at = q_ptr + cols64[:, None, None] * stride_qn + (runs * 16)[None, :, None] + j[None, None, :]
-    s_at = s_ptr + cols64[:, None] * stride_sn
-    o_at = o_ptr + cols64[:, None] * stride_sn
-    bias: tl.constexpr = 0.0 if HAS_OFFSET else 8.0
-    acc = tl.zeros((BLOCK_N, RUNS), dtype=tl.float32)
+    q_at = q_ptr.to(tl.pointer_type(tl.int32)) + cols64[:, None] * (stride_qn // 4) + c[None, :]
+    s_at = s_ptr + cols64 * stride_sn
+    o_at = o_ptr + cols64 * stride_sn
+    x_first = 32 * (c // 4) + 4 * (c % 4)  # input of word c's byte 0 low nibble
+    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
     start, end = _k_range(K, BLOCK_K, SPLIT_K)
     for k0 in range(start, end, BLOCK_K):
-        first = k0 + runs * 32  # each run's first input
-        run_ok = first < K
-        byte = tl.load(q_at + k0 // 2, mask=col_ok[:, None, None] & run_ok[None, :, None], other=0).to(tl.int32)
-        x_at = x_ptr + first[:, None] + j[None, :]
-        x_low = tl.load(x_at, mask=run_ok[:, None], other=0.0).to(tl.float32)
-        x_high = tl.load(x_at + 16, mask=run_ok[:, None], other=0.0).to(tl.float32)
-        dots = tl.sum(_as_float(byte & 0xF, bias, tl.float32) * x_low[None, :, :]
-                      + _as_float(byte >> 4, bias, tl.float32) * x_high[None, :, :], axis=2)
-        group = (first // GROUP)[None, :]
-        mask = col_ok[:, None] & run_ok[None, :]
-        acc += dots * tl.load(s_at + group, mask=mask, other=0.0).to(tl.float32)
+        word = tl.load(q_at + k0 // 8, mask=col_ok[:, None], other=0)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _word_inputs(x_ptr, k0 + x_first)
+        # nibbles at bits 12-15 meet x·2^7, at 16-19 x·2^3; one FMA chain per output
+        f12, f16 = _at_12_and_16(word)  # nibbles 3, 4
+        dot = tl.fma(f16, (x4 * 8.0)[None, :], f12 * (x3 * 128.0)[None, :])
+        f12, f16 = _at_12_and_16(word << 8)  # nibbles 1, 2
+        dot = tl.fma(f16, (x2 * 8.0)[None, :], tl.fma(f12, (x1 * 128.0)[None, :], dot))
+        f12, f16 = _at_12_and_16(word >> 8)  # nibbles 5, 6 (the arithmetic shift's sign bits are masked off)
+        dot = tl.fma(f16, (x6 * 8.0)[None, :], tl.fma(f12, (x5 * 128.0)[None, :], dot))
+        f12, f16 = _at_12_and_16((word << 16) | ((word >> 16) & 0xFFFF))  # rotated: nibbles 7, 0
+        dot = tl.fma(f16, (x0 * 8.0)[None, :], tl.fma(f12, (x7 * 128.0)[None, :], dot))
+        x_all = (x0 + x1) + (x2 + x3) + (x4 + x5) + (x6 + x7)
+        x_scaled = 128.0 * (x1 + x3 + x5 + x7) + 8.0 * (x0 + x2 + x4 + x6)
+        scale = tl.load(s_at + k0 // GROUP, mask=col_ok, other=0.0).to(tl.float32)[:, None]
         if HAS_OFFSET:
-            x_sums = tl.sum(x_low + x_high, axis=1)
-            acc += tl.load(o_at + group, mask=mask, other=0.0).to(tl.float32) * x_sums[None, :]
-    _finish(tl.sum(acc, axis=1)[None, :], out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om, SPLIT_K)
+            offset = tl.load(o_at + k0 // GROUP, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+            acc += scale * (dot - x_scaled[None, :]) + (offset * 0.0625) * x_all[None, :]
+        else:
+            acc += scale * (dot - (x_scaled + 0.5 * x_all)[None, :])
+    _finish(16.0 * tl.sum(acc, axis=1)[None, :], out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om,
+            SPLIT_K)
 
 
 def dequantize(layer, dtype: torch.dtype) -> torch.Tensor:
