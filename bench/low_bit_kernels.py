@@ -69,13 +69,6 @@ def measure(fmt: str) -> list[dict]:
             exact = x.float() @ q.dequantize().t()
             errors.append(((kernels.quantized_matmul(x, q).float() - exact).norm() / exact.norm()).item())
         row["max_rel_err"] = max(errors)
-        if m == 1 and kernels.fuses_silu_mul(xs[3], pairs[3][1]):  # the down projection with silu·mul fused, or not
-            from engine.fused_ops import silu_and_mul
-
-            down = pairs[3][1]
-            gate_up = torch.randn(1, 2 * down.in_features, device="cuda", dtype=torch.bfloat16)
-            row["down_fused_us"] = gpu_us(lambda: kernels.quantized_matmul(gate_up, down, silu_mul=True))
-            row["down_unfused_us"] = gpu_us(lambda: kernels.quantized_matmul(silu_and_mul(gate_up), down))
         weight_bytes = sum(q.qweight.numel() + 2 * q.scale.numel() * (2 if q.offset is not None else 1)
                            for _, q in pairs)
         row["ours_TBps"] = weight_bytes / (ours * 1e-6) / 1e12

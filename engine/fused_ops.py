@@ -80,10 +80,6 @@ def silu_and_mul_project(gate_up: torch.Tensor, layer: nn.Module) -> torch.Tenso
     kernels = _gemv_kernels_for(gate_up, layer.weight) if type(layer) is nn.Linear else None
     if kernels is not None:
         return kernels.gemv_triton(gate_up, layer.weight, layer.bias, silu_mul=True)
-    low_bit = _low_bit_kernels_for(gate_up, layer)
-    if low_bit is not None:
-        out = low_bit.quantized_matmul(gate_up, layer, silu_mul=True)
-        return out if layer.bias is None else out + layer.bias
     return project(silu_and_mul(gate_up), layer)
 
 
@@ -127,17 +123,6 @@ def _gemv_kernels_for(x: torch.Tensor, weight: torch.Tensor) -> ModuleType | Non
             or weight.stride(1) != 1):
         return None
     return _triton_for(x)
-
-
-def _low_bit_kernels_for(gate_up: torch.Tensor, layer: nn.Module) -> ModuleType | None:
-    """engine/low_bit_kernels.py when `layer` is a QuantizedLinear (engine/low_bit.py) whose GPU kernel takes the
-    fused gate_up row itself (silu and mul as it reads it), else None."""
-    if (not hasattr(layer, "qweight") or gate_up.dim() != 2 or gate_up.dtype not in (torch.float16, torch.bfloat16)
-            or _triton_for(gate_up) is None):
-        return None
-    from engine import low_bit_kernels
-
-    return low_bit_kernels if low_bit_kernels.fuses_silu_mul(gate_up, layer) else None
 
 
 @functools.cache

@@ -36,13 +36,9 @@ ROWS_MAX = 1
 _TARGET_PROGRAMS = 1024
 
 
-def quantized_matmul(x: torch.Tensor, layer, silu_mul: bool = False) -> torch.Tensor:
-    """x [M, K] (float16 or bfloat16) @ the QuantizedLinear's weightᵀ -> [M, N] in x's dtype. silu_mul: x is [M, 2K],
-    a fused gate_up output, and the product is silu(gate)·up @ Wᵀ (one kernel where fuses_silu_mul says so)."""
-    if silu_mul and not fuses_silu_mul(x, layer):
-        gate, up = x.chunk(2, dim=-1)
-        return quantized_matmul(torch.nn.functional.silu(gate) * up, layer)
-    m, k = x.shape[0], layer.in_features
+def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
+    """x [M, K] (float16 or bfloat16) @ the QuantizedLinear's weightᵀ -> [M, N] in x's dtype."""
+    m, k = x.shape
     n = layer.out_features
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
@@ -74,18 +70,11 @@ def quantized_matmul(x: torch.Tensor, layer, silu_mul: bool = False) -> torch.Te
     flags |= dict(HAS_OFFSET=layer.offset is not None) if layer.bits == 4 else dict(PER_ROW=layer.group_size == k)
     if layer.bits == 4 and m > ROWS_MAX:
         flags |= dict(W16=w16, X_FIRST=x_first)
-    if words:
-        flags |= dict(SILU_MUL=silu_mul)
     kernel[(grid_m * grid_n, split_k)](
         x, layer.qweight, layer.scale, offset, out, partials, locks, m, n, k, x.stride(0), layer.qweight.stride(0),
         layer.scale.stride(0), out.stride(0), **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         SPLIT_K=split_k, num_warps=warps, num_stages=stages)
     return out
-
-
-def fuses_silu_mul(x: torch.Tensor, layer) -> bool:
-    """Whether quantized_matmul(x, layer, silu_mul=True) is one kernel: the 4-bit words GEMV's row."""
-    return x.shape[0] <= ROWS_MAX and layer.bits == 4 and bool(_rows_config(4)[4])
 
 
 def split_count(tiles: int, k: int, block_k: int, min_blocks: int = 4, most: int = 16) -> int:
@@ -260,12 +249,6 @@ def _word_inputs(x_ptr, first):
 
 
 @triton.jit
-def _silu_mul(gate, up):
-    """silu(gate)·up in float32, by exp2 and an approximate division (ulp-level, far below the 16-bit inputs)."""
-    return tl.fdiv(gate * up, 1.0 + tl.exp2(-1.4426950408889634 * gate), ieee_rounding=False)
-
-
-@triton.jit
 def _at_12_and_16(word):
     """Floats of the nibbles of `word` at bits 12-15 and 16-19 without a shift: each masked under the exponent of 1.0,
     f12 = 1 + q·2^-11 and f16 = 1 + q·2^-7 (one masked OR each)."""
@@ -277,8 +260,7 @@ def _at_12_and_16(word):
 @triton.jit(do_not_specialize=["M"])
 def _int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
                        stride_xm, stride_qn, stride_sn, stride_om, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                       SILU_MUL: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """The 4-bit GEMV (one row of x) on int32 words, under three operations per weight (CUDA cores; at one row a
     tensor core would idle 15 of its 16 rows).
 
@@ -288,10 +270,7 @@ def _int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
     other nibble there, two at a time: 8 nibbles in 3 shifts and 8 ORs, then one FMA each with x scaled by 2^7 or
     2^3 (x' per position, computed once per thread for all its rows), so f·x' = x' + q·x/16. With D = Σ f·x' and
     X' = Σ x', X = Σ x over a tile, which lies in one group (BLOCK_K <= GROUP) of scale s (and offset o):
-    Σ (q - 8)·s·x = 16·s·(D - X' - X/2), and Σ (q·s + o)·x = 16·(s·(D - X') + o/16·X).
-
-    SILU_MUL: x is a fused gate_up row [2K], and the input is silu(gate)·up, computed as it is read (the MLP's down
-    projection without a kernel of its own in between)."""
+    Σ (q - 8)·s·x = 16·s·(D - X' - X/2), and Σ (q·s + o)·x = 16·(s·(D - X') + o/16·X)."""
     WORDS: tl.constexpr = BLOCK_K // 8
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
@@ -307,10 +286,6 @@ def _int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
     for k0 in range(start, end, BLOCK_K):
         word = tl.load(q_at + k0 // 8, mask=col_ok[:, None], other=0)
         x0, x1, x2, x3, x4, x5, x6, x7 = _word_inputs(x_ptr, k0 + x_first)
-        if SILU_MUL:
-            u0, u1, u2, u3, u4, u5, u6, u7 = _word_inputs(x_ptr, K + k0 + x_first)
-            x0, x1, x2, x3 = _silu_mul(x0, u0), _silu_mul(x1, u1), _silu_mul(x2, u2), _silu_mul(x3, u3)
-            x4, x5, x6, x7 = _silu_mul(x4, u4), _silu_mul(x5, u5), _silu_mul(x6, u6), _silu_mul(x7, u7)
         # nibbles at bits 12-15 meet x·2^7, at 16-19 x·2^3; one FMA chain per output
         f12, f16 = _at_12_and_16(word)  # nibbles 3, 4
         dot = tl.fma(f16, (x4 * 8.0)[None, :], f12 * (x3 * 128.0)[None, :])
