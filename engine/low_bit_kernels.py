@@ -58,7 +58,7 @@ def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
                 x = x.clone()
         kernel = (_int4_words_kernel if words else _int4_rows_kernel) if layer.bits == 4 else _int8_rows_kernel
     else:
-        block_m, block_n, block_k, warps, stages, w16, x_first = _tiles_config(layer.bits, m)
+        block_m, block_n, block_k, warps, stages, w16 = _tiles_config(layer.bits, m)
         kernel = _int4_tiles_kernel if layer.bits == 4 else _int8_tiles_kernel
     grid_m, grid_n = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
     # The words GEMV's tiles are one group (128 inputs at most): it may split K further.
@@ -69,7 +69,7 @@ def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
     flags = dict(GROUP=layer.group_size)
     flags |= dict(HAS_OFFSET=layer.offset is not None) if layer.bits == 4 else dict(PER_ROW=layer.group_size == k)
     if layer.bits == 4 and m > ROWS_MAX:
-        flags |= dict(W16=w16, X_FIRST=x_first)
+        flags |= dict(W16=w16)
     kernel[(grid_m * grid_n, split_k)](
         x, layer.qweight, layer.scale, offset, out, partials, locks, m, n, k, x.stride(0), layer.qweight.stride(0),
         layer.scale.stride(0), out.stride(0), **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -93,8 +93,8 @@ ROWS_CONFIGS = {4: (64, 128, 4, 1, False), 8: (8, 512, 4, 1, False)}
 # rows); absent: never.
 CUBLAS_FROM_ROWS: dict[int, int] = {}
 # tiles: bits -> ((largest M, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, 16-bit dequantization)), ...), the first
-# entry that holds M (the last: None, any M). The flags (4-bit only): W16, weights dequantized in x's 16-bit type
-# rather than in float32 and rounded; X_FIRST (absent: False), x the first operand of the product.
+# entry that holds M (the last: None, any M). The last flag (4-bit only): weights dequantized in x's 16-bit type
+# rather than in float32 and rounded.
 TILES_CONFIGS = {4: ((16, (16, 64, 64, 4, 3, True)), (32, (32, 64, 128, 4, 3, True)),
                      (128, (64, 128, 64, 8, 3, True)), (None, (128, 128, 128, 8, 3, True))),
                  8: ((16, (16, 64, 128, 4, 3, False)), (32, (32, 64, 128, 4, 3, False)),
@@ -118,9 +118,8 @@ def _rows_config(bits: int) -> tuple[int, int, int, int, bool]:
     return ROWS_CONFIGS[bits]
 
 
-def _tiles_config(bits: int, m: int) -> tuple[int, int, int, int, int, bool, bool]:
-    config = next(c for limit, c in TILES_CONFIGS[bits] if limit is None or m <= limit)
-    return config + (False,) * (7 - len(config))  # tables swept before X_FIRST existed
+def _tiles_config(bits: int, m: int) -> tuple[int, int, int, int, int, bool]:
+    return next(c for limit, c in TILES_CONFIGS[bits] if limit is None or m <= limit)
 
 
 @triton.jit
@@ -359,39 +358,24 @@ def _tile_coordinates(M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 def _int4_tiles_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
                        stride_xm, stride_qn, stride_sn, stride_om, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                       W16: tl.constexpr, X_FIRST: tl.constexpr):
-    """X_FIRST: out = x · Wᵀ with x the first operand (both of Hopper's wgmma operands then come from shared memory);
-    else outᵀ = W · xᵀ, the dequantized weight first (an operand that may stay in registers)."""
+                       W16: tl.constexpr):
     HALF: tl.constexpr = BLOCK_K // 2
     rows, cols = _tile_coordinates(M, BLOCK_M, BLOCK_N)
     t = tl.arange(0, HALF)
     k_lo = (t // 16) * 32 + t % 16
-    row_ok = rows < M
-    if X_FIRST:
-        x_at = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + k_lo[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:  # xᵀ tiles [HALF, BLOCK_M]
-        x_at = x_ptr + rows.to(tl.int64)[None, :] * stride_xm + k_lo[:, None]
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # xᵀ tiles [HALF, BLOCK_M]: outᵀ = W · xᵀ puts the dequantized weight first.
+    x_at = x_ptr + rows.to(tl.int64)[None, :] * stride_xm + k_lo[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     start, end = _k_range(K, BLOCK_K, SPLIT_K)
     for k0 in range(start, end, BLOCK_K):
         w_low, w_high = _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_sn,
                                    GROUP, HAS_OFFSET, BLOCK_K, x_ptr.dtype.element_ty if W16 else tl.float32)
-        k_ok = k0 + k_lo < K
-        if X_FIRST:
-            x_mask = row_ok[:, None] & k_ok[None, :]
-            x_low = tl.load(x_at + k0, mask=x_mask, other=0.0)
-            x_high = tl.load(x_at + k0 + 16, mask=x_mask, other=0.0)
-            acc = tl.dot(x_low, tl.trans(w_low.to(x_low.dtype)), acc)
-            acc = tl.dot(x_high, tl.trans(w_high.to(x_high.dtype)), acc)
-        else:
-            x_mask = k_ok[:, None] & row_ok[None, :]
-            x_low = tl.load(x_at + k0, mask=x_mask, other=0.0)
-            x_high = tl.load(x_at + k0 + 16, mask=x_mask, other=0.0)
-            acc = tl.dot(w_low.to(x_low.dtype), x_low, acc)
-            acc = tl.dot(w_high.to(x_high.dtype), x_high, acc)
-    _finish(acc if X_FIRST else tl.trans(acc), out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om,
-            SPLIT_K)
+        x_mask = (k0 + k_lo < K)[:, None] & (rows < M)[None, :]
+        x_low = tl.load(x_at + k0, mask=x_mask, other=0.0)
+        x_high = tl.load(x_at + k0 + 16, mask=x_mask, other=0.0)
+        acc = tl.dot(w_low.to(x_low.dtype), x_low, acc)
+        acc = tl.dot(w_high.to(x_high.dtype), x_high, acc)
+    _finish(tl.trans(acc), out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om, SPLIT_K)
 
 
 @triton.jit

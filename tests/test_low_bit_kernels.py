@@ -79,19 +79,6 @@ def test_the_words_gemv_computes_the_dequantized_product(monkeypatch, fmt, group
     assert ((out.float() - exact).norm() / exact.norm()).item() < bound, (fmt, group, n, k, block_k)
 
 
-@pytest.mark.parametrize("fmt,group,n,k", [CASES[0], CASES[1], CASES[3]])
-def test_the_tiled_gemm_with_x_first_computes_the_dequantized_product(monkeypatch, fmt, group, n, k):
-    """The 4-bit tiled GEMM's X_FIRST form (out = x · Wᵀ), one tile and several, with a split K."""
-    torch.manual_seed(0)
-    monkeypatch.setitem(kernels.TILES_CONFIGS, 4, ((None, (16, 32, 64, 4, 2, True, True)),))
-    layer = layer_for(fmt, group, n, k)
-    for rows in (2, 17, 40):
-        x = torch.randn(rows, k, dtype=torch.float16)
-        exact = x.float() @ layer.dequantize().t()
-        out = kernels.quantized_matmul(x, layer)
-        assert ((out.float() - exact).norm() / exact.norm()).item() < 2e-3, (fmt, group, n, k, rows)
-
-
 @pytest.mark.parametrize("fmt,group,n,k", [CASES[1], CASES[3], CASES[5], CASES[7]])
 def test_many_rows_can_take_the_dequantized_weight_to_the_vendor_gemm(monkeypatch, fmt, group, n, k):
     """CUBLAS_FROM_ROWS: the weight dequantized in one kernel pass (exactly dequantize()'s values, rounded once),
