@@ -82,12 +82,10 @@ def candidates(bits: int, m: int) -> list[tuple]:
 
     if m <= kernels.ROWS_MAX:
         if bits == 8:
-            return [("rows", bn, bk, w, s, False) for bn, bk, w, s in
+            return [("rows", bn, bk, w, s) for bn, bk, w, s in
                     itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (1, 3)) if 2048 <= bn * bk <= 32768]
-        flat = [("rows", bn, 128, w, s, False) for bn, w, s in itertools.product((32, 64, 128), (4,), (1,))]
-        words = [("rows", bn, bk, w, s, True) for bn, bk, w, s in
-                 itertools.product((32, 64, 128, 256), (64, 128), (2, 4, 8), (1, 2))]
-        return flat + words
+        return [("rows", bn, bk, w, s) for bn, bk, w, s in
+                itertools.product((64, 128, 256), (64, 128), (4, 8), (1, 2))]
     block_ms = {2: (16,), 4: (16,), 8: (16,), 16: (16,), 32: (32,), 64: (64,), 128: (64, 128), 256: (128,)}[m]
     w16s = (True, False) if bits == 4 else (False,)
     return [("cublas",)] + [("tiles", bm, bn, bk, w, s, w16) for bm, bn, bk, (w, s), w16 in

@@ -1,24 +1,27 @@
 """Triton matmuls for QuantizedLinear (engine/low_bit.py) on GPUs: out = x @ Wᵀ with W's integers widened and scaled
-in registers, so each weight byte is read once from memory and no 16-bit copy of a weight is ever written.
+in registers, so each weight byte is read once from memory and no 16-bit copy of a weight is ever written (except
+from CUBLAS_FROM_ROWS rows, where a one-pass dequantization feeds the vendor's GEMM).
 
 Two kernels per width, chosen by the number of rows (tokens) of x:
-- rows (M = 1, decode of one request): a CUDA-core GEMV; memory-bound, so what matters is bytes in flight: the grid splits K as well as N (SPLIT_K programs per strip of outputs), and the last program of a strip
-  to finish adds the strip's partial sums in a fixed order (deterministic, unlike atomics on the output).
+- rows (M = 1, decode of one request): a CUDA-core GEMV; memory-bound, so what matters is bytes in flight and few
+  instructions per weight: the grid splits K as well as N (SPLIT_K programs per strip of outputs), and the last
+  program of a strip to finish adds the strip's partial sums in a fixed order (deterministic, unlike atomics). The
+  4-bit one works on int32 words at under three operations per weight (_int4_words_kernel).
 - tiles (larger M): a tiled GEMM on tensor cores computing outᵀ = W·xᵀ, so the dequantized weight tile is the
   operand that may live in registers (Hopper's wgmma reads its other operand from shared memory), with the same
   optional split of K for the few-tiles case.
 
 Integers become floats by the exponent trick (as FasterTransformer's and Marlin's kernels do it, here in portable
-Triton): an integer q below 2^m, OR-ed into the mantissa of a float whose exponent makes its mantissa steps exactly 1,
-reads as that float plus q, so one subtraction leaves q exactly. A GPU's int-to-float conversions run at a small
-fraction of its FMA rate (16 per clock per SM on Hopper, against 128 FMAs): with each weight converted once per
-multiply, they, not memory, bounded these kernels. The GEMV converts into float32; the GEMM straight into the
-16-bit type its tensor cores take, where the type's mantissa holds the integers (4-bit always; 8-bit in float16).
+Triton): an integer q OR-ed into the mantissa of a float reads as that float plus q times the mantissa's step, with
+no int-to-float conversion (those run at a small fraction of a GPU's FMA rate: 16 per clock per SM on Hopper,
+against 128 FMAs). The GEMVs convert into float32; the GEMM straight into the 16-bit type its tensor cores take,
+where the type's mantissa holds the integers (4-bit always; 8-bit in float16).
 
 4-bit weights are in GGUF's pairing (byte j of each run of 32 inputs holds inputs j and j + 16), so a tile's low
 nibbles meet x's inputs k_lo = 32·(t // 16) + t % 16 and its high nibbles k_lo + 16. Portable Triton only (no
 vendor intrinsics), so it also builds for Intel GPUs and runs in Triton's CPU interpreter (tests). Block sizes come
-from bench/low_bit_kernels.py's sweep on an H200; other GPUs get the same (correct, maybe not best) choices.
+from bench/low_bit_kernels.py's sweep on an H200; other GPUs get the same (correct, maybe not best) choices, or a
+sweep's own through INFERQ_LOW_BIT_KERNEL_CONFIGS.
 """
 from __future__ import annotations
 
@@ -47,22 +50,20 @@ def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
         x = x.contiguous()
     if m >= CUBLAS_FROM_ROWS.get(layer.bits, m + 1):
         return torch.nn.functional.linear(x, dequantize(layer, x.dtype))
-    words = False
     if m <= ROWS_MAX:
         block_m = 1
-        block_n, block_k, warps, stages, words = _rows_config(layer.bits)
-        words = words and layer.bits == 4
-        if words:  # its tiles lie in one group (so K is a whole number of them); it reads x in pairs of 16-bit values
+        block_n, block_k, warps, stages = _rows_config(layer.bits)
+        if layer.bits == 4:  # its tiles lie in one group (so K is a whole number of them); it reads x in pairs
             block_k = min(block_k, layer.group_size)
             if x.data_ptr() % 4:
                 x = x.clone()
-        kernel = (_int4_words_kernel if words else _int4_rows_kernel) if layer.bits == 4 else _int8_rows_kernel
+        kernel = _int4_words_kernel if layer.bits == 4 else _int8_rows_kernel
     else:
         block_m, block_n, block_k, warps, stages, w16 = _tiles_config(layer.bits, m)
         kernel = _int4_tiles_kernel if layer.bits == 4 else _int8_tiles_kernel
     grid_m, grid_n = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
-    # The words GEMV's tiles are one group (128 inputs at most): it may split K further.
-    split_k = split_count(grid_m * grid_n, k, block_k, *((2, 32) if words else (4, 16)))
+    # The 4-bit GEMV's tiles are one group (128 inputs at most): it may split K further.
+    split_k = split_count(grid_m * grid_n, k, block_k, *((2, 32) if m <= ROWS_MAX and layer.bits == 4 else (4, 16)))
     partials = torch.empty((split_k, m, n) if split_k > 1 else (1,), dtype=torch.float32, device=x.device)
     locks = layer.split_locks(grid_m * grid_n)
     offset = layer.offset if layer.offset is not None else layer.scale  # unread when HAS_OFFSET is False
@@ -87,24 +88,24 @@ def split_count(tiles: int, k: int, block_k: int, min_blocks: int = 4, most: int
 
 # Tuning tables, from bench/low_bit_kernels.py --sweep on an H200; INFERQ_LOW_BIT_KERNEL_CONFIGS names a JSON file
 # of the sweep's (written with --sweep) that replaces them, for another GPU.
-# rows: bits -> (BLOCK_N, BLOCK_K, warps, stages, words: the 4-bit GEMV on int32 words, else the flat one).
-ROWS_CONFIGS = {4: (64, 128, 4, 1, False), 8: (8, 512, 4, 1, False)}
+# rows: bits -> (BLOCK_N, BLOCK_K, warps, stages).
+ROWS_CONFIGS = {4: (128, 128, 4, 2), 8: (4, 1024, 4, 1)}
 # Rows from which the weight is dequantized into a 16-bit scratch copy and multiplied by the vendor's GEMM (bits ->
-# rows); absent: never.
-CUBLAS_FROM_ROWS: dict[int, int] = {}
+# rows); absent: never. On an H200 the tiled GEMMs lose to it from 128 rows (4-bit) and 256 rows (8-bit).
+CUBLAS_FROM_ROWS: dict[int, int] = {4: 128, 8: 256}
 # tiles: bits -> ((largest M, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, 16-bit dequantization)), ...), the first
 # entry that holds M (the last: None, any M). The last flag (4-bit only): weights dequantized in x's 16-bit type
 # rather than in float32 and rounded.
-TILES_CONFIGS = {4: ((16, (16, 64, 64, 4, 3, True)), (32, (32, 64, 128, 4, 3, True)),
-                     (128, (64, 128, 64, 8, 3, True)), (None, (128, 128, 128, 8, 3, True))),
-                 8: ((16, (16, 64, 128, 4, 3, False)), (32, (32, 64, 128, 4, 3, False)),
-                     (128, (64, 64, 128, 4, 3, False)), (None, (128, 64, 64, 4, 3, False)))}
+TILES_CONFIGS = {4: ((16, (16, 64, 64, 4, 3, True)), (64, (64, 128, 128, 8, 3, True)),
+                     (None, (128, 128, 128, 8, 3, True))),
+                 8: ((16, (16, 64, 128, 4, 3, False)), (64, (64, 64, 128, 4, 3, False)),
+                     (None, (128, 64, 64, 4, 3, False)))}
 
 
 def load_configs(path: str | os.PathLike) -> None:
     """Replace the tuning tables by a sweep's JSON file: {"rows": {bits: config}, "tiles": {bits: [[M, config]]}}."""
     tuned = json.loads(Path(path).read_text())
-    ROWS_CONFIGS.update({int(bits): tuple(c) for bits, c in tuned.get("rows", {}).items()})
+    ROWS_CONFIGS.update({int(bits): tuple(c)[:4] for bits, c in tuned.get("rows", {}).items()})
     CUBLAS_FROM_ROWS.update({int(bits): rows for bits, rows in tuned.get("cublas_from_rows", {}).items()})
     TILES_CONFIGS.update({int(bits): tuple((limit, tuple(c)) for limit, c in table)
                           for bits, table in tuned.get("tiles", {}).items()})
@@ -114,7 +115,7 @@ if os.environ.get("INFERQ_LOW_BIT_KERNEL_CONFIGS"):
     load_configs(os.environ["INFERQ_LOW_BIT_KERNEL_CONFIGS"])
 
 
-def _rows_config(bits: int) -> tuple[int, int, int, int, bool]:
+def _rows_config(bits: int) -> tuple[int, int, int, int]:
     return ROWS_CONFIGS[bits]
 
 
@@ -195,28 +196,6 @@ def _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_s
     if HAS_OFFSET:
         return low * scale + offset, high * scale + offset
     return low * scale, high * scale
-
-
-@triton.jit(do_not_specialize=["M"])
-def _int4_rows_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
-                      stride_xm, stride_qn, stride_sn, stride_om, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    HALF: tl.constexpr = BLOCK_K // 2
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, BLOCK_M)
-    t = tl.arange(0, HALF)
-    k_lo = (t // 16) * 32 + t % 16
-    # Products summed elementwise across the loop, reduced once at the end.
-    acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
-    start, end = _k_range(K, BLOCK_K, SPLIT_K)
-    for k0 in range(start, end, BLOCK_K):
-        w_low, w_high = _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_sn,
-                                   GROUP, HAS_OFFSET, BLOCK_K, tl.float32)
-        k_ok = k0 + k_lo < K
-        x_low = tl.load(x_ptr + k0 + k_lo, mask=k_ok, other=0.0).to(tl.float32)
-        x_high = tl.load(x_ptr + k0 + 16 + k_lo, mask=k_ok, other=0.0).to(tl.float32)
-        acc += w_low * x_low[None, :] + w_high * x_high[None, :]
-    _finish(tl.sum(acc, axis=1)[None, :], out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om, SPLIT_K)
 
 
 @triton.jit

@@ -70,7 +70,7 @@ def test_the_words_gemv_computes_the_dequantized_product(monkeypatch, fmt, group
     """The 4-bit GEMV on int32 words (nibbles moved under a float's exponent, scales once per word), tiles of a
     group and narrower, x in either 16-bit type (bfloat16 read in pairs)."""
     torch.manual_seed(0)
-    monkeypatch.setitem(kernels.ROWS_CONFIGS, 4, (block_n, block_k, 4, 1, True))
+    monkeypatch.setitem(kernels.ROWS_CONFIGS, 4, (block_n, block_k, 4, 1))
     layer = layer_for(fmt, group, n, k)
     x = torch.randn(1, k, dtype=dtype)
     exact = x.float() @ layer.dequantize().t()
