@@ -67,6 +67,11 @@ class EngineConfig:
     # Tokenizer directory when it differs from the model directory.
     tokenizer: str | None = field(default=None, metadata={
         "help": "tokenizer directory, when it is not the model's"})
+    # Split the model across this many devices of one host (engine/tensor_parallel.py): consecutive cards from
+    # `device`, or N processes on the CPU.
+    tensor_parallel_size: int = field(default=1, metadata={
+        "help": "split the model across this many devices of one host, consecutive from --device (cuda:2 with 2: "
+                "cuda:2 and cuda:3; cpu: that many CPU processes)"})
     # Token ids in, token ids out: no tokenizer is loaded and no text is produced (as vLLM's option).
     skip_tokenizer_init: bool = field(default=False, metadata={
         "help": "token ids in, token ids out: no tokenizer, no text",
@@ -78,7 +83,8 @@ class EngineConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_bytes"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_bytes",
+                     "tensor_parallel_size"):
             positive(name)
         for name in ("max_model_len", "num_kv_blocks"):
             if getattr(self, name) is not None:

@@ -40,12 +40,17 @@ def graphs_supported(device: torch.device, backend: AttentionBackend) -> bool:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 backend: AttentionBackend, device: torch.device, max_blocks_per_seq: int) -> None:
+                 backend: AttentionBackend, device: torch.device, max_blocks_per_seq: int,
+                 collectives: bool = False) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.backend = backend
         self.device = device
         self.max_blocks_per_seq = max_blocks_per_seq
+        # A tensor-parallel model's graphs hold its all-reduces (NCCL allows that). Captured in thread-local mode:
+        # the collective library's watchdog thread queries its earlier work's events meanwhile, which a global
+        # capture would refuse.
+        self._capture_options = {"capture_error_mode": "thread_local"} if collectives and device.type == "cuda" else {}
         # torch.cuda or torch.xpu: the same graph interface (Graph class, graph() capture context, synchronize).
         self._api = getattr(torch, device.type)
         self._graphs: dict[int, tuple[object, torch.Tensor]] = {}
@@ -75,7 +80,7 @@ class DecodeGraphs:
                 self._forward(size)
             self._api.synchronize(self.device)
             graph = getattr(self._api, _GRAPH_CLASSES[self.device.type])()
-            with self._api.graph(graph, pool=pool):
+            with self._api.graph(graph, pool=pool, **self._capture_options):
                 logits = self._forward(size)
             pool = graph.pool()
             self._graphs[size] = (graph, logits)

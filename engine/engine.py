@@ -9,6 +9,7 @@ import atexit
 import gc
 import itertools
 import logging
+import weakref
 from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from engine.kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for_budge
 from engine.loader import effective_low_bit, eos_token_ids, load_config, load_model, load_tokenizer
 from engine.low_bit import compute_dtype
 from engine.model_runner import ModelRunner
+from engine.models import model_class
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampler import PendingSample, Sampler, SamplingRow, uses_penalties
@@ -34,6 +36,7 @@ from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 
 if TYPE_CHECKING:
     from engine.structured_output import StructuredOutputs
+    from engine.tensor_parallel import TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +96,41 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, _checkpoint_dtype(hf_config), self.device)
         if low_bit:
             self.dtype = compute_dtype(low_bit, self.device, self.dtype, config.dtype != "auto")
-        self.model = load_model(config.model, hf_config, self.device, self.dtype, low_bit)
+        # Tensor parallel: this process is rank 0, the followers its children (engine/tensor_parallel.py).
+        self.tensor_parallel: TensorParallel | None = None
+        if config.tensor_parallel_size > 1:
+            self.tensor_parallel = self._start_tensor_parallel()
+        try:
+            self._build()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_tensor_parallel(self) -> TensorParallel:
+        from engine.tensor_parallel import rank_devices, start_leader  # torch.distributed only when asked for
+
+        size = self.config.tensor_parallel_size
+        rank_devices(self.device, size)  # enough devices, then a model they can split
+        model_class(self.hf_config.architectures).check_tensor_parallel(self.hf_config, size)
+        tp = start_leader(self.config, self.device)
+        weakref.finalize(self, tp.shutdown)  # an engine never shut down still ends its followers (at exit, too)
+        try:
+            # What the followers load, as this rank does: the same format, dtype and activation reserve.
+            tp.broadcast({"config": self.config, "dtype": self.dtype, "low_bit": self.load_in_low_bit,
+                          "activation_reserve": self._activation_reserve()})
+        except BaseException:
+            tp.shutdown()
+            raise
+        return tp
+
+    def shutdown(self) -> None:
+        """End the engine's tensor-parallel followers (nothing without tensor parallelism)."""
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.shutdown()
+
+    def _build(self) -> None:
+        config, hf_config, low_bit, tp = self.config, self.hf_config, self.load_in_low_bit, self.tensor_parallel
+        self.model = load_model(config.model, hf_config, self.device, self.dtype, low_bit, tp)
         self.tokenizer = (None if config.skip_tokenizer_init
                           else load_tokenizer(config.tokenizer or config.model))
         self.eos_token_ids = eos_token_ids(config.model, hf_config)
@@ -106,15 +143,23 @@ class LLMEngine:
                                            gpu_memory_utilization=config.gpu_memory_utilization,
                                            cpu_bytes=config.cpu_kv_cache_bytes,
                                            activation_reserve=self._activation_reserve())
+        if tp is not None:
+            num_blocks = _agree_num_blocks(tp, num_blocks)
         self.max_model_len = self._max_model_len(num_blocks * config.block_size)
         block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         backend = select_backend(config.attention_backend, self.device)
+        graphs = not config.enforce_eager and graphs_supported(self.device, backend)
+        max_blocks_per_seq = -(-self.max_model_len // config.block_size)
+        if tp is not None:  # the followers build the same cache and capture the same graphs, in the same order
+            tp.broadcast({"num_blocks": num_blocks, "max_blocks_per_seq": max_blocks_per_seq,
+                          "graph_sizes": graph_batch_sizes(config.max_num_seqs) if graphs else None})
         kv_caches = allocate_kv_cache(spec, num_blocks, self.device)
         self.runner = ModelRunner(self.model, kv_caches, backend, config.block_size, self.device)
-        if not config.enforce_eager and graphs_supported(self.device, backend):
-            self.runner.graphs = DecodeGraphs(self.model, kv_caches, backend, self.device,
-                                              max_blocks_per_seq=-(-self.max_model_len // config.block_size))
+        self.runner.tensor_parallel = tp
+        if graphs:
+            self.runner.graphs = DecodeGraphs(self.model, kv_caches, backend, self.device, max_blocks_per_seq,
+                                              collectives=tp is not None)
             self.runner.graphs.capture(graph_batch_sizes(config.max_num_seqs))
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
         self._groups: dict[str, _Group] = {}
@@ -129,6 +174,8 @@ class LLMEngine:
         # Requests whose grammar is compiling, with its Future: they enter the scheduler once it is ready.
         self._compiling: list[tuple[Future, list[Request]]] = []
         self.last_step_batch_size = 0  # requests that computed tokens in the last step (for metrics)
+        if tp is not None:
+            tp.ready = True  # the followers wait for steps now: shutdown can tell them to stop
         if self.device.type != "cpu":
             self._warm_up()
         # Everything alive now (model, caches, graphs, libraries) lives as long as the process: keep it out of the
@@ -495,6 +542,16 @@ class LLMEngine:
                 "num_cached_kv_blocks": block_manager.num_cached_blocks,
                 "prefix_cache_queries": self.scheduler.prefix_queried_tokens,
                 "prefix_cache_hits": self.scheduler.prefix_hit_tokens}
+
+
+def _agree_num_blocks(tp: TensorParallel, own: int) -> int:
+    """Every rank's KV cache holds the same blocks: the fewest any rank's budget allows (the followers report
+    theirs, engine/tp_follower.py). ValueError where a follower has no room at all."""
+    reports = tp.gather(own)
+    for rank, report in enumerate(reports):
+        if isinstance(report, str):
+            raise ValueError(f"tensor-parallel rank {rank}: {report}")
+    return min(reports)
 
 
 def _checkpoint_dtype(hf_config) -> str | None:

@@ -303,7 +303,10 @@ def _engine_main(config: EngineConfig, conn, log_level) -> None:
         return
     conn.send(("ready", {"max_model_len": engine.max_model_len, "device": str(engine.device),
                          "dtype": str(engine.dtype).removeprefix("torch."), "load_in_low_bit": engine.load_in_low_bit}))
-    _EngineLoop(engine, conn).run()
+    try:
+        _EngineLoop(engine, conn).run()
+    finally:
+        engine.shutdown()  # its tensor-parallel followers, if any, end with it
 
 
 class _EngineLoop:
@@ -313,6 +316,8 @@ class _EngineLoop:
         self.live: set[str] = set()  # requests added and not finished: what a failed step fails
 
     def run(self) -> None:
+        from engine.tensor_parallel import TensorParallelError  # here: the parent never imports torch
+
         engine, conn = self.engine, self.conn
         while True:
             # Block for commands only when idle; otherwise take what is queued and step.
@@ -331,6 +336,11 @@ class _EngineLoop:
             start = time.perf_counter()
             try:
                 outputs = engine.step()
+            except TensorParallelError:
+                # A rank is gone: this engine cannot step again. Ending the process fails its requests in the
+                # parent, which starts a new engine (with new followers).
+                log.exception("engine step failed: a tensor-parallel rank is gone; ending the engine process")
+                raise
             except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the process
                 log.exception("engine step failed; failing every request in it")
                 self._fail_all(exc)

@@ -9,6 +9,11 @@ quantized, so a low-bit model never holds more than a layer or two in 16 bits.
 Quantized checkpoints (engine/quantized_checkpoint.py's pre-quantized directories, GGUF files through
 engine/gguf_checkpoint.py) deliver a projection's weight already quantized, as a QuantizedWeight under the
 projection's weight name: it replaces the meta nn.Linear by a QuantizedLinear, and fusing then concatenates those.
+
+Under tensor parallelism (`tp`, engine/tensor_parallel.py) the model is built as one rank's shard and every split
+tensor arrives as that rank's slice (engine/sharding.py); a low-bit format quantizes the slices, the row-parallel
+ones as the whole projection would be quantized (low_bit.quantize_row_parallel), so each rank holds exactly its
+part of the one-rank model.
 """
 from __future__ import annotations
 
@@ -18,15 +23,19 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from engine import gguf_checkpoint, quantized_checkpoint
+from engine import gguf_checkpoint, quantized_checkpoint, sharding
 from engine.cpu_linear import pack_linears, packs
-from engine.low_bit import QuantizedLinear, QuantizedWeight, quantize_linears
+from engine.low_bit import INTEGER_FORMATS, QuantizedLinear, QuantizedWeight, quantize_linears, quantize_row_parallel
 from engine.models import model_class
+
+if TYPE_CHECKING:
+    from engine.tensor_parallel import TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -101,24 +110,30 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 def load_model(model_dir: str | Path, config, device: torch.device, dtype: torch.dtype,
-               low_bit: str | None = None) -> nn.Module:
+               low_bit: str | None = None, tp: TensorParallel | None = None) -> nn.Module:
     """The model of `config` (load_config's) with the directory's (or GGUF file's) weights. ValueError for missing,
     unexpected or mis-shaped weights, naming the tensors. `low_bit`: a format of engine/low_bit.py for the decoder
-    layers' projections (effective_low_bit's: a quantized checkpoint's projections are used as stored)."""
+    layers' projections (effective_low_bit's: a quantized checkpoint's projections are used as stored). `tp`: this
+    rank's tensor-parallel group: the model is its shard (every rank calls this at once: a low-bit format's
+    row-parallel scales are agreed on between them)."""
     stored = checkpoint_format(config)
+    cls = model_class(config.architectures)
+    split = (cls.shard_dim, tp.rank, tp.size) if tp is not None else None
     if gguf_checkpoint.is_gguf(model_dir):
         path = Path(model_dir)
         source = gguf_checkpoint.tensors(path, config)
+        if split is not None:
+            source = _sliced(source, *split)
     else:
         path = check_model_dir(model_dir)
-        source = _safetensors_tensors(path, stored)
+        source = _safetensors_tensors(path, stored, split)
     quantize = None if stored else low_bit  # only a checkpoint stored in floats is quantized as it loads
-    cls = model_class(config.architectures)
     with torch.device("meta"):
-        model = cls(config)
+        model = cls(config) if tp is None else cls(config, tp)
     expected = dict(model.named_parameters())
     buffers = dict(model.named_buffers())  # a checkpoint may set them (a GGUF file's rotary frequencies)
     layers = model.model.layers
+    row_parallel = cls.row_parallel_modules if tp is not None else ()
     unfinished = {i: {n for n in expected if _layer_index(n) == i} for i in range(len(layers))}
     loaded: set[str] = set()
     unexpected: list[str] = []
@@ -144,7 +159,7 @@ def load_model(model_dir: str | Path, config, device: torch.device, dtype: torch
             if index is not None:
                 unfinished[index].discard(name)
                 if not unfinished[index]:
-                    _finish_layer(layers[index], quantize)
+                    _finish_layer(layers[index], quantize, tp, row_parallel)
     if unexpected:
         raise ValueError(f"{path}: weights the {cls.__name__} architecture does not have: {sorted(unexpected)[:8]}")
     missing = sorted(set(expected) - loaded)
@@ -160,8 +175,10 @@ def load_model(model_dir: str | Path, config, device: torch.device, dtype: torch
     return model
 
 
-def _safetensors_tensors(path: Path, stored_format: str | None) -> TensorSource:
-    """The directory's tensors; a pre-quantized one's projection parts come as one QuantizedWeight each."""
+def _safetensors_tensors(path: Path, stored_format: str | None,
+                         split: tuple[Callable[[str], int | None], int, int] | None = None) -> TensorSource:
+    """The directory's tensors; a pre-quantized one's projection parts come as one QuantizedWeight each. `split`:
+    (the model's shard_dim, rank, size): a split tensor comes as the rank's slice, a float one read as that only."""
     with contextlib.ExitStack() as stack:
         handles = {}  # tensor name -> (file, its open handle)
         for file in safetensors_files(path):
@@ -174,12 +191,35 @@ def _safetensors_tensors(path: Path, stored_format: str | None) -> TensorSource:
         def read_quantized(parts: tuple[str, str, str | None]) -> QuantizedWeight:
             return QuantizedWeight.from_tensors(*(None if part is None else read(part) for part in parts))
 
+        def read_part(name: str, dim: int) -> torch.Tensor:
+            return sharding.read_slice(name, handles[name][1], dim, *split[1:])
+
+        def read_quantized_part(name: str, parts: tuple[str, str, str | None], dim: int) -> QuantizedWeight:
+            return sharding.shard(name, read_quantized(parts), dim, *split[1:])
+
         entries = (quantized_checkpoint.grouped(handles, stored_format) if stored_format
                    else ((name, None) for name in handles))
         for name, parts in entries:
             where = handles[parts[0] if parts else name][0].name
+            dim = split[0](name) if split is not None else None
+            if dim is not None:
+                yield name, where, (functools.partial(read_part, name, dim) if parts is None
+                                    else functools.partial(read_quantized_part, name, parts, dim))
+                continue
             yield name, where, (functools.partial(read, name) if parts is None
                                 else functools.partial(read_quantized, parts))
+
+
+def _sliced(source: TensorSource, shard_dim: Callable[[str], int | None], rank: int, size: int) -> TensorSource:
+    """`source` with every split tensor read whole on the host, then sliced to the rank's part (GGUF files)."""
+    with contextlib.closing(source):
+        for name, where, read in source:
+            dim = shard_dim(name)
+            if dim is None:
+                yield name, where, read
+            else:
+                yield name, where, functools.partial(lambda n, r, d: sharding.shard(n, r(), d, rank, size),
+                                                     name, read, dim)
 
 
 def _checked(name: str, where: str, value, want: torch.Size):
@@ -195,8 +235,18 @@ def _layer_index(name: str) -> int | None:
     return int(parts[2]) if parts[:2] == ["model", "layers"] else None
 
 
-def _finish_layer(layer: nn.Module, low_bit: str | None) -> None:
+def _finish_layer(layer: nn.Module, low_bit: str | None, tp: TensorParallel | None = None,
+                  row_parallel: tuple[str, ...] = ()) -> None:
     layer.fuse()
+    if low_bit and tp is not None and low_bit in INTEGER_FORMATS:
+        # A row-parallel slice is quantized as a part of the whole row (its groups, its sym_int8 scale); the
+        # column-parallel ones need nothing: their rows are whole.
+        for module_name in row_parallel:
+            parent_name, _, child_name = module_name.rpartition(".")
+            parent = layer.get_submodule(parent_name)
+            quantized = quantize_row_parallel(getattr(parent, child_name), low_bit, tp.size, tp.all_reduce_max)
+            if quantized is not None:
+                setattr(parent, child_name, quantized)
     if low_bit:
         quantize_linears(layer, low_bit)
 

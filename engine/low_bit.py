@@ -255,13 +255,40 @@ def quantize_weight(weight: torch.Tensor, fmt: str, group_size: int | None = Non
     return QuantizedWeight(4, group_size, *quantize_int4(weight, group_size, symmetric=fmt == "sym_int4"))
 
 
-def quantize_int8(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, K] -> (q int8 [N, K], scale float16 [N, K / group_size]): symmetric, max|w| of a group -> 127."""
+def quantize_int8(weight: torch.Tensor, group_size: int,
+                  amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (q int8 [N, K], scale float16 [N, K / group_size]): symmetric, max|w| of a group -> 127.
+    amax [N, K / group_size]: the groups' max|w| where they reach beyond `weight` (a tensor-parallel slice)."""
     n, k = weight.shape
     groups = weight.float().reshape(n, k // group_size, group_size)
-    scale = (groups.abs().amax(dim=-1).clamp(min=1e-6) / 127).to(torch.float16)
+    if amax is None:
+        amax = groups.abs().amax(dim=-1)
+    scale = (amax.clamp(min=1e-6) / 127).to(torch.float16)
     q = torch.round(groups / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)
     return q.reshape(n, k), scale
+
+
+def quantize_row_parallel(linear: nn.Linear, fmt: str, size: int, reduce_max) -> QuantizedLinear | None:
+    """A tensor-parallel rank's slice of a row-parallel projection (1/size of its inputs, --tensor-parallel-size) in
+    `fmt`, an INTEGER_FORMATS name, quantized exactly as the whole projection is on one rank, so that the ranks'
+    shards together hold the one-rank weights: 4-bit groups of the whole width's group size (ValueError where a
+    slice does not hold whole groups), sym_int8's one scale per row from the whole row's max|w| (reduce_max: the
+    element-wise maximum over the ranks, a collective every rank calls). None where the whole width has no group."""
+    weight = linear.weight.detach()
+    k = weight.shape[1]
+    full = k * size
+    bias = None if linear.bias is None else linear.bias.detach()
+    if fmt == "sym_int8":
+        amax = reduce_max(weight.float().abs().amax(dim=1, keepdim=True))
+        return QuantizedLinear(8, k, *quantize_int8(weight, k, amax), bias=bias)
+    group_size = next((g for g in _GROUP_SIZES if full % g == 0), None)
+    if group_size is None:
+        return QuantizedLinear.from_linear(linear, fmt)  # as on one rank: stays unquantized, with its warning
+    if k % group_size:
+        raise ValueError(f"--tensor-parallel-size {size} leaves {k} of a row-parallel projection's {full} inputs "
+                         f"on each rank, not whole {fmt} groups of {group_size}: use a size that keeps "
+                         f"{full} / size a multiple of {group_size}, or another format")
+    return QuantizedLinear(*quantize_weight(weight, fmt, group_size), bias=bias)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int, symmetric: bool

@@ -1,11 +1,47 @@
-"""SchedulerOutput -> flat input tensors -> one forward pass -> logits of the rows that sample a token."""
+"""SchedulerOutput -> flat input tensors -> one forward pass -> logits of the rows that sample a token.
+
+With tensor parallelism (engine/tensor_parallel.py) the leader's runner hands each step's flat inputs (a FlatBatch,
+or a DecodeBatch for a graph replay) to the followers before it runs them; a follower's runner runs the same
+forward pass on its shard (run_flat, run_decode) and leaves the logits to the leader.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.decode_graphs import DecodeGraphs
 from engine.scheduler import ScheduledChunk, SchedulerOutput
+
+if TYPE_CHECKING:
+    from engine.tensor_parallel import TensorParallel
+
+
+@dataclass(slots=True)
+class FlatBatch:
+    """One eager step's inputs as host lists: what every rank's forward pass needs, and nothing of the requests."""
+
+    token_ids: list[int]  # the input tokens after the first num_on_device ones (those are a device tensor)
+    num_on_device: int
+    positions: list[int]
+    slots: list[int]
+    decode_tables: list[list[int]]
+    decode_lens: list[int]
+    prefill_spans: list[tuple[int, int, int, list[int]]]  # (first row, tokens, context length, block table)
+
+
+@dataclass(slots=True)
+class DecodeBatch:
+    """One graph-replayed decode step's inputs (DecodeGraphs.run's arguments), tokens as in FlatBatch."""
+
+    token_ids: list[int]
+    num_on_device: int
+    positions: list[int]
+    slots: list[int]
+    block_tables: list[list[int]]
+    context_lens: list[int]
 
 
 class ModelRunner:
@@ -17,6 +53,8 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.graphs: DecodeGraphs | None = None  # set by the engine where graph capture is possible
+        # The leader's group when tensor parallel: each step's inputs go to the followers first. None: one device.
+        self.tensor_parallel: TensorParallel | None = None
 
     def order(self, out: SchedulerOutput) -> list[ScheduledChunk]:
         """Decodes first (one batch for the attention backend), then prefill chunks; logits come back in this order."""
@@ -68,25 +106,35 @@ class ModelRunner:
             if scores and _scores_prompt(chunk):
                 scored.append((first, chunk))
 
-        def tensor(values, dtype=torch.long) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=self.device)
-
-        width = max((len(t) for t in decode_tables), default=0)
-        meta = AttentionMetadata(
-            slot_mapping=tensor(slots),
-            # int32 as in the captured decode graphs: kernels compile per argument dtype.
-            decode_block_tables=tensor([t + [0] * (width - len(t)) for t in decode_tables], torch.int32).view(
-                len(decode_tables), width),
-            decode_context_lens=tensor(decode_lens, torch.int32),
-            decode_context_lens_host=decode_lens,
-            prefills=[(first, n, ctx, tensor(table, torch.int32)) for first, n, ctx, table in prefill_spans],
-        )
-        input_ids = self._inputs(input_ids, token_ids)
-        hidden = self.model(input_ids, tensor(positions), self.kv_caches, meta, self.backend)
+        batch = FlatBatch(token_ids, on_device, positions, slots, decode_tables, decode_lens, prefill_spans)
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.send(batch, input_ids)
+        hidden = self.run_flat(batch, input_ids)
         for first, chunk in scored:
             logits = self.model.compute_logits(hidden[first:first + chunk.num_tokens]).float()
             prompt_logprobs.append((chunk, torch.log_softmax(logits, dim=-1)))
-        return self.model.compute_logits(hidden[tensor(sample_rows)]).float()
+        return self.model.compute_logits(hidden[self._tensor(sample_rows)]).float()
+
+    def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def run_flat(self, batch: FlatBatch, input_ids: torch.Tensor | None) -> torch.Tensor:
+        """One eager forward pass -> hidden states [tokens, hidden]. input_ids: the first batch.num_on_device input
+        tokens, on the device."""
+        tensor = self._tensor
+        decode_tables = batch.decode_tables
+        width = max((len(t) for t in decode_tables), default=0)
+        meta = AttentionMetadata(
+            slot_mapping=tensor(batch.slots),
+            # int32 as in the captured decode graphs: kernels compile per argument dtype.
+            decode_block_tables=tensor([t + [0] * (width - len(t)) for t in decode_tables], torch.int32).view(
+                len(decode_tables), width),
+            decode_context_lens=tensor(batch.decode_lens, torch.int32),
+            decode_context_lens_host=batch.decode_lens,
+            prefills=[(first, n, ctx, tensor(table, torch.int32)) for first, n, ctx, table in batch.prefill_spans],
+        )
+        input_ids = self._inputs(input_ids, batch.token_ids)
+        return self.model(input_ids, tensor(batch.positions), self.kv_caches, meta, self.backend)
 
     def _inputs(self, on_device: torch.Tensor | None, host: list[int]) -> torch.Tensor:
         """The step's input ids: those already on the device (the sampler's int64 tokens), then those from the
@@ -101,14 +149,21 @@ class ModelRunner:
         positions = [c.start for c in chunks]
         tables = [c.request.block_ids[:p // bs + 1] for c, p in zip(chunks, positions)]
         host = [c.request.token_ids[c.start] for c in chunks[on_device:]]
-        token_ids = host if input_ids is None else self._inputs(input_ids, host)
-        logits = self.graphs.run(token_ids=token_ids, positions=positions,
-                                 slots=[t[-1] * bs + p % bs for t, p in zip(tables, positions)],
-                                 block_tables=tables, context_lens=[p + 1 for p in positions])
+        batch = DecodeBatch(host, on_device, positions, [t[-1] * bs + p % bs for t, p in zip(tables, positions)],
+                            tables, [p + 1 for p in positions])
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.send(batch, input_ids)
+        logits = self.run_decode(batch, input_ids)
         if all(c.sample for c in chunks):
             return logits
         # A one-token chunk in the middle of a chunked prompt samples nothing.
         return logits[torch.tensor([i for i, c in enumerate(chunks) if c.sample], device=self.device)]
+
+    def run_decode(self, batch: DecodeBatch, input_ids: torch.Tensor | None) -> torch.Tensor:
+        """One decode step replayed from the graphs -> logits [n, vocab] (valid until the next replay)."""
+        token_ids = batch.token_ids if input_ids is None else self._inputs(input_ids, batch.token_ids)
+        return self.graphs.run(token_ids=token_ids, positions=batch.positions, slots=batch.slots,
+                               block_tables=batch.block_tables, context_lens=batch.context_lens)
 
 
 def _scores_prompt(chunk: ScheduledChunk) -> bool:

@@ -1,8 +1,16 @@
 """The Llama family over the paged KV cache: Llama 2/3 (MHA, GQA, rope scaling), Mistral, Qwen2 (q/k/v bias).
 
 Parameter names equal the Hugging Face checkpoint names, so loading is a name-for-name copy.
+
+Tensor parallelism (--tensor-parallel-size N, engine/tensor_parallel.py), Megatron's split: q/k/v and gate/up are
+column parallel (each rank holds 1/N of the heads and of the intermediate units, whole), o_proj and down_proj row
+parallel (1/N of their inputs; the partial outputs are summed over the ranks, then the bias is added once).
+Embeddings, norms and the LM head are replicated: exact, and small beside the layers. `shard_dim` says which
+dimension of each checkpoint tensor a rank holds a slice of (engine/loader.py slices as it reads).
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -11,6 +19,38 @@ from engine.attention import AttentionBackend, AttentionMetadata
 from engine.fused_ops import linear, project, rms_norm, silu_and_mul_project
 from engine.low_bit import QuantizedLinear
 from engine.models.rope import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from engine.tensor_parallel import TensorParallel
+
+# The projections split by their outputs (dim 0 of the weight and bias) and by their inputs (dim 1 of the weight).
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")
+ROW_PARALLEL_MODULES = ("self_attn.o_proj", "mlp.down_proj")  # within a DecoderLayer, once fused
+
+
+def shard_dim(name: str) -> int | None:
+    """The dimension of checkpoint tensor `name` that tensor parallelism splits, None for a replicated one (a
+    row-parallel bias is added whole, once, after the sum)."""
+    module, _, kind = name.rpartition(".")
+    module = module.rpartition(".")[2]
+    if module in COLUMN_PARALLEL:
+        return 0
+    if module in ROW_PARALLEL and kind == "weight":
+        return 1
+    return None
+
+
+def check_tensor_parallel(config, size: int) -> None:
+    """ValueError naming the flag where `size` ranks cannot split the model's heads and MLP evenly."""
+    heads = config.num_attention_heads
+    kv_heads = config.num_key_value_heads or heads
+    for what, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads),
+                        ("intermediate_size", config.intermediate_size)):
+        if value % size:
+            raise ValueError(f"--tensor-parallel-size {size} does not divide the model's {what} ({value}): "
+                             f"use a size that divides {heads} attention heads, {kv_heads} KV heads and "
+                             f"{config.intermediate_size} MLP units")
 
 
 class RMSNorm(nn.Module):
@@ -42,11 +82,14 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module:
 
 
 class Attention(nn.Module):
-    def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool, sliding_window: int | None) -> None:
+    def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool, sliding_window: int | None,
+                 tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads or config.num_attention_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        size = tp.size if tp is not None else 1
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        # This rank's heads (all of them without tensor parallelism).
+        self.num_heads = config.num_attention_heads // size
+        self.num_kv_heads = (config.num_key_value_heads or config.num_attention_heads) // size
         self.scale = self.head_dim ** -0.5
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
@@ -56,10 +99,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
         self.qkv_proj: nn.Linear | None = None  # set by fuse(), which the loader calls
+        # Tensor parallel: the sum of o_proj's partial outputs over the ranks, then its bias (fuse() moves it here).
+        self.all_reduce = tp.all_reduce if size > 1 else None
+        self.register_parameter("o_bias", None)
 
     def fuse(self) -> None:
         self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
+        if self.all_reduce is not None:
+            self.o_bias = _take_bias(self.o_proj)
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
@@ -72,31 +120,54 @@ class Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window, cos_sin)
-        return project(out.reshape(num_tokens, -1), self.o_proj)
+        out = project(out.reshape(num_tokens, -1), self.o_proj)
+        if self.all_reduce is not None:
+            out = _reduced(self.all_reduce(out), self.o_bias)
+        return out
+
+
+def _take_bias(layer: nn.Module) -> nn.Parameter | None:
+    """A row-parallel projection's bias, taken out of it: added once after the sum over ranks, not N times."""
+    bias = layer.bias
+    layer.bias = None
+    return bias
+
+
+def _reduced(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out + bias
 
 
 class MLP(nn.Module):
-    def __init__(self, config, bias: bool = False) -> None:
+    def __init__(self, config, bias: bool = False, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        size = tp.size if tp is not None else 1
+        inter = config.intermediate_size // size  # this rank's units
+        self.gate_proj = nn.Linear(config.hidden_size, inter, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, config.hidden_size, bias=bias)
         self.gate_up_proj: nn.Linear | None = None  # set by fuse(), which the loader calls
+        self.all_reduce = tp.all_reduce if size > 1 else None  # as Attention's
+        self.register_parameter("down_bias", None)
 
     def fuse(self) -> None:
         self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
         del self.gate_proj, self.up_proj
+        if self.all_reduce is not None:
+            self.down_bias = _take_bias(self.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_and_mul_project(project(x, self.gate_up_proj), self.down_proj)
+        out = silu_and_mul_project(project(x, self.gate_up_proj), self.down_proj)
+        if self.all_reduce is not None:
+            out = _reduced(self.all_reduce(out), self.down_bias)
+        return out
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
-                 sliding_window: int | None) -> None:
+                 sliding_window: int | None, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(config, layer_idx, qkv_bias, o_bias, sliding_window)
-        self.mlp = MLP(config, mlp_bias)
+        self.self_attn = Attention(config, layer_idx, qkv_bias, o_bias, sliding_window, tp)
+        self.mlp = MLP(config, mlp_bias, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -134,14 +205,19 @@ class LlamaForCausalLM(nn.Module):
     """Serves LlamaForCausalLM and MistralForCausalLM checkpoints; subclasses change only the knobs below."""
 
     qkv_bias_default = False
+    # Tensor parallelism's contract with the loader and the engine (see the module docstring).
+    shard_dim = staticmethod(shard_dim)
+    check_tensor_parallel = staticmethod(check_tensor_parallel)
+    row_parallel_modules = ROW_PARALLEL_MODULES
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, tp: TensorParallel | None = None) -> None:
+        """tp: this rank's tensor-parallel group, whose shard of the layers to build (None: the whole model)."""
         super().__init__()
         self.config = config
         o_bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = o_bias or self.qkv_bias_default
         mlp_bias = bool(getattr(config, "mlp_bias", False))
-        layers = [DecoderLayer(config, i, qkv_bias, o_bias, mlp_bias, self.sliding_window(config, i))
+        layers = [DecoderLayer(config, i, qkv_bias, o_bias, mlp_bias, self.sliding_window(config, i), tp)
                   for i in range(config.num_hidden_layers)]
         self.model = LlamaModel(config, layers)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
