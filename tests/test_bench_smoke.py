@@ -35,3 +35,15 @@ def test_cpu_low_bit_bench_runs_and_tables_every_format():
     header = next(line for line in result.stdout.splitlines() if line.startswith("| model | batch"))
     assert all(f"{fmt} vs f32" in header for fmt in ("sym_int8", "sym_int4", "asym_int4"))
     assert [line for line in result.stdout.splitlines() if line.startswith("| demo | 1 |")]
+
+
+def test_tensor_parallel_bench_smoke_runs_tp1_and_tp2_on_the_cpu():
+    """bench/tensor_parallel.py --smoke: a tiny shape over gloo, the decode-step table with both sizes and their
+    ratio, and the workload's row against its floor."""
+    script = SCRIPT.parent / "tensor_parallel.py"
+    result = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert [line for line in lines if line.startswith("| tiny | 1 |")]
+    assert [line for line in lines if line.startswith("| tiny | 2 |") and "<= 0.62" in line]
+    assert [line for line in lines if line.startswith("| tiny, W16 | 2 | 16 |")]

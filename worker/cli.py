@@ -68,11 +68,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.pinning import expand_devices, pin_device
 
     devices = expand_devices(args.device)
+    if len(devices) > 1 and args.tensor_parallel_size > 1:
+        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} takes one --device, the first of its "
+                         f"cards (cuda:0 for cuda:0-{args.tensor_parallel_size - 1}), not a list of workers")
     if len(devices) > 1:  # `cuda:0-3`, `cpu,cpu`: a worker process per device (worker/supervisor.py)
         from worker.supervisor import supervise
 
         return supervise(args, devices)
-    device = pin_device(devices[0])  # before anything initialises the GPU
+    # Before anything initialises the GPU; a tensor-parallel engine's followers take the cards after it.
+    device = pin_device(devices[0], args.tensor_parallel_size)
     from api.celery_client import app, queue_for
     from api.settings import get_settings
     from api.tool_calls import parser_for_template

@@ -8,18 +8,21 @@ import re
 CARD_KINDS = ("xpu", "cuda")
 
 
-def pin_device(device: str) -> str:
-    """Restrict the process to the named card and return the device name to use inside it.
+def pin_device(device: str, count: int = 1) -> str:
+    """Restrict the process to the named card (and the count - 1 after it: a tensor-parallel engine's, which its
+    followers use) and return the device name to use inside it.
 
-    `xpu:2` sets ZE_AFFINITY_MASK=2 (Intel Level Zero) and `cuda:2` sets CUDA_VISIBLE_DEVICES=2; the card is then
-    device 0 of the process. Other names (auto, cpu, a bare xpu/cuda) are returned unchanged.
+    `xpu:2` sets ZE_AFFINITY_MASK=2 (Intel Level Zero) and `cuda:2` sets CUDA_VISIBLE_DEVICES=2 (`cuda:2` with
+    count 2: 2,3); the card is then device 0 of the process. Other names (auto, cpu, a bare xpu/cuda) are returned
+    unchanged.
     """
     kind, _, index = device.partition(":")
     if kind not in CARD_KINDS or not index:
         return device
     if not index.isdigit():
         raise ValueError(f"device index must be a number, got {device!r}")
-    os.environ["ZE_AFFINITY_MASK" if kind == "xpu" else "CUDA_VISIBLE_DEVICES"] = index
+    cards = ",".join(str(int(index) + i) for i in range(count))
+    os.environ["ZE_AFFINITY_MASK" if kind == "xpu" else "CUDA_VISIBLE_DEVICES"] = cards
     return f"{kind}:0"
 
 
