@@ -1,8 +1,13 @@
 """C++ CPU kernels compiled on first use with the machine's C++ compiler through torch's extension builder, for this
 CPU (-march=native, OpenMP), and cached under $INFERQ_HOME/torch_extensions.
 
-A build is named by a hash of its source and of the CPU, so a cache shared between machines (a home directory on a
-network drive, a copied image) never hands one a build made for another's instruction set. INFERQ_CPU_KERNELS=0
+INFERQ_CPU_MARCH (default `native`) replaces native in -march=: INFERQ_CPU_MARCH=haswell builds for AVX2 + FMA +
+F16C without AVX-512, which is how the kernels' AVX2 paths are built and tested on an AVX-512 machine (and how a
+build is made for an older CPU than this one).
+
+A build is named by a hash of its source, of its compiler flags and of the CPU, so builds with different flags never
+collide and a cache shared between machines (a home directory on a network drive, a copied image) never hands one a
+build made for another's instruction set. INFERQ_CPU_KERNELS=0
 turns every such kernel off; where one cannot be built (no compiler, no ninja, no Python headers) a warning says what
 runs instead and the caller gets None.
 """
@@ -25,21 +30,29 @@ def kernels_enabled() -> bool:
     return os.environ.get("INFERQ_CPU_KERNELS", "1") != "0"
 
 
-def build_cpu_extension(source: Path, name: str, fallback: str = "the portable path instead") -> ModuleType | None:
+def cpu_march() -> str:
+    """The -march= of the builds: INFERQ_CPU_MARCH, else native."""
+    return os.environ.get("INFERQ_CPU_MARCH", "").strip() or "native"
+
+
+def build_cpu_extension(source: Path, name: str, fallback: str = "the portable path instead",
+                        march: str | None = None) -> ModuleType | None:
     """The extension compiled from `source` (one .cpp file) as `name`, loaded; built first if the cache has no build
-    of this source for this CPU (tens of seconds). None where kernels are off or the build fails; `fallback` (what
-    the caller does then) ends the warning."""
+    of this source with these flags for this CPU (tens of seconds). `march` (default: cpu_march()) is -march=.
+    None where kernels are off or the build fails; `fallback` (what the caller does then) ends the warning."""
     if not kernels_enabled():
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        digest = hashlib.sha256(source.read_bytes() + _cpu_identity().encode()).hexdigest()[:12]
+        cflags = ["-O3", f"-march={march or cpu_march()}", "-fopenmp"]
+        identity = source.read_bytes() + " ".join(cflags).encode() + _cpu_identity().encode()
+        digest = hashlib.sha256(identity).hexdigest()[:12]
         directory = inferq_home() / "torch_extensions" / f"{name}_{digest}"
         directory.mkdir(parents=True, exist_ok=True)
         log.info("loading the CPU kernel %s from %s (built there first if it is not: about a minute)", name, directory)
         return load(name=f"inferq_{name}_{digest}", sources=[str(source)], build_directory=str(directory),
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+                    extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure: the caller's portable path serves
         log.warning("the CPU kernel %s could not be built (%s: %s); %s", name, type(exc).__name__,
                     str(exc).splitlines()[0] if str(exc) else "", fallback)

@@ -16,9 +16,10 @@
 // group's 16 weights are computed so once and looked up; int8 with one scale per row, on the few-rows path, sums
 // x * q and multiplies the sums by the scale (the same product, rounded in another order).
 //
-// AVX-512 (x86-64 -march=native on a CPU that has it) gets intrinsics; every other CPU the portable path (the panel
-// path for every row count, in loops and generic vectors that the compiler turns into AVX2, SSE or NEON; building
-// with -DINFERQ_PORTABLE or -mno-avx512f selects it on an AVX-512 machine, which is how it is tested).
+// AVX-512 (x86-64 -march=native on a CPU that has it) gets intrinsics, and so does AVX2 + FMA + F16C (the same
+// design in 256-bit vectors; INFERQ_CPU_MARCH=haswell builds it on an AVX-512 machine, which is how it is tested);
+// every other CPU the portable path (the panel path for every row count, in loops and generic vectors that the
+// compiler turns into SSE or NEON; building with -DINFERQ_PORTABLE selects it anywhere).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -32,6 +33,10 @@
     !defined(INFERQ_PORTABLE)
 #define INFERQ_AVX512 1
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(INFERQ_PORTABLE)
+// Most x86 CPUs without AVX-512 (Haswell on, Zen 1-3): the same design in 256-bit vectors, 16 registers.
+#define INFERQ_AVX2 1
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -40,10 +45,14 @@ namespace {
 constexpr int64_t kRun = 32;
 // Floats per vector: the panel stores K in vectors of 16 (zero-padded past K).
 constexpr int64_t kLanes = 16;
-// Rows of x up to which weights are dequantized in registers rather than into a panel (the AVX-512 path only).
+// Rows of x up to which weights are dequantized in registers rather than into a panel (the intrinsics paths only).
 constexpr int64_t kStreamRows = 4;
 constexpr int kStreamCols = 4;  // weight rows per stream tile
+#ifdef INFERQ_AVX2
+constexpr int kPanelRows = 2;   // 16 registers: 2 x 6 accumulators + 2 vectors of x + 1 weight vector
+#else
 constexpr int kPanelRows = 4;   // rows of x per panel tile
+#endif
 constexpr int kPanelCols = 6;   // weight rows per panel tile: 4 x 6 accumulators + 6 weight vectors fit 32 registers
 constexpr int64_t kSplit = 12;  // threads split W's rows in blocks of this (a multiple of both tiles' widths)
 // The panel of dequantized rows one thread works on: about this many bytes, so that it stays in L2 while every row
@@ -67,7 +76,7 @@ struct QWeight {
 };
 
 inline float half_to_float(at::Half h) {
-#ifdef INFERQ_AVX512
+#if defined(INFERQ_AVX512) || defined(INFERQ_AVX2)
   return _cvtsh_ss(h.x);
 #else
   return static_cast<float>(h);
@@ -137,6 +146,71 @@ void dequant_row(const QWeight& w, int64_t r, float* dst, int64_t stride) {
       float* out = dst + run / kLanes * stride;
       _mm512_storeu_ps(out, _mm512_permutexvar_ps(v, table));  // the low nibble: vpermps reads 4 bits
       _mm512_storeu_ps(out + stride, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table));
+    }
+  }
+}
+#elif defined(INFERQ_AVX2)
+// 256-bit vectors: a panel vector of 16 floats is two of them (kHalf floats each).
+constexpr int64_t kHalf = 8;
+
+// Inputs p[0 .. n) of x as floats, zeros past n (n < 8: where K ends mid-vector, at most once per row). AVX2 has no
+// masked byte loads, so the tails, of x and of the weights alike, go through a small zeroed copy; the loops over
+// whole vectors use plain loads only (see int8_vector on AVX-512).
+inline __m256 float_tail(const float* p, int64_t n) {
+  alignas(32) float buf[kHalf] = {};
+  std::memcpy(buf, p, n * sizeof(float));
+  return _mm256_load_ps(buf);
+}
+
+// 8 int8 weights as floats: one 8-byte load, sign-extended, converted (plain loads: see the AVX-512 comment).
+inline __m256 int8_vector(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline __m256 int8_tail(const uint8_t* p, int64_t n) {
+  alignas(16) uint8_t buf[16] = {};
+  std::memcpy(buf, p, n);
+  return int8_vector(buf);
+}
+
+// 8 bytes of nibble pairs, zero-extended to 32-bit lanes: (v & 15) is the low nibbles' inputs, v >> 4 the high ones.
+inline __m256i nibble_bytes(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The weights of 8 nibbles: q * s + a as dequantize computes it (q * s exact, one rounding). A 16-entry table as
+// on AVX-512 would take two vpermps and a blend here (vpermps indexes only 8 lanes), more than convert + FMA.
+inline __m256 nibble_weights(__m256i nib, __m256 vs, __m256 va) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(nib), vs, va);
+}
+
+void dequant_row(const QWeight& w, int64_t r, float* dst, int64_t stride) {
+  const uint8_t* q = w.row(r);
+  const __m256i low = _mm256_set1_epi32(0xF);
+  for (int64_t g = 0; g < w.groups(); ++g) {
+    float s, a;
+    group_affine(w, r, g, s, a);
+    const __m256 vs = _mm256_set1_ps(s), va = _mm256_set1_ps(a);
+    const int64_t k0 = g * w.group, k1 = k0 + w.group;
+    if (w.bits == 8) {
+      // As on AVX-512: a group of 32 starts on a vector; one of K is the only one, so the tail (zeros past K, as
+      // a = 0) is the row's end. Half-vectors of 8 go to dst + (k / 16) * stride + k % 16.
+      int64_t k = k0;
+      for (; k + kHalf <= k1; k += kHalf)
+        _mm256_storeu_ps(dst + k / kLanes * stride + k % kLanes, _mm256_fmadd_ps(int8_vector(q + k), vs, va));
+      if (k < k1)
+        _mm256_storeu_ps(dst + k / kLanes * stride + k % kLanes, _mm256_fmadd_ps(int8_tail(q + k, k1 - k), vs, va));
+      if (k1 % kLanes != 0 && k1 % kLanes <= kHalf)  // the second half of the last vector: zeros
+        _mm256_storeu_ps(dst + k1 / kLanes * stride + kHalf, _mm256_setzero_ps());
+      continue;
+    }
+    for (int64_t run = k0; run < k1; run += kRun) {
+      float* out = dst + run / kLanes * stride;
+      for (int h = 0; h < 2; ++h) {  // bytes 8h .. 8h + 7: inputs 8h .. (low nibbles) and 16 + 8h .. (high ones)
+        const __m256i v = nibble_bytes(q + run / 2 + h * kHalf);
+        _mm256_storeu_ps(out + h * kHalf, nibble_weights(_mm256_and_si256(v, low), vs, va));
+        _mm256_storeu_ps(out + stride + h * kHalf, nibble_weights(_mm256_srli_epi32(v, 4), vs, va));
+      }
     }
   }
 }
@@ -306,6 +380,127 @@ void stream_tile(const QWeight& w, int64_t r, const float* x, int64_t ldx, float
   }
   store_sums<MR, NR>(acc, y + r, ldy, cols);
 }
+#elif defined(INFERQ_AVX2)
+#define INFERQ_UNROLL _Pragma("GCC unroll 16")
+#define INFERQ_INLINE inline __attribute__((always_inline))
+
+// The four sums of a0..a3 as one vector [Σa0, Σa1, Σa2, Σa3].
+INFERQ_INLINE __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));  // per 128-bit lane
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+template <int MR, int NR>
+INFERQ_INLINE void store_sums(__m256 (&acc)[MR][NR], float* c, int64_t ldc, int64_t cols) {
+  const __m256 zero = _mm256_setzero_ps();
+  INFERQ_UNROLL for (int i = 0; i < MR; ++i) {
+    INFERQ_UNROLL for (int j = 0; j < NR; j += 4) {
+      const __m128 sums = reduce4(acc[i][j], j + 1 < NR ? acc[i][j + 1] : zero, j + 2 < NR ? acc[i][j + 2] : zero,
+                                  j + 3 < NR ? acc[i][j + 3] : zero);
+      const int64_t left = cols - j;
+      if (left >= 4) {
+        _mm_storeu_ps(c + i * ldc + j, sums);
+      } else if (left > 0) {
+        alignas(16) float out[4];
+        _mm_store_ps(out, sums);
+        for (int64_t l = 0; l < left; ++l) c[i * ldc + j + l] = out[l];
+      }
+    }
+  }
+}
+
+// As on AVX-512, over both halves of each panel vector into the same accumulators. With 16 registers: MR = 2 rows
+// of x against the NR = 6 rows of a tile (12 accumulators), each weight half-vector loaded once into a register and
+// used by both rows, the two x vectors held.
+template <int MR, int NR>
+void tile(const float* a, int64_t lda, const float* b, int64_t vectors, float* c, int64_t ldc, int64_t cols) {
+  __m256 acc[MR][NR];
+  INFERQ_UNROLL for (int i = 0; i < MR; ++i)
+    INFERQ_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t v = 0; v < vectors; ++v, b += NR * kLanes) {
+    INFERQ_UNROLL for (int h = 0; h < 2; ++h) {
+      __m256 av[MR];
+      INFERQ_UNROLL for (int i = 0; i < MR; ++i) av[i] = _mm256_loadu_ps(a + i * lda + v * kLanes + h * kHalf);
+      INFERQ_UNROLL for (int j = 0; j < NR; ++j) {
+        __m256 bv = _mm256_loadu_ps(b + j * kLanes + h * kHalf);
+        asm("" : "+x"(bv));  // one load for the MR multiply-adds, not one folded into each
+        INFERQ_UNROLL for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(av[i], bv, acc[i][j]);
+      }
+    }
+  }
+  store_sums<MR, NR>(acc, c, ldc, cols);
+}
+
+// The few-rows path, as on AVX-512: NR weight rows from row r on, dequantized in registers, against MR rows of x.
+// 16 registers: MR x NR accumulators + NR weight vectors + one of x, so NR = 4 for one or two rows of x, 2 beyond.
+template <int MR, int NR>
+void stream_tile(const QWeight& w, int64_t r, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t cols) {
+  __m256 acc[MR][NR];
+  INFERQ_UNROLL for (int i = 0; i < MR; ++i)
+    INFERQ_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  const uint8_t* rows[NR];
+  INFERQ_UNROLL for (int j = 0; j < NR; ++j) rows[j] = w.row(r + j);
+  // int8 with one scale per row: the sums of x * q, multiplied by the row's scale once (see the AVX-512 path).
+  const bool per_row = w.bits == 8 && w.groups() == 1;
+  const __m256i low = _mm256_set1_epi32(0xF);
+  for (int64_t g = 0; g < w.groups(); ++g) {
+    __m256 vs[NR], va[NR];
+    INFERQ_UNROLL for (int j = 0; j < NR; ++j) {
+      float s, a;
+      group_affine(w, r + j, g, s, a);
+      vs[j] = _mm256_set1_ps(s);
+      va[j] = _mm256_set1_ps(a);
+    }
+    const int64_t k0 = g * w.group, k1 = k0 + w.group;
+    if (w.bits == 8) {
+      int64_t k = k0;
+      for (; k + kHalf <= k1; k += kHalf) {
+        __m256 wv[NR];
+        INFERQ_UNROLL for (int j = 0; j < NR; ++j) {
+          const __m256 q = int8_vector(rows[j] + k);
+          wv[j] = per_row ? q : _mm256_mul_ps(q, vs[j]);
+        }
+        INFERQ_UNROLL for (int i = 0; i < MR; ++i) {
+          const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
+          INFERQ_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+      }
+      if (k < k1) {  // one scale per row: K need not be a multiple of 8
+        __m256 wv[NR];
+        INFERQ_UNROLL for (int j = 0; j < NR; ++j) {
+          const __m256 q = int8_tail(rows[j] + k, k1 - k);
+          wv[j] = per_row ? q : _mm256_mul_ps(q, vs[j]);
+        }
+        INFERQ_UNROLL for (int i = 0; i < MR; ++i) {
+          const __m256 xv = float_tail(x + i * ldx + k, k1 - k);
+          INFERQ_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+      }
+      if (per_row) {
+        INFERQ_UNROLL for (int i = 0; i < MR; ++i)
+          INFERQ_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_mul_ps(acc[i][j], vs[j]);
+      }
+      continue;
+    }
+    for (int64_t run = k0; run < k1; run += kRun) {
+      // Bytes 8h .. 8h + 7 of the run: inputs run + 8h .. (low nibbles), run + 16 + 8h .. (high ones).
+      INFERQ_UNROLL for (int h = 0; h < 2; ++h) {
+        __m256i v[NR];
+        INFERQ_UNROLL for (int j = 0; j < NR; ++j) v[j] = nibble_bytes(rows[j] + run / 2 + h * kHalf);
+        INFERQ_UNROLL for (int half = 0; half < 2; ++half) {
+          __m256 wv[NR];
+          INFERQ_UNROLL for (int j = 0; j < NR; ++j)
+            wv[j] = nibble_weights(half == 0 ? _mm256_and_si256(v[j], low) : _mm256_srli_epi32(v[j], 4), vs[j], va[j]);
+          INFERQ_UNROLL for (int i = 0; i < MR; ++i) {
+            const __m256 xv = _mm256_loadu_ps(x + i * ldx + run + kLanes * half + h * kHalf);
+            INFERQ_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+          }
+        }
+      }
+    }
+  }
+  store_sums<MR, NR>(acc, y + r, ldy, cols);
+}
 #else
 // The compiler's generic vectors, as wide as the target's registers (AVX: 8 floats; else 4, which SSE and NEON
 // have): wider ones GCC would split through the stack. A panel vector of 16 floats is kParts of them. Loaded
@@ -394,13 +589,18 @@ void panel_rows(const QWeight& w, const float* x, int64_t ldx, int64_t m, float*
   }
 }
 
-#ifdef INFERQ_AVX512
+#if defined(INFERQ_AVX512) || defined(INFERQ_AVX2)
 constexpr bool kHasStream = true;
 
 template <int MR>
 void stream_rows_mr(const QWeight& w, const float* x, int64_t ldx, float* y, int64_t r0, int64_t r1) {
+#ifdef INFERQ_AVX2
+  constexpr int cols = MR <= 2 ? kStreamCols : 2;  // what 16 registers hold (stream_tile)
+#else
+  constexpr int cols = kStreamCols;
+#endif
   int64_t r = r0;
-  for (; r + kStreamCols <= r1; r += kStreamCols) stream_tile<MR, kStreamCols>(w, r, x, ldx, y, w.n, kStreamCols);
+  for (; r + cols <= r1; r += cols) stream_tile<MR, cols>(w, r, x, ldx, y, w.n, cols);
   for (; r < r1; ++r) stream_tile<MR, 1>(w, r, x, ldx, y, w.n, 1);
 }
 

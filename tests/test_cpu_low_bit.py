@@ -112,3 +112,50 @@ def test_without_the_kernel_the_layer_multiplies_by_the_dequantized_weight():
     env = {**os.environ, "INFERQ_CPU_KERNELS": "0"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# The AVX2 build (INFERQ_CPU_MARCH=haswell: AVX2 + FMA + F16C, no AVX-512) runs in a subprocess, so that this
+# process's kernel stays the native one; one subprocess for every case, as the build (~40 s on 2 cores, cached
+# afterwards under $INFERQ_HOME) is most of its cost.
+def _check_cases(quantized_matmul) -> None:
+    """Every format of CASES, every row count of ROWS (both paths), and 4 threads sharing 1000 rows: against the
+    dequantized reference."""
+    generator = torch.Generator().manual_seed(3)
+    for fmt, group_size, k in CASES:
+        layer = make_layer(fmt, group_size, k, bias=False)
+        weight = layer.dequantize().double()
+        for m in ROWS:
+            x = torch.randn(m, k, generator=generator)
+            err = relative_error(quantized_matmul(x, layer), x.double() @ weight.t())
+            assert err < 1e-5, (fmt, group_size, k, m, err)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64", reason="AVX2 is x86-64's")
+def test_avx2_build_equals_the_dequantized_weight():
+    """The kernel built with INFERQ_CPU_MARCH=haswell (the AVX2 path: the
+    compiler defines __AVX2__, __FMA__ and __F16C__ but not __AVX512F__ for it)
+    computes what the dequantized weight does for every format, odd N and K, rows on both paths, threads in claims."""
+    probe = subprocess.run(["c++", "-march=haswell", "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True,
+                           text=True, timeout=60)
+    macros = probe.stdout if probe.returncode == 0 else ""
+    if not all(f"#define {m} 1" in macros for m in ("__AVX2__", "__FMA__", "__F16C__")):
+        pytest.skip("the C++ compiler cannot target haswell")
+    script = (
+        "import torch\n"
+        "import engine.cpu_low_bit as kernel\n"
+        "import tests.test_cpu_low_bit as t\n"
+        "t._check_cases(kernel.quantized_matmul)\n"
+        "torch.set_num_threads(4)\n"
+        "for fmt in ('sym_int4', 'asym_int4', 'sym_int8'):\n"
+        "    layer = t.QuantizedLinear.from_linear(torch.nn.Linear(384, 1000, bias=False), fmt)\n"
+        "    w = layer.dequantize().double()\n"
+        "    for m in (1, 4, 33):\n"
+        "        x = torch.randn(m, 384)\n"
+        "        assert t.relative_error(kernel.quantized_matmul(x, layer), x.double() @ w.t()) < 1e-5, (fmt, m)\n"
+        "print('ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "INFERQ_CPU_MARCH": "haswell", "PYTHONPATH": root}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "ok" in result.stdout, (result.stdout + result.stderr)[-3000:]
