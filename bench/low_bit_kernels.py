@@ -85,7 +85,7 @@ def candidates(bits: int, m: int) -> list[tuple]:
             return [("rows", bn, bk, w, s) for bn, bk, w, s in
                     itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (1, 3)) if 2048 <= bn * bk <= 32768]
         return [("rows", bn, bk, w, s) for bn, bk, w, s in
-                itertools.product((32, 64, 128, 256), (128, 256, 512), (4, 8), (1, 2, 3)) if bn * bk <= 65536]
+                itertools.product((64, 128, 256), (64, 128), (4, 8), (1, 2))]
     block_ms = {2: (16,), 4: (16,), 8: (16,), 16: (16,), 32: (32,), 64: (64,), 128: (64, 128), 256: (128,)}[m]
     # 4-bit: the byte tiles dequantized in 16 bits, or the word tiles ("words")
     w16s = (True, "words") if bits == 4 else (False,)

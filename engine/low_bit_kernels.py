@@ -53,8 +53,10 @@ def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
     if m <= ROWS_MAX:
         block_m = 1
         block_n, block_k, warps, stages = _rows_config(layer.bits)
-        if layer.bits == 4 and x.data_ptr() % 4:  # it reads x in pairs
-            x = x.clone()
+        if layer.bits == 4:  # its tiles lie in one group (so K is a whole number of them); it reads x in pairs
+            block_k = min(block_k, layer.group_size)
+            if x.data_ptr() % 4:
+                x = x.clone()
         kernel = _int4_words_kernel if layer.bits == 4 else _int8_rows_kernel
     else:
         block_m, block_n, block_k, warps, stages, w16 = _tiles_config(layer.bits, m)
@@ -207,32 +209,24 @@ def _bf16_pair(pair):
 
 
 @triton.jit
-def _load_where(at, ok, other):
-    """tl.load of `at` where `ok` (else `other`); every element where `ok` is None."""
-    if ok is None:
-        return tl.load(at)
-    return tl.load(at, mask=ok, other=other)
-
-
-@triton.jit
-def _word_inputs(x_ptr, first, ok):
+def _word_inputs(x_ptr, first):
     """x at the inputs of a word's 8 nibbles (nibble n: byte n // 2, high if n is odd), as float32 [WORDS] each, for
-    words whose byte 0 low nibble is input `first` (zeros where not `ok`, None: all there)."""
+    words whose byte 0 low nibble is input `first`."""
     if x_ptr.dtype.element_ty == tl.bfloat16:  # loaded two at a time, as int32 (first is even)
         pairs = x_ptr.to(tl.pointer_type(tl.int32)) + first // 2
-        x0, x2 = _bf16_pair(_load_where(pairs, ok, 0))
-        x4, x6 = _bf16_pair(_load_where(pairs + 1, ok, 0))
-        x1, x3 = _bf16_pair(_load_where(pairs + 8, ok, 0))
-        x5, x7 = _bf16_pair(_load_where(pairs + 9, ok, 0))
+        x0, x2 = _bf16_pair(tl.load(pairs))
+        x4, x6 = _bf16_pair(tl.load(pairs + 1))
+        x1, x3 = _bf16_pair(tl.load(pairs + 8))
+        x5, x7 = _bf16_pair(tl.load(pairs + 9))
     else:
-        x0 = _load_where(x_ptr + first, ok, 0.0).to(tl.float32)
-        x2 = _load_where(x_ptr + first + 1, ok, 0.0).to(tl.float32)
-        x4 = _load_where(x_ptr + first + 2, ok, 0.0).to(tl.float32)
-        x6 = _load_where(x_ptr + first + 3, ok, 0.0).to(tl.float32)
-        x1 = _load_where(x_ptr + first + 16, ok, 0.0).to(tl.float32)
-        x3 = _load_where(x_ptr + first + 17, ok, 0.0).to(tl.float32)
-        x5 = _load_where(x_ptr + first + 18, ok, 0.0).to(tl.float32)
-        x7 = _load_where(x_ptr + first + 19, ok, 0.0).to(tl.float32)
+        x0 = tl.load(x_ptr + first).to(tl.float32)
+        x2 = tl.load(x_ptr + first + 1).to(tl.float32)
+        x4 = tl.load(x_ptr + first + 2).to(tl.float32)
+        x6 = tl.load(x_ptr + first + 3).to(tl.float32)
+        x1 = tl.load(x_ptr + first + 16).to(tl.float32)
+        x3 = tl.load(x_ptr + first + 17).to(tl.float32)
+        x5 = tl.load(x_ptr + first + 18).to(tl.float32)
+        x7 = tl.load(x_ptr + first + 19).to(tl.float32)
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
@@ -257,9 +251,8 @@ def _int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
     (_at_12_and_16: 1 + q·2^-11, 1 + q·2^-7), and the word shifted by 8 either way or rotated by 16 brings every
     other nibble there, two at a time: 8 nibbles in 3 shifts and 8 ORs, then one FMA each with x scaled by 2^7 or
     2^3 (x' per position, computed once per thread for all its rows), so f·x' = x' + q·x/16. With D = Σ f·x' and
-    X' = Σ x', X = Σ x over a word, which lies in one group of scale s (and offset o):
-    Σ (q - 8)·s·x = 16·s·(D - X' - X/2), and Σ (q·s + o)·x = 16·(s·(D - X') + o/16·X). A tile of several groups
-    (BLOCK_K > GROUP) gathers a scale per word."""
+    X' = Σ x', X = Σ x over a tile, which lies in one group (BLOCK_K <= GROUP) of scale s (and offset o):
+    Σ (q - 8)·s·x = 16·s·(D - X' - X/2), and Σ (q·s + o)·x = 16·(s·(D - X') + o/16·X)."""
     WORDS: tl.constexpr = BLOCK_K // 8
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
@@ -273,16 +266,8 @@ def _int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
     acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
     start, end = _k_range(K, BLOCK_K, SPLIT_K)
     for k0 in range(start, end, BLOCK_K):
-        if BLOCK_K > GROUP:  # a tile of several groups may reach past K, and needs a scale per word (its group's)
-            word_ok = k0 + 8 * c < K
-            w_mask = col_ok[:, None] & word_ok[None, :]
-            group = ((k0 + x_first) // GROUP)[None, :]
-        else:  # K is a whole number of groups, so of tiles
-            word_ok = None
-            w_mask = col_ok[:, None]
-            group = k0 // GROUP
-        word = tl.load(q_at + k0 // 8, mask=w_mask, other=0)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _word_inputs(x_ptr, k0 + x_first, word_ok)
+        word = tl.load(q_at + k0 // 8, mask=col_ok[:, None], other=0)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _word_inputs(x_ptr, k0 + x_first)
         # nibbles at bits 12-15 meet x·2^7, at 16-19 x·2^3; one FMA chain per output
         f12, f16 = _at_12_and_16(word)  # nibbles 3, 4
         dot = tl.fma(f16, (x4 * 8.0)[None, :], f12 * (x3 * 128.0)[None, :])
@@ -294,9 +279,9 @@ def _int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
         dot = tl.fma(f16, (x0 * 8.0)[None, :], tl.fma(f12, (x7 * 128.0)[None, :], dot))
         x_all = (x0 + x1) + (x2 + x3) + (x4 + x5) + (x6 + x7)
         x_scaled = 128.0 * (x1 + x3 + x5 + x7) + 8.0 * (x0 + x2 + x4 + x6)
-        scale = tl.load(s_at[:, None] + group, mask=w_mask, other=0.0).to(tl.float32)
+        scale = tl.load(s_at + k0 // GROUP, mask=col_ok, other=0.0).to(tl.float32)[:, None]
         if HAS_OFFSET:
-            offset = tl.load(o_at[:, None] + group, mask=w_mask, other=0.0).to(tl.float32)
+            offset = tl.load(o_at + k0 // GROUP, mask=col_ok, other=0.0).to(tl.float32)[:, None]
             acc += scale * (dot - x_scaled[None, :]) + (offset * 0.0625) * x_all[None, :]
         else:
             acc += scale * (dot - (x_scaled + 0.5 * x_all)[None, :])

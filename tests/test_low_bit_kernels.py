@@ -64,11 +64,11 @@ def test_bias_and_strided_rows_through_the_module():
 
 
 @pytest.mark.parametrize("fmt,group,n,k", [c for c in CASES if c[0].endswith("int4")] + [("sym_int4", 32, 20, 96)])
-@pytest.mark.parametrize("block_n,block_k", [(16, 128), (64, 32), (16, 512)])
+@pytest.mark.parametrize("block_n,block_k", [(16, 128), (64, 32)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_words_gemv_computes_the_dequantized_product(monkeypatch, fmt, group, n, k, block_n, block_k, dtype):
     """The 4-bit GEMV on int32 words (nibbles moved under a float's exponent, scales once per word), tiles of a
-    group, narrower, and of several groups reaching past K, x in either 16-bit type (bfloat16 read in pairs)."""
+    group and narrower, x in either 16-bit type (bfloat16 read in pairs)."""
     torch.manual_seed(0)
     monkeypatch.setitem(kernels.ROWS_CONFIGS, 4, (block_n, block_k, 4, 1))
     layer = layer_for(fmt, group, n, k)
