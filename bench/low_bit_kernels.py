@@ -87,8 +87,7 @@ def candidates(bits: int, m: int) -> list[tuple]:
         return [("rows", bn, bk, w, s) for bn, bk, w, s in
                 itertools.product((64, 128, 256), (64, 128), (4, 8), (1, 2))]
     block_ms = {2: (16,), 4: (16,), 8: (16,), 16: (16,), 32: (32,), 64: (64,), 128: (64, 128), 256: (128,)}[m]
-    # 4-bit: the byte tiles dequantized in 16 bits, or the word tiles ("words")
-    w16s = (True, "words") if bits == 4 else (False,)
+    w16s = (True, False) if bits == 4 else (False,)
     return [("cublas",)] + [("tiles", bm, bn, bk, w, s, w16) for bm, bn, bk, (w, s), w16 in
                             itertools.product(block_ms, (64, 128, 256), (64, 128), ((4, 3), (8, 3), (8, 4)), w16s)
                             if bm * bn <= 128 * 128]

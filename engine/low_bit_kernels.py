@@ -61,8 +61,6 @@ def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
     else:
         block_m, block_n, block_k, warps, stages, w16 = _tiles_config(layer.bits, m)
         kernel = _int4_tiles_kernel if layer.bits == 4 else _int8_tiles_kernel
-        if layer.bits == 4 and w16 == "words":
-            kernel = _int4_word_tiles_kernel
     grid_m, grid_n = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
     # The 4-bit GEMV's tiles are one group (128 inputs at most): it may split K further.
     split_k = split_count(grid_m * grid_n, k, block_k, *((2, 32) if m <= ROWS_MAX and layer.bits == 4 else (4, 16)))
@@ -71,7 +69,7 @@ def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
     offset = layer.offset if layer.offset is not None else layer.scale  # unread when HAS_OFFSET is False
     flags = dict(GROUP=layer.group_size)
     flags |= dict(HAS_OFFSET=layer.offset is not None) if layer.bits == 4 else dict(PER_ROW=layer.group_size == k)
-    if layer.bits == 4 and m > ROWS_MAX and w16 != "words":
+    if layer.bits == 4 and m > ROWS_MAX:
         flags |= dict(W16=w16)
     kernel[(grid_m * grid_n, split_k)](
         x, layer.qweight, layer.scale, offset, out, partials, locks, m, n, k, x.stride(0), layer.qweight.stride(0),
@@ -358,85 +356,6 @@ def _int4_tiles_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
         x_high = tl.load(x_at + k0 + 16, mask=x_mask, other=0.0)
         acc = tl.dot(w_low.to(x_low.dtype), x_low, acc)
         acc = tl.dot(w_high.to(x_high.dtype), x_high, acc)
-    _finish(tl.trans(acc), out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om, SPLIT_K)
-
-
-@triton.jit
-def _half_pair(v, DTYPE: tl.constexpr):
-    """The two 16-bit floats packed in int32 `v` (low half first), as DTYPE."""
-    return v.to(tl.int16).to(DTYPE, bitcast=True), (v >> 16).to(tl.int16).to(DTYPE, bitcast=True)
-
-
-@triton.jit
-def _nibble_quads(word, MAGIC: tl.constexpr, BIAS: tl.constexpr, DTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  WORDS: tl.constexpr):
-    """A tile's int32 words [BLOCK_N, WORDS] as the weights [BLOCK_N, 4 * WORDS] of their low nibbles and those of
-    their high nibbles, each in input order (word c, byte b meets input 32·(c // 4) + 4·(c % 4) + b, and + 16 for
-    the high nibble), minus BIAS. Two nibbles 16 bits apart become two 16-bit floats at once: one masked OR under
-    the exponent of MAGIC (1024.0 in float16, 128.0 in bfloat16, whose mantissa steps are 1) per shift."""
-    lo0, lo2 = _half_pair((word & 0x000F000F) | MAGIC, DTYPE)  # bytes 0, 2: low nibbles
-    hi0, hi2 = _half_pair(((word >> 4) & 0x000F000F) | MAGIC, DTYPE)  # bytes 0, 2: high nibbles
-    lo1, lo3 = _half_pair(((word >> 8) & 0x000F000F) | MAGIC, DTYPE)
-    hi1, hi3 = _half_pair(((word >> 12) & 0x000F000F) | MAGIC, DTYPE)
-    # join(join(b0, b2), join(b1, b3)) lays byte 2·i + o at [..., i, o]: bytes 0, 1, 2, 3 in a row.
-    low = tl.reshape(tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3)), (BLOCK_N, 4 * WORDS)) - BIAS
-    high = tl.reshape(tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3)), (BLOCK_N, 4 * WORDS)) - BIAS
-    return low, high
-
-
-@triton.jit(do_not_specialize=["M"])
-def _int4_word_tiles_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
-                            stride_xm, stride_qn, stride_sn, stride_om, GROUP: tl.constexpr,
-                            HAS_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """The 4-bit tiled GEMM on int32 words (outᵀ = W·xᵀ): each word's 8 nibbles become 16-bit floats two at a time
-    (_nibble_quads), straight in x's type; where a tile lies in one group the scale multiplies the tile's sums once
-    per output (Σ (q - 8)·s·x = s·Σ (q - 8)·x; asymmetric: s·Σ q·x + o·Σ x) instead of every weight."""
-    WORDS: tl.constexpr = BLOCK_K // 8
-    HALF: tl.constexpr = BLOCK_K // 2
-    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    rows, cols = _tile_coordinates(M, BLOCK_M, BLOCK_N)
-    col_ok = cols < N
-    cols64 = cols.to(tl.int64)
-    c = tl.arange(0, WORDS)
-    q_at = q_ptr.to(tl.pointer_type(tl.int32)) + cols64[:, None] * (stride_qn // 4) + c[None, :]
-    s_at = s_ptr + cols64 * stride_sn
-    o_at = o_ptr + cols64 * stride_sn
-    t = tl.arange(0, HALF)
-    k_lo = (t // 16) * 32 + t % 16  # the low nibbles' inputs, in _nibble_quads' order
-    x_at = x_ptr + rows.to(tl.int64)[None, :] * stride_xm + k_lo[:, None]
-    MAGIC: tl.constexpr = 0x64006400 if DTYPE == tl.float16 else 0x43004300
-    TOP: tl.constexpr = 1024.0 if DTYPE == tl.float16 else 128.0
-    BIAS: tl.constexpr = TOP if HAS_OFFSET else TOP + 8.0  # symmetric: q - 8
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    start, end = _k_range(K, BLOCK_K, SPLIT_K)
-    for k0 in range(start, end, BLOCK_K):
-        word = tl.load(q_at + k0 // 8, mask=col_ok[:, None] & (k0 + 8 * c < K)[None, :], other=0)
-        low, high = _nibble_quads(word, MAGIC, BIAS, DTYPE, BLOCK_N, WORDS)
-        x_mask = (k0 + k_lo < K)[:, None] & (rows < M)[None, :]
-        x_low = tl.load(x_at + k0, mask=x_mask, other=0.0)
-        x_high = tl.load(x_at + k0 + 16, mask=x_mask, other=0.0)
-        if BLOCK_K <= GROUP:  # one scale (and offset) per output over the tile: applied to its sums
-            sums = tl.dot(high, x_high, tl.dot(low, x_low))
-            scale = tl.load(s_at + k0 // GROUP, mask=col_ok, other=0.0).to(tl.float32)
-            acc += sums * scale[:, None]
-            if HAS_OFFSET:
-                offset = tl.load(o_at + k0 // GROUP, mask=col_ok, other=0.0).to(tl.float32)
-                x_sum = tl.sum(x_low.to(tl.float32), axis=0) + tl.sum(x_high.to(tl.float32), axis=0)
-                acc += offset[:, None] * x_sum[None, :]
-        else:  # groups of 32 or 64 inputs (GGUF's): a scale per word, shared by its 8 nibbles
-            group = (k0 + 32 * (c // 4)) // GROUP
-            g_mask = col_ok[:, None] & (k0 + 8 * c < K)[None, :]
-            scale = tl.load(s_at[:, None] + group[None, :], mask=g_mask, other=0.0).to(DTYPE)
-            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, WORDS, 4)), (BLOCK_N, HALF))
-            low = low * scale
-            high = high * scale
-            if HAS_OFFSET:
-                offset = tl.load(o_at[:, None] + group[None, :], mask=g_mask, other=0.0).to(DTYPE)
-                offset = tl.reshape(tl.broadcast_to(offset[:, :, None], (BLOCK_N, WORDS, 4)), (BLOCK_N, HALF))
-                low = low + offset
-                high = high + offset
-            acc = tl.dot(high, x_high, tl.dot(low, x_low, acc))
     _finish(tl.trans(acc), out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om, SPLIT_K)
 
 

@@ -93,17 +93,17 @@ def test_many_rows_can_take_the_dequantized_weight_to_the_vendor_gemm(monkeypatc
     assert ((out.float() - exact).norm() / exact.norm()).item() < 2e-3
 
 
-@pytest.mark.parametrize("fmt,group,n,k", [c for c in CASES if c[0].endswith("int4")] + [("sym_int4", 32, 20, 96)])
-@pytest.mark.parametrize("block_k", [32, 128])
-def test_the_words_gemm_computes_the_dequantized_product(monkeypatch, fmt, group, n, k, block_k):
-    """The 4-bit tiled GEMM on int32 words (two nibbles per masked OR, in x's type): tiles within a group (the scale
-    applied to the sums) and across groups (a scale per word), odd N, rows past a tile. float16 only: the
-    interpreter computes with a bitcast bfloat16's raw bits (bench/low_bit_kernels.py checks bfloat16 on a GPU)."""
-    torch.manual_seed(0)
-    monkeypatch.setitem(kernels.CUBLAS_FROM_ROWS, 4, 10**6)
-    monkeypatch.setitem(kernels.TILES_CONFIGS, 4, ((None, (16, 32, block_k, 4, 1, "words")),))
-    layer = layer_for(fmt, group, n, k)
-    x = torch.randn(37, k, dtype=torch.float16)
-    exact = x.float() @ layer.dequantize().t()
-    out = kernels.quantized_matmul(x, layer)
-    assert ((out.float() - exact).norm() / exact.norm()).item() < 2e-3, (fmt, group, n, k, block_k)
+def test_a_sweeps_tables_replace_the_shipped_ones_for_the_widths_it_swept(monkeypatch, tmp_path):
+    """INFERQ_LOW_BIT_KERNEL_CONFIGS: a sweep where the tiled GEMM won at every row count leaves that width without a
+    vendor-GEMM threshold (the shipped one would route its many-row calls elsewhere); other widths keep theirs."""
+    import json
+
+    for table in ("ROWS_CONFIGS", "CUBLAS_FROM_ROWS", "TILES_CONFIGS"):
+        monkeypatch.setattr(kernels, table, dict(getattr(kernels, table)))
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps({"rows": {"4": [64, 128, 4, 2, 8]}, "tiles": {"4": [[None, [64, 64, 64, 4, 3, True]]]},
+                                "cublas_from_rows": {}}))
+    kernels.load_configs(path)
+    assert kernels.ROWS_CONFIGS[4] == (64, 128, 4, 2)  # an older sweep's 5-element entry, truncated
+    assert kernels.TILES_CONFIGS[4] == ((None, (64, 64, 64, 4, 3, True)),)
+    assert 4 not in kernels.CUBLAS_FROM_ROWS and kernels.CUBLAS_FROM_ROWS[8] == 256
