@@ -22,7 +22,7 @@ from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from engine.tensor_parallel import TensorParallelError
 from tests.checkpoints import write_checkpoint
-from tests.service import MODEL, Service
+from tests.service import MODEL, Service, wait_done
 from tests.test_data_parallel import _alive, _descendants, _wait_until
 
 # Prompts up to 50 tokens in steps of 16 tokens: most are prefilled in chunks; 12 blocks of 8 tokens cannot hold
@@ -201,6 +201,34 @@ def test_a_tp2_cpu_worker_serves_jobs_and_sigterm_ends_its_followers(redis_url, 
         service.worker.send_signal(signal.SIGTERM)
         service.worker.wait(timeout=60)
         _wait_until(lambda: not any(_alive(pid) for pid in everything), "the engine and its follower to exit", 30)
+    finally:
+        service.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_follower_killed_mid_job_ends_every_job_and_the_worker_serves_on(redis_url, demo_model_dir, tmp_path):
+    """kill -9 of a TP=2 worker's follower while its jobs run: the engine process ends (its leader sees the rank
+    gone), the worker starts a new engine with a new follower, and the jobs it had resume there and complete."""
+    service = Service(redis_url, demo_model_dir, tmp_path)
+    try:
+        service.start_worker(extra_args=("--tensor-parallel-size", "2"))
+        (follower,) = _followers_of(service.worker.pid)
+        service.start_api()
+        with service.client() as client:
+            ids = [client.post("/v1/jobs", json={"model": MODEL, "prompt": f"story {i}:", "max_tokens": 400,
+                                                 "temperature": 0, "ignore_eos": True}).json()["id"]
+                   for i in range(4)]
+            _wait_until(lambda: any(service.store.get(i).status == "running" for i in ids), "a job to run", 60)
+            os.kill(follower, signal.SIGKILL)
+            jobs = [wait_done(client, job_id) for job_id in ids]
+            assert [(j["status"], j["usage"]["completion_tokens"]) for j in jobs] == [("succeeded", 400)] * 4, jobs
+            _wait_until(lambda: _followers_of(service.worker.pid) - {follower}, "the new engine's follower", 120)
+            reply = client.post("/v1/completions", json={"model": MODEL, "prompt": "after", "max_tokens": 8,
+                                                         "temperature": 0, "ignore_eos": True})
+            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8, reply.text
+        log = (tmp_path / "worker.log").read_text()
+        assert f"tensor-parallel rank 1 (pid {follower}) exited with code -9" in log, log[-3000:]
+        assert "the engine process died" in log, log[-3000:]
     finally:
         service.stop()
 
