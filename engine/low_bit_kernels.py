@@ -91,12 +91,12 @@ def split_count(tiles: int, k: int, block_k: int, min_blocks: int = 4, most: int
 # rows: bits -> (BLOCK_N, BLOCK_K, warps, stages).
 ROWS_CONFIGS = {4: (128, 128, 4, 2), 8: (4, 1024, 4, 1)}
 # Rows from which the weight is dequantized into a 16-bit scratch copy and multiplied by the vendor's GEMM (bits ->
-# rows); absent: never. On an H200 the tiled GEMMs lose to it from 128 rows (4-bit) and 256 rows (8-bit).
-CUBLAS_FROM_ROWS: dict[int, int] = {4: 128, 8: 256}
+# rows); absent: never. On an H200 the tiled GEMMs lose to it above 128 rows (4-bit) and from 256 rows (8-bit).
+CUBLAS_FROM_ROWS: dict[int, int] = {4: 129, 8: 256}
 # tiles: bits -> ((largest M, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, 16-bit dequantization)), ...), the first
 # entry that holds M (the last: None, any M). The last flag (4-bit only): weights dequantized in x's 16-bit type
 # rather than in float32 and rounded.
-TILES_CONFIGS = {4: ((16, (16, 64, 64, 4, 3, True)), (64, (64, 128, 128, 8, 3, True)),
+TILES_CONFIGS = {4: ((16, (16, 64, 64, 4, 3, True)), (128, (64, 128, 128, 8, 3, True)),
                      (None, (128, 128, 128, 8, 3, True))),
                  8: ((16, (16, 64, 128, 4, 3, False)), (64, (64, 64, 128, 4, 3, False)),
                      (None, (128, 64, 64, 4, 3, False)))}

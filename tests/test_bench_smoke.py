@@ -1,6 +1,8 @@
 """The benchmark scripts that run on the CPU still run end to end (tiny models); their speed is not checked."""
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +49,18 @@ def test_tensor_parallel_bench_smoke_runs_tp1_and_tp2_on_the_cpu():
     assert [line for line in lines if line.startswith("| tiny | 1 |")]
     assert [line for line in lines if line.startswith("| tiny | 2 |") and "<= 0.62" in line]
     assert [line for line in lines if line.startswith("| tiny, W16 | 2 | 16 |")]
+
+
+def test_scale_out_bench_runs_one_and_two_cpu_workers_through_the_service(tmp_path):
+    """bench/scale_out.py on the tiny shape: a service with one CPU worker, then one with a worker per `cpu,cpu`,
+    each answering every request; the table has both rows and Redis' CPU."""
+    script = SCRIPT.parent / "scale_out.py"
+    env = {**os.environ, "OUT": str(tmp_path)}
+    result = subprocess.run([sys.executable, str(script), "--shape", "tiny", "--devices", "cpu", "cpu,cpu",
+                             "--requests", "32", "--clients", "8", "--client-procs", "2"],
+                            capture_output=True, text=True, timeout=400, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| cpu")]
+    assert [(r[1].strip(), r[2].strip(), r[6].strip()) for r in rows] == [("cpu", "1", "0"), ("cpu,cpu", "2", "0")]
+    runs = json.loads((tmp_path / "scale_out.json").read_text())["runs"]
+    assert [r["done"] for r in runs] == [32, 32] and all("redis" in r["cpu_cores"] for r in runs)
