@@ -103,6 +103,23 @@ def test_low_bit_under_tp_equals_the_same_format_on_one_rank(checkpoints):
     assert _tokens(one) != _tokens(float32)  # the format is in effect
 
 
+def test_4bit_under_tp_equals_the_same_format_on_one_rank(tmp_path):
+    """sym_int4 and asym_int4 with widths whose halves are whole groups (o_proj 256 inputs, down_proj 512, groups of
+    128): each rank quantizes its slice in the whole width's groups, so TP=2 holds exactly the one-rank weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.checkpoints import _COMMON
+
+    torch.manual_seed(0)
+    shape = _COMMON | dict(hidden_size=256, intermediate_size=512, num_key_value_heads=2)
+    LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(tmp_path / "wide")
+    for fmt in ("sym_int4", "asym_int4"):
+        one, _ = _run(tmp_path / "wide", 1, load_in_low_bit=fmt)
+        two, _ = _run(tmp_path / "wide", 2, load_in_low_bit=fmt)
+        assert _tokens(two) == _tokens(one), fmt
+
+
 def test_quantized_checkpoints_are_sliced_as_stored(checkpoints, tmp_path):
     """A pre-quantized directory (sym_int8, one scale per row: kept by every slice of the row) and a GGUF file (Q4_0,
     groups of 32: o_proj's 64 inputs split into whole groups) run under TP=2 with their stored values."""
