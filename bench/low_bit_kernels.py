@@ -130,6 +130,9 @@ def sweep(fmt: str) -> dict:
     with ProcessPoolExecutor(max_workers=min(12, os.cpu_count() or 1),
                              mp_context=torch.multiprocessing.get_context("spawn")) as pool:
         status = list(pool.map(_compile, jobs))
+    failed = [(config, ok) for (_, _, config), ok in zip(jobs, status) if ok != "ok"]
+    if failed:  # skipped below: say so, since a kernel that no longer compiles looks like one that lost
+        print(f"sweep {fmt}: {len(failed)} of {len(jobs)} candidates did not compile, e.g. {failed[0]}", flush=True)
     pairs = layers(fmt)
     rows_fn, tiles_fn = kernels._rows_config, kernels._tiles_config
     best = {}
