@@ -2,6 +2,7 @@
 the graph replayed back to back, the whole engine step, and the host functions that take the rest.
 
     python bench/decode_profile.py [shape] [batch]        # default: llama2-7b 1 (the speed issue's batch-1 target)
+    LOW_BIT=sym_int4 python bench/decode_profile.py       # the same with --load-in-low-bit sym_int4
 
 Prints the weights-over-bandwidth bound of the step for comparison; with $OUT set, writes the tables there too.
 """
@@ -103,7 +104,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as model_dir:
         write_checkpoint(model_dir, shape)
         llm = LLM(model_dir, skip_tokenizer_init=True, device="cuda", dtype="bfloat16", max_num_seqs=64,
-                  gpu_memory_utilization=0.5)
+                  gpu_memory_utilization=0.5, load_in_low_bit=os.environ.get("LOW_BIT") or None)
     engine = llm.engine
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     bound_ms = weight_bytes / bandwidth * 1e3
@@ -120,7 +121,7 @@ def main() -> None:
         graphs._graphs[size][0].replay()
         torch.cuda.synchronize()
         synced.append(time.perf_counter() - start)
-    report.append(f"{shape} batch {batch}, context ~{CONTEXT}: weights/bandwidth {bound_ms:.2f} ms; step "
+    report.append(f"{shape} {os.environ.get('LOW_BIT') or 'bf16'} batch {batch}, context ~{CONTEXT}: weights/bandwidth {bound_ms:.2f} ms; step "
                   f"{step_ms:.2f} ms ({step_ms / bound_ms:.2f}x); graph replay {replay_ms:.2f} ms "
                   f"({replay_ms / bound_ms:.2f}x) back to back, {1e3 * statistics.median(synced):.2f} ms launched "
                   f"one at a time")

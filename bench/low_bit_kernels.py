@@ -27,20 +27,35 @@ from torch import nn  # noqa: E402
 
 # (N, K) of one Llama-2-7B decoder layer's fused projections: qkv, o, gate_up, down.
 LAYER = ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008))
-ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ROWS = tuple(int(r) for r in os.environ.get("ROWS", "1,2,4,8,16,32,64,128,256").split(","))
 FORMATS = ("sym_int4", "asym_int4", "sym_int8")
 
 
-def layers(fmt: str) -> list:
+# Copies of the layer each timing cycles through, so that its weights come from memory as in a model's forward
+# pass (one 4-bit layer, ~100 MB, would otherwise sit half in an H200's 50 MB L2 and time faster than in use).
+COPIES = int(os.environ.get("COPIES", "4"))
+# 4-bit weight layouts to time (engine/low_bit.py's to_group_major): "groups" (the GPU's), and "rows" to compare.
+LAYOUTS = [layout for layout in os.environ.get("LAYOUTS", "groups").split(",") if layout]
+
+
+def layers(fmt: str, layout: str = "groups") -> list[list]:
+    """COPIES copies of one layer's [(bf16 nn.Linear, QuantizedLinear)] (random weights)."""
     from engine.low_bit import QuantizedLinear
 
     torch.manual_seed(0)
-    out = []
-    for n, k in LAYER:
-        linear = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-        nn.init.normal_(linear.weight, std=0.02)
-        out.append((linear, QuantizedLinear.from_linear(linear, fmt)))
-    return out
+    copies = []
+    for _ in range(COPIES):
+        out = []
+        for n, k in LAYER:
+            linear = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+            nn.init.normal_(linear.weight, std=0.02)
+            quantized = QuantizedLinear.from_linear(linear, fmt)
+            if quantized.bits == 4 and layout == "rows":
+                quantized = QuantizedLinear(4, quantized.group_size, quantized.rows_qweight, quantized.scale,
+                                            quantized.offset, group_major=False)
+            out.append((linear, quantized))
+        copies.append(out)
+    return copies
 
 
 def gpu_us(fn) -> float:
@@ -49,21 +64,26 @@ def gpu_us(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=20) * 1e3
 
 
-def measure(fmt: str) -> list[dict]:
+def per_layer_us(copies: list[list], xs: list, call) -> float:
+    """GPU µs of call(x, linear, quantized) over one layer's projections, averaged over the copies."""
+    return gpu_us(lambda: [call(x, lin, q) for layer in copies for x, (lin, q) in zip(xs, layer)]) / len(copies)
+
+
+def measure(fmt: str, layout: str) -> list[dict]:
     from engine import low_bit_kernels as kernels
 
     rows_out = []
-    pairs = layers(fmt)
+    copies = layers(fmt, layout)
+    pairs = copies[0]
     for m in ROWS:
         xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _, k in LAYER]
-        ours = gpu_us(lambda: [kernels.quantized_matmul(x, q) for x, (_, q) in zip(xs, pairs)])
-        bf16 = gpu_us(lambda: [nn.functional.linear(x, lin.weight) for x, (lin, _) in zip(xs, pairs)])
-        reference = gpu_us(lambda: [nn.functional.linear(x, q.dequantize(torch.bfloat16))
-                                    for x, (_, q) in zip(xs, pairs)])
-        fast_dequant = gpu_us(lambda: [nn.functional.linear(x, kernels.dequantize(q, x.dtype))
-                                       for x, (_, q) in zip(xs, pairs)])
-        row = {"format": fmt, "rows": m, "ours_us": ours, "bf16_us": bf16, "dequant_then_mm_us": reference,
-               "dequant_kernel_then_mm_us": fast_dequant}
+        ours = per_layer_us(copies, xs, lambda x, lin, q: kernels.quantized_matmul(x, q))
+        bf16 = per_layer_us(copies, xs, lambda x, lin, q: nn.functional.linear(x, lin.weight))
+        reference = per_layer_us(copies[:1], xs, lambda x, lin, q: nn.functional.linear(x, q.dequantize(x.dtype)))
+        fast_dequant = per_layer_us(copies, xs,
+                                    lambda x, lin, q: nn.functional.linear(x, kernels.dequantize(q, x.dtype)))
+        row = {"format": fmt, "layout": layout if fmt != "sym_int8" else "rows", "rows": m, "ours_us": ours,
+               "bf16_us": bf16, "dequant_then_mm_us": reference, "dequant_kernel_then_mm_us": fast_dequant}
         errors = []
         for x, (_, q) in zip(xs, pairs):
             exact = x.float() @ q.dequantize().t()
@@ -85,9 +105,9 @@ def candidates(bits: int, m: int) -> list[tuple]:
             return [("rows", bn, bk, w, s) for bn, bk, w, s in
                     itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (1, 3)) if 2048 <= bn * bk <= 32768]
         return [("rows", bn, bk, w, s) for bn, bk, w, s in
-                itertools.product((64, 128, 256), (64, 128), (4, 8), (1, 2))]
+                itertools.product((64, 128, 256, 512), (64, 128), (4, 8), (1, 2, 3))]
     block_ms = {2: (16,), 4: (16,), 8: (16,), 16: (16,), 32: (32,), 64: (64,), 128: (64, 128), 256: (128,)}[m]
-    w16s = (True, False) if bits == 4 else (False,)
+    w16s = (True,) if bits == 4 else (False,)  # 4-bit tiles dequantized in float32 never won on an H200
     return [("cublas",)] + [("tiles", bm, bn, bk, w, s, w16) for bm, bn, bk, (w, s), w16 in
                             itertools.product(block_ms, (64, 128, 256), (64, 128), ((4, 3), (8, 3), (8, 4)), w16s)
                             if bm * bn <= 128 * 128]
@@ -108,12 +128,14 @@ def _with_config(config: tuple):
 
 def _compile(job: tuple) -> str:
     """Run one candidate once (in a pool process: compiles land in Triton's on-disk cache for the timing pass)."""
-    fmt, m, config = job
+    fmt, layout, m, config = job
     from engine import low_bit_kernels as kernels
 
+    global COPIES
+    COPIES = 1
     _with_config(config)
     try:
-        for (n, k), (_, q) in zip(LAYER[:2], layers(fmt)[:2]):
+        for (n, k), (_, q) in zip(LAYER[:2], layers(fmt, layout)[0][:2]):
             kernels.quantized_matmul(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), q)
         torch.cuda.synchronize()
         return "ok"
@@ -121,34 +143,35 @@ def _compile(job: tuple) -> str:
         return f"{type(exc).__name__}: {str(exc)[:120]}"
 
 
-def sweep(fmt: str) -> dict:
+def sweep(fmt: str, layout: str) -> dict:
     import engine.low_bit_kernels as kernels
 
     bits = 8 if fmt == "sym_int8" else 4
     sweep_rows = [int(r) for r in os.environ.get("SWEEP_ROWS", ",".join(map(str, ROWS))).split(",")]
-    jobs = [(fmt, m, c) for m in sweep_rows for c in candidates(bits, m)]
+    jobs = [(fmt, layout, m, c) for m in sweep_rows for c in candidates(bits, m)]
     with ProcessPoolExecutor(max_workers=min(12, os.cpu_count() or 1),
                              mp_context=torch.multiprocessing.get_context("spawn")) as pool:
         status = list(pool.map(_compile, jobs))
-    failed = [(config, ok) for (_, _, config), ok in zip(jobs, status) if ok != "ok"]
+    failed = [(config, ok) for (_, _, _, config), ok in zip(jobs, status) if ok != "ok"]
     if failed:  # skipped below: say so, since a kernel that no longer compiles looks like one that lost
         print(f"sweep {fmt}: {len(failed)} of {len(jobs)} candidates did not compile, e.g. {failed[0]}", flush=True)
-    pairs = layers(fmt)
-    rows_fn, tiles_fn = kernels._rows_config, kernels._tiles_config
+    copies = layers(fmt, layout)
+    rows_fn, tiles_fn, cublas = kernels._rows_config, kernels._tiles_config, dict(kernels.CUBLAS_FROM_ROWS)
     best = {}
     for m in sweep_rows:
         xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _, k in LAYER]
         timings = []
-        for (_, job_m, config), ok in zip(jobs, status):
+        for (_, _, job_m, config), ok in zip(jobs, status):
             if job_m != m or ok != "ok":
                 continue
             _with_config(config)
-            timings.append((gpu_us(lambda: [kernels.quantized_matmul(x, q) for x, (_, q) in zip(xs, pairs)]), config))
+            timings.append((per_layer_us(copies, xs, lambda x, lin, q: kernels.quantized_matmul(x, q)), config))
         kernels._rows_config, kernels._tiles_config = rows_fn, tiles_fn
         kernels.CUBLAS_FROM_ROWS.clear()
+        kernels.CUBLAS_FROM_ROWS.update(cublas)
         timings.sort()
         best[m] = timings[:3] + [t for t in timings[3:] if t[1][0] == "tiles"][:1]  # with the best of ours
-        print(f"sweep {fmt} rows {m}: " + "; ".join(f"{t:.1f} us {c}" for t, c in timings[:3]), flush=True)
+        print(f"sweep {fmt} ({layout}) rows {m}: " + "; ".join(f"{t:.1f} us {c}" for t, c in timings[:3]), flush=True)
     return best
 
 
@@ -183,26 +206,30 @@ def main() -> None:
         configs: dict = {"rows": {}, "tiles": {}, "cublas_from_rows": {}}
         results["sweep"] = {}
         for fmt in swept:
-            best = sweep(fmt)
-            results["sweep"][fmt] = {str(m): v for m, v in best.items()}
-            bits = "8" if fmt == "sym_int8" else "4"
-            for table, value in tuned_tables(best).items():
-                configs[table][bits] = value
+            for layout in LAYOUTS if fmt != "sym_int8" else ["rows"]:
+                best = sweep(fmt, layout)
+                results["sweep"][f"{fmt} {layout}"] = {str(m): v for m, v in best.items()}
+                if layout == LAYOUTS[0] or fmt == "sym_int8":  # the first layout's tables are the ones written
+                    bits = "8" if fmt == "sym_int8" else "4"
+                    for table, value in tuned_tables(best).items():
+                        configs[table][bits] = value
         path = Path(os.environ.get("OUT", "."), "low_bit_kernel_configs.json")
         path.write_text(json.dumps(configs, indent=1))
         print(f"best block sizes: {path}", flush=True)
         from engine import low_bit_kernels
 
         low_bit_kernels.load_configs(path)  # the table below runs them
-    results["rows"] = [row for fmt in formats for row in measure(fmt)]
+    results["rows"] = [row for fmt in formats for layout in (LAYOUTS if fmt != "sym_int8" else ["rows"])
+                       for row in measure(fmt, layout)]
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "low_bit_kernels.json").write_text(json.dumps(results, indent=1))
     print(f"\n== one Llama-2-7B decoder layer's projections (qkv, o, gate_up, down) on {name}: GPU µs ==")
-    print("| format | rows | ours | TB/s of weights | bf16 (cuBLAS) | ours × bf16 | dequantize (torch) + matmul | "
-          "dequantize (kernel) + matmul | max rel. err. |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| format | layout | rows | ours | TB/s of weights | bf16 (cuBLAS) | ours × bf16 | dequantize (torch) + "
+          "matmul | dequantize (kernel) + matmul | max rel. err. |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
-        print(f"| {r['format']} | {r['rows']} | {r['ours_us']:.1f} | {r['ours_TBps']:.2f} | {r['bf16_us']:.1f} | "
+        print(f"| {r['format']} | {r['layout']} | {r['rows']} | {r['ours_us']:.1f} | {r['ours_TBps']:.2f} | "
+              f"{r['bf16_us']:.1f} | "
               f"{r['bf16_us'] / r['ours_us']:.2f} | {r['dequant_then_mm_us']:.1f} | "
               f"{r['dequant_kernel_then_mm_us']:.1f} | {r['max_rel_err']:.1e} |")
 

@@ -12,8 +12,10 @@ quantized from a pre-quantized checkpoint or a GGUF file).
 The integer formats are one module, QuantizedLinear, in one layout on every device, GGUF's: a 4-bit weight is
 uint8 [N, K / 2] where, within each run of 32 inputs, byte j holds input j (low nibble) and input j + 16 (high
 nibble); scales and offsets are float16 [N, K / group]. So GGUF's Q4_0, Q4_1 and Q8_0 blocks are our sym_int4,
-asym_int4 and (grouped) sym_int8 as they lie in the file, and a pre-quantized checkpoint stores the tensors as they
-lie in memory. Kernels: engine/low_bit_kernels.py (Triton) on GPUs, engine/cpu_low_bit.py on the CPU.
+asym_int4 and (grouped) sym_int8 as they lie in the file, and a pre-quantized checkpoint stores the tensors in that
+layout. On a GPU a 4-bit qweight is held group by group instead ([K / group, N, group / 2], to_group_major), the
+same bytes in the order the GPU kernels stream them. Kernels: engine/low_bit_kernels.py (Triton) on GPUs,
+engine/cpu_low_bit.py on the CPU.
 
 Only the decoder layers' projections are quantized; embeddings, norms and the LM head stay in the compute dtype
 (they are ~4% of a 7B model's weights and the head drives every sampled token).
@@ -89,10 +91,14 @@ class QuantizedLinear(nn.Module):
 
     bits 4: qweight uint8 [N, K / 2], scale float16 [N, K / group_size], offset float16 like scale or None
     (symmetric: w = (q - 8) * scale; with offset: w = q * scale + offset). bits 8: qweight int8 [N, K], scale float16
-    [N, K / group_size] (group_size K: one scale per row), w = q * scale."""
+    [N, K / group_size] (group_size K: one scale per row), w = q * scale.
+
+    The constructor takes qweight in that layout; with group_major (by default: 4-bit off the CPU) it keeps a 4-bit
+    one as to_group_major arranges it, and rows_qweight gives the row-by-row layout back."""
 
     def __init__(self, bits: int, group_size: int, qweight: torch.Tensor, scale: torch.Tensor,
-                 offset: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+                 offset: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 group_major: bool | None = None) -> None:
         super().__init__()
         self.bits, self.group_size = bits, group_size
         self.out_features = qweight.shape[0]
@@ -105,6 +111,10 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"inconsistent {bits}-bit weight: qweight {qweight.dtype} {tuple(qweight.shape)}, "
                              f"scale {tuple(scale.shape)}, offset {None if offset is None else tuple(offset.shape)}, "
                              f"group size {group_size}")
+        if group_major is None:  # the GPU kernels' layout (engine/low_bit_kernels.py): see to_group_major
+            group_major = bits == 4 and qweight.device.type != "cpu"
+        if group_major:
+            qweight = to_group_major(qweight, group_size)
         self.qweight = nn.Parameter(qweight, requires_grad=False)
         self.scale = nn.Parameter(scale.to(torch.float16), requires_grad=False)
         self.offset = None if offset is None else nn.Parameter(offset.to(torch.float16), requires_grad=False)
@@ -122,6 +132,12 @@ class QuantizedLinear(nn.Module):
     @property
     def format(self) -> str:
         return format_name(self.bits, self.offset is not None)
+
+    @property
+    def rows_qweight(self) -> torch.Tensor:
+        """qweight in the module docstring's layout, row by row (a copy where it lies group by group)."""
+        q = self.qweight
+        return q.transpose(0, 1).reshape(self.out_features, -1) if q.dim() == 3 else q
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str) -> "QuantizedLinear | None":
@@ -142,16 +158,16 @@ class QuantizedLinear(nn.Module):
                              + ", ".join(f"{p.format}/{p.group_size}" for p in parts))
 
         def stacked(name: str) -> torch.Tensor | None:
-            tensors = [getattr(p, name) for p in parts]
+            tensors = [p.rows_qweight if name == "qweight" else getattr(p, name) for p in parts]
             return None if tensors[0] is None else torch.cat(tensors)
 
         return cls(first.bits, first.group_size, stacked("qweight"), stacked("scale"), stacked("offset"),
-                   stacked("bias"))
+                   stacked("bias"), group_major=first.qweight.dim() == 3)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight [N, K] these tensors stand for, in `dtype` (computed in float32)."""
         n, groups = self.scale.shape
-        q = unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+        q = unpack_int4(self.rows_qweight) if self.bits == 4 else self.qweight
         q = q.float().reshape(n, groups, self.group_size)
         scale = self.scale.float()[..., None]
         if self.bits == 8:
@@ -178,7 +194,7 @@ def _matmul(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
     """x [M, K] @ layer's weightᵀ, by the device's kernel; the dequantized weight where there is none."""
     if x.device.type == "cpu":
         kernels = _cpu_kernels()
-        if kernels is not None:
+        if kernels is not None and layer.qweight.dim() == 2:
             return kernels.quantized_matmul(x, layer)
     else:
         kernels = _gpu_kernels()
@@ -311,6 +327,15 @@ def quantize_int4(weight: torch.Tensor, group_size: int, symmetric: bool
         offset = (-zero_point * scale).to(torch.float16)
     q = q.clamp(0, 15).to(torch.uint8).reshape(n, k)
     return pack_int4(q), scale.to(torch.float16), offset
+
+
+def to_group_major(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A 4-bit qweight [N, K / 2] rearranged group by group, [K / group_size, N, group_size / 2]: what the GPU
+    kernels read. Their tiles span many output rows and one group of inputs, and laid out row by row such a tile is
+    a few dozen bytes from each of many rows thousands of bytes apart; group by group it is one contiguous block,
+    which the memory streams at a far higher rate."""
+    n, half = qweight.shape
+    return qweight.reshape(n, half // (group_size // 2), group_size // 2).transpose(0, 1).contiguous()
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,9 @@ against 128 FMAs). The GEMVs convert into float32; the GEMM straight into the 16
 where the type's mantissa holds the integers (4-bit always; 8-bit in float16).
 
 4-bit weights are in GGUF's pairing (byte j of each run of 32 inputs holds inputs j and j + 16), so a tile's low
-nibbles meet x's inputs k_lo = 32·(t // 16) + t % 16 and its high nibbles k_lo + 16. Portable Triton only (no
+nibbles meet x's inputs k_lo = 32·(t // 16) + t % 16 and its high nibbles k_lo + 16. Their bytes lie group by
+group on a GPU (engine/low_bit.py's to_group_major: a tile of many rows and one group is one contiguous block, 5-8%
+faster on an H200 than row by row); the kernels take either layout (weight_strides). Portable Triton only (no
 vendor intrinsics), so it also builds for Intel GPUs and runs in Triton's CPU interpreter (tests). Block sizes come
 from bench/low_bit_kernels.py's sweep on an H200; other GPUs get the same (correct, maybe not best) choices, or a
 sweep's own through INFERQ_LOW_BIT_KERNEL_CONFIGS.
@@ -69,13 +71,32 @@ def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
     offset = layer.offset if layer.offset is not None else layer.scale  # unread when HAS_OFFSET is False
     flags = dict(GROUP=layer.group_size)
     flags |= dict(HAS_OFFSET=layer.offset is not None) if layer.bits == 4 else dict(PER_ROW=layer.group_size == k)
-    if layer.bits == 4 and m > ROWS_MAX:
-        flags |= dict(W16=w16)
+    if layer.bits == 4:
+        flags |= dict(W16=w16) if m > ROWS_MAX else dict(SUBNORMAL=keeps_subnormals(x.device))
+    stride_qn, stride_qg = weight_strides(layer)
     kernel[(grid_m * grid_n, split_k)](
-        x, layer.qweight, layer.scale, offset, out, partials, locks, m, n, k, x.stride(0), layer.qweight.stride(0),
+        x, layer.qweight, layer.scale, offset, out, partials, locks, m, n, k, x.stride(0), stride_qn, stride_qg,
         layer.scale.stride(0), out.stride(0), **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         SPLIT_K=split_k, num_warps=warps, num_stages=stages)
     return out
+
+
+def weight_strides(layer) -> tuple[int, int]:
+    """Bytes (4-bit) or elements (8-bit) between the weight's output rows, and between a row's groups of inputs:
+    a 2-D qweight [N, K / 2] lies row by row; a 3-D one [groups, N, group / 2] (low_bit.group_major) group by group,
+    each group's bytes of all N rows contiguous."""
+    q = layer.qweight
+    if q.dim() == 3:
+        return q.stride(1), q.stride(0)
+    return q.stride(0), layer.group_size // 2 if layer.bits == 4 else layer.group_size
+
+
+def keeps_subnormals(device: torch.device) -> bool:
+    """Whether float32 arithmetic in the kernels on `device` keeps subnormal numbers, which the 4-bit GEMV's fast
+    path reads nibbles as (_subnormal_dot). PTX's fma.rn.f32 and mul.f32 (Triton emits no .ftz for them) do on every
+    NVIDIA GPU, and Triton's CPU interpreter computes in numpy, which does too. Intel GPUs may flush them (the
+    compiler's choice), and no Intel GPU ran this: they keep the exponent-trick path."""
+    return device.type in ("cuda", "cpu")
 
 
 def split_count(tiles: int, k: int, block_k: int, min_blocks: int = 4, most: int = 16) -> int:
@@ -168,7 +189,7 @@ def _as_float(q, bias: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_sn,
+def _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_qg, stride_sn,
                GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
     """The weights [len(cols), BLOCK_K / 2] of inputs k0 + k_lo (low nibbles) and k0 + k_lo + 16 (high), as DTYPE
     (float32, or the 16-bit type of x: a scale rounded to bfloat16 loses 3 of float16's bits, far below 4-bit
@@ -179,7 +200,9 @@ def _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_s
     # per run (masked by k_lo, it was 16 one-byte loads).
     mask = col_ok[:, None] & (k0 // 2 + t < K // 2)[None, :]
     cols64 = cols.to(tl.int64)
-    byte = tl.load(q_ptr + cols64[:, None] * stride_qn + (k0 // 2 + t)[None, :], mask=mask, other=0)
+    at = k0 // 2 + t  # byte of the row; its address is the group's (weight_strides), then the byte in the group
+    at = (at // (GROUP // 2)) * stride_qg + at % (GROUP // 2)
+    byte = tl.load(q_ptr + cols64[:, None] * stride_qn + at[None, :], mask=mask, other=0)
     s_at = s_ptr + cols64[:, None] * stride_sn
     o_at = o_ptr + cols64[:, None] * stride_sn
     if BLOCK_K <= GROUP:  # the tile lies in one group: one scale per output row
@@ -237,10 +260,28 @@ def _at_12_and_16(word):
     return f12, f16
 
 
+@triton.jit
+def _subnormal_dot(word, x0, x1, x2, x3, x4, x5, x6, x7):
+    """Σ q_n·x_n·2^-64 over the 8 nibbles q_n of each word (nibble n at bits 4n meets x_n): a nibble masked in place
+    (one AND with an immediate) read as a float32 is the subnormal q·2^(p - 149), p its lowest bit, exact in any
+    position up to 16; x_n·2^(85 - p) (per column, once for all of a thread's rows) turns it into q·x_n·2^-64 in
+    one FMA. One shift by 12 brings nibbles 5-7 (bits 20-31, where a float's exponent starts) to bits 8-19."""
+    high = word >> 12  # the arithmetic shift's sign bits land above bit 19, where no mask reaches
+    dot = (word & 0xF).to(tl.float32, bitcast=True) * (x0 * 3.8685626227668134e+25)[None, :]  # 2^85
+    dot = tl.fma((word & 0xF0).to(tl.float32, bitcast=True), (x1 * 2.4178516392292583e+24)[None, :], dot)  # 2^81
+    dot = tl.fma((word & 0xF00).to(tl.float32, bitcast=True), (x2 * 1.5111572745182865e+23)[None, :], dot)  # 2^77
+    dot = tl.fma((word & 0xF000).to(tl.float32, bitcast=True), (x3 * 9.444732965739290e+21)[None, :], dot)  # 2^73
+    dot = tl.fma((word & 0xF0000).to(tl.float32, bitcast=True), (x4 * 5.902958103587057e+20)[None, :], dot)  # 2^69
+    dot = tl.fma((high & 0xF00).to(tl.float32, bitcast=True), (x5 * 1.5111572745182865e+23)[None, :], dot)
+    dot = tl.fma((high & 0xF000).to(tl.float32, bitcast=True), (x6 * 9.444732965739290e+21)[None, :], dot)
+    return tl.fma((high & 0xF0000).to(tl.float32, bitcast=True), (x7 * 5.902958103587057e+20)[None, :], dot)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
-                       stride_xm, stride_qn, stride_sn, stride_om, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                       stride_xm, stride_qn, stride_qg, stride_sn, stride_om, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                       SUBNORMAL: tl.constexpr):
     """The 4-bit GEMV (one row of x) on int32 words, under three operations per weight (CUDA cores; at one row a
     tensor core would idle 15 of its 16 rows).
 
@@ -250,7 +291,11 @@ def _int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
     other nibble there, two at a time: 8 nibbles in 3 shifts and 8 ORs, then one FMA each with x scaled by 2^7 or
     2^3 (x' per position, computed once per thread for all its rows), so f·x' = x' + q·x/16. With D = Σ f·x' and
     X' = Σ x', X = Σ x over a tile, which lies in one group (BLOCK_K <= GROUP) of scale s (and offset o):
-    Σ (q - 8)·s·x = 16·s·(D - X' - X/2), and Σ (q·s + o)·x = 16·(s·(D - X') + o/16·X)."""
+    Σ (q - 8)·s·x = 16·s·(D - X' - X/2), and Σ (q·s + o)·x = 16·(s·(D - X') + o/16·X).
+
+    SUBNORMAL (where the device keeps float32 subnormals, subnormals_kept): _subnormal_dot's one AND and one FMA per
+    nibble instead, D = Σ q·x·2^-64, and no constant to hold in a register (the masked OR needs two: the compiled
+    loop above spent a sixth of its instructions re-making them); Σ (q - 8)·s·x = 2^64·s·(D - 8·X·2^-64)."""
     WORDS: tl.constexpr = BLOCK_K // 8
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
@@ -258,33 +303,47 @@ def _int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
     c = tl.arange(0, WORDS)
     cols64 = cols.to(tl.int64)
     q_at = q_ptr.to(tl.pointer_type(tl.int32)) + cols64[:, None] * (stride_qn // 4) + c[None, :]
+    WORDS_PER_GROUP: tl.constexpr = GROUP // 8
     s_at = s_ptr + cols64 * stride_sn
     o_at = o_ptr + cols64 * stride_sn
     x_first = 32 * (c // 4) + 4 * (c % 4)  # input of word c's byte 0 low nibble
     acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
     start, end = _k_range(K, BLOCK_K, SPLIT_K)
     for k0 in range(start, end, BLOCK_K):
-        word = tl.load(q_at + k0 // 8, mask=col_ok[:, None], other=0)
+        group = k0 // GROUP
+        word = tl.load(q_at + group * (stride_qg // 4) + (k0 // 8) % WORDS_PER_GROUP, mask=col_ok[:, None], other=0)
         x0, x1, x2, x3, x4, x5, x6, x7 = _word_inputs(x_ptr, k0 + x_first)
-        # nibbles at bits 12-15 meet x·2^7, at 16-19 x·2^3; one FMA chain per output
-        f12, f16 = _at_12_and_16(word)  # nibbles 3, 4
-        dot = tl.fma(f16, (x4 * 8.0)[None, :], f12 * (x3 * 128.0)[None, :])
-        f12, f16 = _at_12_and_16(word << 8)  # nibbles 1, 2
-        dot = tl.fma(f16, (x2 * 8.0)[None, :], tl.fma(f12, (x1 * 128.0)[None, :], dot))
-        f12, f16 = _at_12_and_16(word >> 8)  # nibbles 5, 6 (the arithmetic shift's sign bits are masked off)
-        dot = tl.fma(f16, (x6 * 8.0)[None, :], tl.fma(f12, (x5 * 128.0)[None, :], dot))
-        f12, f16 = _at_12_and_16((word << 16) | ((word >> 16) & 0xFFFF))  # rotated: nibbles 7, 0
-        dot = tl.fma(f16, (x0 * 8.0)[None, :], tl.fma(f12, (x7 * 128.0)[None, :], dot))
-        x_all = (x0 + x1) + (x2 + x3) + (x4 + x5) + (x6 + x7)
-        x_scaled = 128.0 * (x1 + x3 + x5 + x7) + 8.0 * (x0 + x2 + x4 + x6)
-        scale = tl.load(s_at + k0 // GROUP, mask=col_ok, other=0.0).to(tl.float32)[:, None]
-        if HAS_OFFSET:
-            offset = tl.load(o_at + k0 // GROUP, mask=col_ok, other=0.0).to(tl.float32)[:, None]
-            acc += scale * (dot - x_scaled[None, :]) + (offset * 0.0625) * x_all[None, :]
+        scale = tl.load(s_at + group, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+        if SUBNORMAL:
+            dot = _subnormal_dot(word, x0, x1, x2, x3, x4, x5, x6, x7)
+            x_all = ((x0 + x1) + (x2 + x3) + (x4 + x5) + (x6 + x7)) * 5.421010862427522e-20  # 2^-64
+            if HAS_OFFSET:
+                offset = tl.load(o_at + group, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+                acc += scale * dot + offset * x_all[None, :]
+            else:
+                acc += scale * (dot - 8.0 * x_all[None, :])
         else:
-            acc += scale * (dot - (x_scaled + 0.5 * x_all)[None, :])
-    _finish(16.0 * tl.sum(acc, axis=1)[None, :], out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om,
-            SPLIT_K)
+            # nibbles at bits 12-15 meet x·2^7, at 16-19 x·2^3; one FMA chain per output
+            f12, f16 = _at_12_and_16(word)  # nibbles 3, 4
+            dot = tl.fma(f16, (x4 * 8.0)[None, :], f12 * (x3 * 128.0)[None, :])
+            f12, f16 = _at_12_and_16(word << 8)  # nibbles 1, 2
+            dot = tl.fma(f16, (x2 * 8.0)[None, :], tl.fma(f12, (x1 * 128.0)[None, :], dot))
+            f12, f16 = _at_12_and_16(word >> 8)  # nibbles 5, 6 (the arithmetic shift's sign bits are masked off)
+            dot = tl.fma(f16, (x6 * 8.0)[None, :], tl.fma(f12, (x5 * 128.0)[None, :], dot))
+            f12, f16 = _at_12_and_16((word << 16) | ((word >> 16) & 0xFFFF))  # rotated: nibbles 7, 0
+            dot = tl.fma(f16, (x0 * 8.0)[None, :], tl.fma(f12, (x7 * 128.0)[None, :], dot))
+            x_all = (x0 + x1) + (x2 + x3) + (x4 + x5) + (x6 + x7)
+            x_scaled = 128.0 * (x1 + x3 + x5 + x7) + 8.0 * (x0 + x2 + x4 + x6)
+            if HAS_OFFSET:
+                offset = tl.load(o_at + group, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+                acc += scale * (dot - x_scaled[None, :]) + (offset * 0.0625) * x_all[None, :]
+            else:
+                acc += scale * (dot - (x_scaled + 0.5 * x_all)[None, :])
+    if SUBNORMAL:
+        total = tl.sum(acc, axis=1) * 1.8446744073709552e+19  # 2^64
+    else:
+        total = tl.sum(acc, axis=1) * 16.0
+    _finish(total[None, :], out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om, SPLIT_K)
 
 
 def dequantize(layer, dtype: torch.dtype) -> torch.Tensor:
@@ -295,14 +354,14 @@ def dequantize(layer, dtype: torch.dtype) -> torch.Tensor:
     block_n, block_k = 16, 256
     offset = layer.offset if layer.offset is not None else layer.scale
     _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-        layer.qweight, layer.scale, offset, out, n, k, layer.qweight.stride(0), layer.scale.stride(0),
+        layer.qweight, layer.scale, offset, out, n, k, *weight_strides(layer), layer.scale.stride(0),
         BITS=layer.bits, GROUP=layer.group_size, HAS_OFFSET=layer.offset is not None, BLOCK_N=block_n,
         BLOCK_K=block_k)
     return out
 
 
 @triton.jit
-def _dequantize_kernel(q_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_qn, stride_sn, BITS: tl.constexpr,
+def _dequantize_kernel(q_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_qn, stride_qg, stride_sn, BITS: tl.constexpr,
                        GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
@@ -311,7 +370,7 @@ def _dequantize_kernel(q_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_qn, stride_sn,
     if BITS == 4:
         t = tl.arange(0, BLOCK_K // 2)
         k_lo = (t // 16) * 32 + t % 16
-        w_low, w_high = _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_sn,
+        w_low, w_high = _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_qg, stride_sn,
                                    GROUP, HAS_OFFSET, BLOCK_K, tl.float32)
         mask = col_ok & (k0 + k_lo < K)[None, :]
         at = out_ptr + cols64 * K + (k0 + k_lo)[None, :]
@@ -337,7 +396,7 @@ def _tile_coordinates(M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M"])
 def _int4_tiles_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
-                       stride_xm, stride_qn, stride_sn, stride_om, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                       stride_xm, stride_qn, stride_qg, stride_sn, stride_om, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                        W16: tl.constexpr):
     HALF: tl.constexpr = BLOCK_K // 2
@@ -349,7 +408,7 @@ def _int4_tiles_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     start, end = _k_range(K, BLOCK_K, SPLIT_K)
     for k0 in range(start, end, BLOCK_K):
-        w_low, w_high = _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_sn,
+        w_low, w_high = _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_qg, stride_sn,
                                    GROUP, HAS_OFFSET, BLOCK_K, x_ptr.dtype.element_ty if W16 else tl.float32)
         x_mask = (k0 + k_lo < K)[:, None] & (rows < M)[None, :]
         x_low = tl.load(x_at + k0, mask=x_mask, other=0.0)
@@ -382,7 +441,7 @@ def _int8_as_float(q, DTYPE: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M"])
 def _int8_rows_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
-                      stride_xm, stride_qn, stride_sn, stride_om, GROUP: tl.constexpr, PER_ROW: tl.constexpr,
+                      stride_xm, stride_qn, stride_qg, stride_sn, stride_om, GROUP: tl.constexpr, PER_ROW: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
@@ -405,7 +464,7 @@ def _int8_rows_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_p
 
 @triton.jit(do_not_specialize=["M"])
 def _int8_tiles_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
-                       stride_xm, stride_qn, stride_sn, stride_om, GROUP: tl.constexpr, PER_ROW: tl.constexpr,
+                       stride_xm, stride_qn, stride_qg, stride_sn, stride_om, GROUP: tl.constexpr, PER_ROW: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     rows, cols = _tile_coordinates(M, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)

@@ -98,6 +98,24 @@ def test_grid_rounds_to_nearest_and_the_cpu_kernel_multiplies_by_it(fmt):
     assert relative_error(layer(x), x @ dequantized.t() + linear.bias) < 1e-5
 
 
+@pytest.mark.parametrize("fmt", ["sym_int4", "asym_int4"])
+def test_the_gpu_layout_holds_the_same_weight_group_by_group(fmt):
+    """A 4-bit weight laid out for the GPU kernels (group by group, the default off the CPU) stands for the same
+    weight as the CPU's row-by-row one: the same rows back, the same dequantized weight and products, and a fused
+    module of such parts keeps the layout."""
+    torch.manual_seed(0)
+    parts = [nn.Linear(384, n, bias=False) for n in (40, 24)]
+    rows = [QuantizedLinear.from_linear(p, fmt) for p in parts]
+    groups = [QuantizedLinear(4, r.group_size, r.qweight, r.scale, r.offset, group_major=True) for r in rows]
+    assert rows[0].qweight.dim() == 2 and groups[0].qweight.shape == (384 // 128, 40, 64)
+    assert torch.equal(groups[0].rows_qweight, rows[0].qweight)
+    assert torch.equal(groups[0].dequantize(), rows[0].dequantize())
+    x = torch.randn(3, 384)
+    assert relative_error(groups[0](x), rows[0](x)) < 1e-5  # the CPU computes it from the dequantized weight
+    fused = QuantizedLinear.cat(groups)
+    assert fused.qweight.dim() == 3 and torch.equal(fused.rows_qweight, QuantizedLinear.cat(rows).qweight)
+
+
 def test_format_without_a_kernel_fails_at_start_up(demo_model_dir):
     with pytest.raises(ValueError, match=r"fp8 has no kernel on cpu"):
         LLM(str(demo_model_dir), device="cpu", load_in_low_bit="fp8")

@@ -20,19 +20,22 @@ CASES = [("sym_int4", 32, 97, 288), ("asym_int4", 32, 97, 288), ("sym_int4", 64,
 ROWS = (1, 2, 5, 16, 17, 64, 130, 300)
 
 
-def layer_for(fmt: str, group: int | None, n: int, k: int) -> QuantizedLinear:
+def layer_for(fmt: str, group: int | None, n: int, k: int, group_major: bool = False) -> QuantizedLinear:
+    """A random layer in `fmt`; 4-bit weights row by row (as on the CPU) or group by group (as on a GPU)."""
     weight = torch.randn(n, k) * 0.05 + (0.01 if fmt == "asym_int4" else 0.0)
     if fmt == "sym_int8":
         return QuantizedLinear(8, k, *quantize_int8(weight, k))
     if fmt == "q8_0":
         return QuantizedLinear(8, group, *quantize_int8(weight, group))
-    return QuantizedLinear(4, group, *quantize_int4(weight, group, symmetric=fmt == "sym_int4"))
+    return QuantizedLinear(4, group, *quantize_int4(weight, group, symmetric=fmt == "sym_int4"),
+                           group_major=group_major)
 
 
-@pytest.mark.parametrize("fmt,group,n,k", CASES)
-def test_kernel_computes_the_dequantized_product(fmt, group, n, k):
+@pytest.mark.parametrize("fmt,group,n,k,group_major", [c + (False,) for c in CASES] + [
+    c + (True,) for c in CASES if c[0].endswith("int4")])
+def test_kernel_computes_the_dequantized_product(fmt, group, n, k, group_major):
     torch.manual_seed(0)
-    layer = layer_for(fmt, group, n, k)
+    layer = layer_for(fmt, group, n, k, group_major)
     reference_weight = layer.dequantize()
     for rows in ROWS:
         x = torch.randn(rows, k, dtype=torch.float16)
@@ -66,12 +69,17 @@ def test_bias_and_strided_rows_through_the_module():
 @pytest.mark.parametrize("fmt,group,n,k", [c for c in CASES if c[0].endswith("int4")] + [("sym_int4", 32, 20, 96)])
 @pytest.mark.parametrize("block_n,block_k", [(16, 128), (64, 32)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_the_words_gemv_computes_the_dequantized_product(monkeypatch, fmt, group, n, k, block_n, block_k, dtype):
-    """The 4-bit GEMV on int32 words (nibbles moved under a float's exponent, scales once per word), tiles of a
-    group and narrower, x in either 16-bit type (bfloat16 read in pairs)."""
+@pytest.mark.parametrize("group_major", [False, True])
+@pytest.mark.parametrize("subnormal", [False, True])
+def test_the_words_gemv_computes_the_dequantized_product(monkeypatch, fmt, group, n, k, block_n, block_k, dtype,
+                                                         group_major, subnormal):
+    """The 4-bit GEMV on int32 words (nibbles read as subnormal floats, or moved under a float's exponent where a
+    device may flush subnormals), tiles of a group and narrower, x in either 16-bit type (bfloat16 read in pairs),
+    weights in either layout."""
     torch.manual_seed(0)
     monkeypatch.setitem(kernels.ROWS_CONFIGS, 4, (block_n, block_k, 4, 1))
-    layer = layer_for(fmt, group, n, k)
+    monkeypatch.setattr(kernels, "keeps_subnormals", lambda device: subnormal)
+    layer = layer_for(fmt, group, n, k, group_major)
     x = torch.randn(1, k, dtype=dtype)
     exact = x.float() @ layer.dequantize().t()
     out = kernels.quantized_matmul(x, layer)
@@ -79,12 +87,13 @@ def test_the_words_gemv_computes_the_dequantized_product(monkeypatch, fmt, group
     assert ((out.float() - exact).norm() / exact.norm()).item() < bound, (fmt, group, n, k, block_k)
 
 
-@pytest.mark.parametrize("fmt,group,n,k", [CASES[1], CASES[3], CASES[5], CASES[7]])
-def test_many_rows_can_take_the_dequantized_weight_to_the_vendor_gemm(monkeypatch, fmt, group, n, k):
+@pytest.mark.parametrize("fmt,group,n,k,group_major", [
+    CASES[1] + (False,), CASES[1] + (True,), CASES[3] + (True,), CASES[5] + (False,), CASES[7] + (False,)])
+def test_many_rows_can_take_the_dequantized_weight_to_the_vendor_gemm(monkeypatch, fmt, group, n, k, group_major):
     """CUBLAS_FROM_ROWS: the weight dequantized in one kernel pass (exactly dequantize()'s values, rounded once),
     then F.linear."""
     torch.manual_seed(0)
-    layer = layer_for(fmt, group, n, k)
+    layer = layer_for(fmt, group, n, k, group_major)
     assert torch.equal(kernels.dequantize(layer, torch.float16), layer.dequantize(torch.float16))
     monkeypatch.setitem(kernels.CUBLAS_FROM_ROWS, layer.bits, 64)
     x = torch.randn(70, k, dtype=torch.float16)
