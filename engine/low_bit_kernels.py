@@ -19,8 +19,8 @@ where the type's mantissa holds the integers (4-bit always; 8-bit in float16).
 
 4-bit weights are in GGUF's pairing (byte j of each run of 32 inputs holds inputs j and j + 16), so a tile's low
 nibbles meet x's inputs k_lo = 32·(t // 16) + t % 16 and its high nibbles k_lo + 16. Their bytes lie group by
-group on a GPU (engine/low_bit.py's to_group_major: a tile of many rows and one group is one contiguous block, 5-8%
-faster on an H200 than row by row); the kernels take either layout (weight_strides). Portable Triton only (no
+group on a GPU (engine/low_bit.py's to_group_major: a tile of many rows and one group is one contiguous block, 5-6%
+faster on an H200 than row by row at 1-64 rows); the kernels take either layout (weight_strides). Portable Triton only (no
 vendor intrinsics), so it also builds for Intel GPUs and runs in Triton's CPU interpreter (tests). Block sizes come
 from bench/low_bit_kernels.py's sweep on an H200; other GPUs get the same (correct, maybe not best) choices, or a
 sweep's own through INFERQ_LOW_BIT_KERNEL_CONFIGS.
@@ -265,7 +265,9 @@ def _subnormal_dot(word, x0, x1, x2, x3, x4, x5, x6, x7):
     """Σ q_n·x_n·2^-64 over the 8 nibbles q_n of each word (nibble n at bits 4n meets x_n): a nibble masked in place
     (one AND with an immediate) read as a float32 is the subnormal q·2^(p - 149), p its lowest bit, exact in any
     position up to 16; x_n·2^(85 - p) (per column, once for all of a thread's rows) turns it into q·x_n·2^-64 in
-    one FMA. One shift by 12 brings nibbles 5-7 (bits 20-31, where a float's exponent starts) to bits 8-19."""
+    one FMA. One shift by 12 brings nibbles 5-7 (bits 20-31, where a float's exponent starts) to bits 8-19.
+    Exact for |x| from 2^-62 (below, the products turn subnormal and lose bits) to 2^43 (above, x·2^85 overflows):
+    activations of a working model lie far inside."""
     high = word >> 12  # the arithmetic shift's sign bits land above bit 19, where no mask reaches
     dot = (word & 0xF).to(tl.float32, bitcast=True) * (x0 * 3.8685626227668134e+25)[None, :]  # 2^85
     dot = tl.fma((word & 0xF0).to(tl.float32, bitcast=True), (x1 * 2.4178516392292583e+24)[None, :], dot)  # 2^81

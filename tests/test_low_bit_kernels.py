@@ -116,3 +116,19 @@ def test_a_sweeps_tables_replace_the_shipped_ones_for_the_widths_it_swept(monkey
     assert kernels.ROWS_CONFIGS[4] == (64, 128, 4, 2)  # an older sweep's 5-element entry, truncated
     assert kernels.TILES_CONFIGS[4] == ((None, (64, 64, 64, 4, 3, True)),)
     assert 4 not in kernels.CUBLAS_FROM_ROWS and kernels.CUBLAS_FROM_ROWS[8] == 256
+
+
+@pytest.mark.parametrize("fmt", ["sym_int4", "asym_int4"])
+def test_the_subnormal_gemv_holds_large_and_small_activations(monkeypatch, fmt):
+    """The subnormal path scales x by up to 2^85 before its FMA, and its products are q·x·2^-64: activations from
+    1e-15 to 1e12 (bfloat16; the range is 2^-62 to 2^43) come out as the dequantized product, not as overflow or
+    flushed zeros."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(kernels, "keeps_subnormals", lambda device: True)
+    layer = layer_for(fmt, 128, 33, 384, group_major=True)
+    reference = layer.dequantize()
+    for magnitude in (1e-15, 1e-8, 1.0, 1e6, 1e12):
+        x = (torch.randn(1, 384) * magnitude).to(torch.bfloat16)
+        exact = x.double() @ reference.double().t()
+        out = kernels.quantized_matmul(x, layer).double()
+        assert ((out - exact).norm() / exact.norm()).item() < 6e-3, magnitude
