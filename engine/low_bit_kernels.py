@@ -20,10 +20,10 @@ where the type's mantissa holds the integers (4-bit always; 8-bit in float16).
 4-bit weights are in GGUF's pairing (byte j of each run of 32 inputs holds inputs j and j + 16), so a tile's low
 nibbles meet x's inputs k_lo = 32·(t // 16) + t % 16 and its high nibbles k_lo + 16. Their bytes lie group by
 group on a GPU (engine/low_bit.py's to_group_major: a tile of many rows and one group is one contiguous block, 5-6%
-faster on an H200 than row by row at 1-64 rows); the kernels take either layout (weight_strides). Portable Triton only (no
-vendor intrinsics), so it also builds for Intel GPUs and runs in Triton's CPU interpreter (tests). Block sizes come
-from bench/low_bit_kernels.py's sweep on an H200; other GPUs get the same (correct, maybe not best) choices, or a
-sweep's own through INFERQ_LOW_BIT_KERNEL_CONFIGS.
+faster on an H200 than row by row at 1-64 rows); the kernels take either layout (weight_strides). Portable Triton
+only (no vendor intrinsics), so it also builds for Intel GPUs and runs in Triton's CPU interpreter (tests). Block
+sizes come from bench/low_bit_kernels.py's sweep on an H200; other GPUs get the same (correct, maybe not best)
+choices, or a sweep's own through INFERQ_LOW_BIT_KERNEL_CONFIGS.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
 
 def weight_strides(layer) -> tuple[int, int]:
     """Bytes (4-bit) or elements (8-bit) between the weight's output rows, and between a row's groups of inputs:
-    a 2-D qweight [N, K / 2] lies row by row; a 3-D one [groups, N, group / 2] (low_bit.group_major) group by group,
+    a 2-D qweight [N, K / 2] lies row by row; a 3-D one [groups, N, group / 2] (low_bit.to_group_major) group by group,
     each group's bytes of all N rows contiguous."""
     q = layer.qweight
     if q.dim() == 3:
@@ -281,7 +281,8 @@ def _subnormal_dot(word, x0, x1, x2, x3, x4, x5, x6, x7):
 
 @triton.jit(do_not_specialize=["M"])
 def _int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
-                       stride_xm, stride_qn, stride_qg, stride_sn, stride_om, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                       stride_xm, stride_qn, stride_qg, stride_sn, stride_om,
+                       GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                        SUBNORMAL: tl.constexpr):
     """The 4-bit GEMV (one row of x) on int32 words, under three operations per weight (CUDA cores; at one row a
@@ -295,7 +296,7 @@ def _int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
     X' = Σ x', X = Σ x over a tile, which lies in one group (BLOCK_K <= GROUP) of scale s (and offset o):
     Σ (q - 8)·s·x = 16·s·(D - X' - X/2), and Σ (q·s + o)·x = 16·(s·(D - X') + o/16·X).
 
-    SUBNORMAL (where the device keeps float32 subnormals, subnormals_kept): _subnormal_dot's one AND and one FMA per
+    SUBNORMAL (where the device keeps float32 subnormals, keeps_subnormals): _subnormal_dot's one AND and one FMA per
     nibble instead, D = Σ q·x·2^-64, and no constant to hold in a register (the masked OR needs two: the compiled
     loop above spent a sixth of its instructions re-making them); Σ (q - 8)·s·x = 2^64·s·(D - 8·X·2^-64)."""
     WORDS: tl.constexpr = BLOCK_K // 8
@@ -398,7 +399,8 @@ def _tile_coordinates(M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M"])
 def _int4_tiles_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
-                       stride_xm, stride_qn, stride_qg, stride_sn, stride_om, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                       stride_xm, stride_qn, stride_qg, stride_sn, stride_om,
+                       GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                        W16: tl.constexpr):
     HALF: tl.constexpr = BLOCK_K // 2
@@ -443,7 +445,8 @@ def _int8_as_float(q, DTYPE: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M"])
 def _int8_rows_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
-                      stride_xm, stride_qn, stride_qg, stride_sn, stride_om, GROUP: tl.constexpr, PER_ROW: tl.constexpr,
+                      stride_xm, stride_qn, stride_qg, stride_sn, stride_om,
+                      GROUP: tl.constexpr, PER_ROW: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
@@ -466,7 +469,8 @@ def _int8_rows_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_p
 
 @triton.jit(do_not_specialize=["M"])
 def _int8_tiles_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
-                       stride_xm, stride_qn, stride_qg, stride_sn, stride_om, GROUP: tl.constexpr, PER_ROW: tl.constexpr,
+                       stride_xm, stride_qn, stride_qg, stride_sn, stride_om,
+                       GROUP: tl.constexpr, PER_ROW: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     rows, cols = _tile_coordinates(M, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
