@@ -102,8 +102,9 @@ def candidates(bits: int, m: int) -> list[tuple]:
 
     if m <= kernels.ROWS_MAX:
         if bits == 8:
-            return [("rows", bn, bk, w, s) for bn, bk, w, s in
-                    itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (1, 3)) if 2048 <= bn * bk <= 32768]
+            return [("rows", bn, bk, w, s) for bn, bk, w, s in itertools.product((2, 4, 8, 16), (512, 1024, 2048, 4096),
+                                                                                  (4, 8), (1, 2))
+                    if 2048 <= bn * bk <= 32768]
         return [("rows", bn, bk, w, s) for bn, bk, w, s in
                 itertools.product((64, 128, 256, 512), (64, 128), (4, 8), (1, 2, 3))]
     block_ms = {2: (16,), 4: (16,), 8: (16,), 16: (16,), 32: (32,), 64: (64,), 128: (64, 128), 256: (128,)}[m]
