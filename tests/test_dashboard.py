@@ -23,7 +23,9 @@ from api.store import RECENT_JOBS
 from tests.service import API_KEYS, MODEL, Service, wait_done
 
 MAX_NUM_SEQS = 16
-BATCH_LINES = 600  # about half a minute on two cores: still running while the page is checked (then cancelled)
+# The batch must still run while the page is checked (then it is cancelled): 600 lines of 8 tokens finished in 8 s
+# on a 2-core machine, before the page looked; of 64 tokens, they take about a minute.
+BATCH_LINES, BATCH_LINE_TOKENS = 600, 64
 JOB = {"model": MODEL, "prompt": "def main():", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"  # a name, not a URL that is loaded
 
@@ -61,7 +63,7 @@ def submit_jobs(client: httpx.Client, count: int) -> list[str]:
 def submit_batch(service: Service, lines: int) -> str:
     oai = openai.OpenAI(base_url=f"{service.url}/v1", api_key=API_KEYS[0], max_retries=0)
     text = "\n".join(json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/completions",
-                                 "body": {"model": MODEL, "prompt": f"line {i}:", "max_tokens": 8,
+                                 "body": {"model": MODEL, "prompt": f"line {i}:", "max_tokens": BATCH_LINE_TOKENS,
                                           "temperature": 0, "ignore_eos": True}}) for i in range(lines))
     file_id = oai.files.create(file=("lines.jsonl", io.BytesIO(text.encode())), purpose="batch").id
     return oai.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h").id
@@ -197,7 +199,7 @@ def test_the_dashboard_in_a_browser(service, tmp_path):
             assert page.locator("#queues tbody tr[data-model]").first.get_attribute("data-model") == MODEL
 
             batch = f'#batches .batch[data-batch="{batch_id}"]'
-            # Generous waits: a busy 2-core machine can take half a minute for the batch's first lines.
+            # Generous waits: a busy 2-core machine can be slow to show the batch's first lines.
             page.wait_for_function(
                 """sel => { const b = document.querySelector(sel);
                             return b && b.dataset.status === "in_progress"
