@@ -38,13 +38,13 @@ COPIES = int(os.environ.get("COPIES", "4"))
 LAYOUTS = [layout for layout in os.environ.get("LAYOUTS", "groups").split(",") if layout]
 
 
-def layers(fmt: str, layout: str = "groups") -> list[list]:
-    """COPIES copies of one layer's [(bf16 nn.Linear, QuantizedLinear)] (random weights)."""
+def layers(fmt: str, layout: str = "groups", copies: int = COPIES) -> list[list]:
+    """`copies` copies of one layer's [(bf16 nn.Linear, QuantizedLinear)] (random weights)."""
     from engine.low_bit import QuantizedLinear
 
     torch.manual_seed(0)
-    copies = []
-    for _ in range(COPIES):
+    layer_copies = []
+    for _ in range(copies):
         out = []
         for n, k in LAYER:
             linear = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
@@ -54,8 +54,8 @@ def layers(fmt: str, layout: str = "groups") -> list[list]:
                 quantized = QuantizedLinear(4, quantized.group_size, quantized.rows_qweight, quantized.scale,
                                             quantized.offset, group_major=False)
             out.append((linear, quantized))
-        copies.append(out)
-    return copies
+        layer_copies.append(out)
+    return layer_copies
 
 
 def gpu_us(fn) -> float:
@@ -132,11 +132,9 @@ def _compile(job: tuple) -> str:
     fmt, layout, m, config = job
     from engine import low_bit_kernels as kernels
 
-    global COPIES
-    COPIES = 1
     _with_config(config)
     try:
-        for (n, k), (_, q) in zip(LAYER[:2], layers(fmt, layout)[0][:2]):
+        for (n, k), (_, q) in zip(LAYER[:2], layers(fmt, layout, copies=1)[0][:2]):
             kernels.quantized_matmul(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), q)
         torch.cuda.synchronize()
         return "ok"

@@ -29,8 +29,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from service_gpu import (MODEL, SHAPES, probe, run_clients, start_service, stop_children, wait_idle,  # noqa: E402
-                         wait_ready, workload, write_model)
+from service_gpu import (MODEL, add_load_arguments, completion_bodies, probe, run_clients,  # noqa: E402
+                         start_service, stop_children, wait_idle, wait_ready, workload, write_model)
 from worker.pinning import expand_devices  # noqa: E402
 
 TARGET = 0.95
@@ -100,13 +100,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--devices", nargs="+", default=["cuda:0", "cuda:0-1"],
                         help="a worker's --device per service run; the first is the reference (one worker)")
-    parser.add_argument("--shape", default="tinyllama-1.1b", choices=SHAPES)
-    parser.add_argument("--model", help="an existing HF checkpoint directory instead")
-    parser.add_argument("--requests", type=int, default=1024)
-    parser.add_argument("--clients", type=int, default=256)
-    parser.add_argument("--client-procs", type=int, default=8, help="processes the clients are spread over")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds before a run gives up")
-    parser.add_argument("--api-workers", type=int, default=1, help="API processes (`inferq api --workers`)")
+    add_load_arguments(parser)
     parser.add_argument("--memory-share", type=float, default=0.8, help="each engine's share of its device's memory")
     return parser.parse_args()
 
@@ -125,8 +119,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="inferq-bench-model-") as tmp:
         model_dir = Path(args.model) if args.model else write_model(args.shape, Path(tmp) / shape, first)
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-        bodies = [{"model": MODEL, "prompt": p, "max_tokens": m, "temperature": 0, "ignore_eos": True}
-                  for p, m in workload(args.requests, vocab)]
+        bodies = completion_bodies(workload(args.requests, vocab))
         for devices in args.devices:
             report["runs"].append(run_service(args, devices, model_dir, dtype, bodies, log_dir))
     print_table(report)

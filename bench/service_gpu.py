@@ -553,11 +553,27 @@ def run_path(args, name: str, url: str, bodies: list[dict], prompts: list[list[i
     return result
 
 
+def completion_bodies(reqs: list[tuple[list[int], int]]) -> list[dict]:
+    """The workload's (prompt, max_tokens) pairs as greedy /v1/completions bodies that ignore EOS."""
+    return [{"model": MODEL, "prompt": p, "max_tokens": m, "temperature": 0, "ignore_eos": True} for p, m in reqs]
+
+
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and the client load, shared with bench/scale_out.py."""
+    parser.add_argument("--shape", default="tinyllama-1.1b", choices=SHAPES)
+    parser.add_argument("--model", help="an existing HF checkpoint directory (with its tokenizer) instead")
+    parser.add_argument("--requests", type=int, default=1024)
+    parser.add_argument("--clients", type=int, default=256)
+    parser.add_argument("--client-procs", type=int, default=8, help="processes the clients are spread over")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds before a run gives up")
+    parser.add_argument("--api-workers", type=int, default=1, help="API processes (`inferq api --workers`)")
+
+
 def run_paths(args, url: str, reqs, prompts: list[list[int]], pids: dict[str, int], offline: OfflineEngine,
               offline_runs: list[dict]) -> dict:
     """Every path --rounds times, each between two offline runs (its paired share: tokens over the mean time of
     those two). TTFT runs once."""
-    bodies = [{"model": MODEL, "prompt": p, "max_tokens": m, "temperature": 0, "ignore_eos": True} for p, m in reqs]
+    bodies = completion_bodies(reqs)
     # Untimed, as the engine's warm-up: the worker's first prefills of each size pay for kernel compilation.
     warm = [b | {"max_tokens": 8} for b in bodies[:16]]
     try:
@@ -583,14 +599,8 @@ def parse_args() -> argparse.Namespace:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", default="tinyllama-1.1b", choices=SHAPES)
-    parser.add_argument("--model", help="an existing HF checkpoint directory (with its tokenizer) instead")
+    add_load_arguments(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--requests", type=int, default=1024)
-    parser.add_argument("--clients", type=int, default=256)
-    parser.add_argument("--client-procs", type=int, default=8, help="processes the clients are spread over")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds before a path gives up")
-    parser.add_argument("--api-workers", type=int, default=1, help="API processes (`inferq api --workers`)")
     parser.add_argument("--rounds", type=int, default=1, help="times each path runs (the table shows medians)")
     parser.add_argument("--memory-share", type=float, default=0.4,
                         help="the device's memory for each of the two engines (offline, the service's)")
