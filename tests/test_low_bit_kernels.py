@@ -132,3 +132,10 @@ def test_the_subnormal_gemv_holds_large_and_small_activations(monkeypatch, fmt):
         exact = x.double() @ reference.double().t()
         out = kernels.quantized_matmul(x, layer).double()
         assert ((out - exact).norm() / exact.norm()).item() < 6e-3, magnitude
+
+
+def test_only_devices_known_to_keep_subnormals_take_the_subnormal_gemv():
+    """NVIDIA GPUs (PTX without .ftz) and the interpreter keep float32 subnormals; Intel GPUs, whose compiler may
+    flush them, take the exponent-trick path."""
+    assert kernels.keeps_subnormals(torch.device("cuda")) and kernels.keeps_subnormals(torch.device("cpu"))
+    assert not kernels.keeps_subnormals(torch.device("xpu"))
