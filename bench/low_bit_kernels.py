@@ -108,9 +108,10 @@ def candidates(bits: int, m: int) -> list[tuple]:
         return [("rows", bn, bk, w, s) for bn, bk, w, s in
                 itertools.product((64, 128, 256, 512), (64, 128), (4, 8), (1, 2, 3))]
     block_ms = {2: (16,), 4: (16,), 8: (16,), 16: (16,), 32: (32,), 64: (64,), 128: (64, 128), 256: (128,)}[m]
-    w16s = (True,) if bits == 4 else (False,)  # 4-bit tiles dequantized in float32 never won on an H200
-    return [("cublas",)] + [("tiles", bm, bn, bk, w, s, w16) for bm, bn, bk, (w, s), w16 in
-                            itertools.product(block_ms, (64, 128, 256), (64, 128), ((4, 3), (8, 3), (8, 4)), w16s)
+    scale_products = (False, True) if bits == 4 else (False,)  # _int4_tiles_kernel's SCALE_PRODUCT
+    return [("cublas",)] + [("tiles", bm, bn, bk, w, s, scaled) for bm, bn, bk, (w, s), scaled in
+                            itertools.product(block_ms, (64, 128, 256), (64, 128), ((4, 3), (8, 3), (8, 4)),
+                                              scale_products)
                             if bm * bn <= 128 * 128]
 
 

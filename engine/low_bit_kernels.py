@@ -61,7 +61,7 @@ def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
                 x = x.clone()
         kernel = _int4_words_kernel if layer.bits == 4 else _int8_rows_kernel
     else:
-        block_m, block_n, block_k, warps, stages, w16 = _tiles_config(layer.bits, m)
+        block_m, block_n, block_k, warps, stages, scale_product = _tiles_config(layer.bits, m)
         kernel = _int4_tiles_kernel if layer.bits == 4 else _int8_tiles_kernel
     grid_m, grid_n = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
     # The 4-bit GEMV's tiles are one group (128 inputs at most): it may split K further.
@@ -72,7 +72,10 @@ def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
     flags = dict(GROUP=layer.group_size)
     flags |= dict(HAS_OFFSET=layer.offset is not None) if layer.bits == 4 else dict(PER_ROW=layer.group_size == k)
     if layer.bits == 4:
-        flags |= dict(W16=w16) if m > ROWS_MAX else dict(SUBNORMAL=keeps_subnormals(x.device))
+        if m > ROWS_MAX:  # the product of a symmetric tile of one group scaled, where the table says so
+            flags |= dict(SCALE_PRODUCT=scale_product and layer.offset is None and block_k <= layer.group_size)
+        else:
+            flags |= dict(SUBNORMAL=keeps_subnormals(x.device))
     stride_qn, stride_qg = weight_strides(layer)
     kernel[(grid_m * grid_n, split_k)](
         x, layer.qweight, layer.scale, offset, out, partials, locks, m, n, k, x.stride(0), stride_qn, stride_qg,
@@ -114,11 +117,10 @@ ROWS_CONFIGS = {4: (128, 128, 4, 2), 8: (4, 1024, 4, 1)}
 # Rows from which the weight is dequantized into a 16-bit scratch copy and multiplied by the vendor's GEMM (bits ->
 # rows); absent: never. On an H200 the tiled GEMMs lose to it above 128 rows (4-bit) and from 256 rows (8-bit).
 CUBLAS_FROM_ROWS: dict[int, int] = {4: 129, 8: 256}
-# tiles: bits -> ((largest M, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, 16-bit dequantization)), ...), the first
-# entry that holds M (the last: None, any M). The last flag (4-bit only): weights dequantized in x's 16-bit type
-# rather than in float32 and rounded.
-TILES_CONFIGS = {4: ((16, (16, 64, 64, 4, 3, True)), (128, (64, 128, 128, 8, 3, True)),
-                     (None, (128, 128, 128, 8, 3, True))),
+# tiles: bits -> ((largest M, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, scale the product)), ...), the first entry
+# that holds M (the last: None, any M). Scale the product (4-bit only): _int4_tiles_kernel's SCALE_PRODUCT.
+TILES_CONFIGS = {4: ((16, (16, 64, 64, 4, 3, True)), (128, (64, 128, 128, 8, 3, False)),
+                     (None, (128, 128, 128, 8, 3, False))),
                  8: ((16, (16, 64, 128, 4, 3, False)), (64, (64, 64, 128, 4, 3, False)),
                      (None, (128, 64, 64, 4, 3, False)))}
 
@@ -190,10 +192,11 @@ def _as_float(q, bias: tl.constexpr, DTYPE: tl.constexpr):
 
 @triton.jit
 def _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_qg, stride_sn,
-               GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+               GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr,
+               SCALED: tl.constexpr = True):
     """The weights [len(cols), BLOCK_K / 2] of inputs k0 + k_lo (low nibbles) and k0 + k_lo + 16 (high), as DTYPE
     (float32, or the 16-bit type of x: a scale rounded to bfloat16 loses 3 of float16's bits, far below 4-bit
-    steps)."""
+    steps); SCALED False (symmetric only): the integers q - 8, unscaled."""
     col_ok = cols < N
     # K is a whole number of runs, so input k0 + k_lo is in range exactly where its byte is; masking by the byte's
     # index keeps the mask constant over each run's 16 contiguous bytes, which lets the load be one 16-byte access
@@ -202,7 +205,12 @@ def _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_q
     cols64 = cols.to(tl.int64)
     at = k0 // 2 + t  # byte of the row; its address is the group's (weight_strides), then the byte in the group
     at = (at // (GROUP // 2)) * stride_qg + at % (GROUP // 2)
-    byte = tl.load(q_ptr + cols64[:, None] * stride_qn + at[None, :], mask=mask, other=0)
+    byte = tl.load(q_ptr + cols64[:, None] * stride_qn + at[None, :], mask=mask, other=0).to(tl.int32)
+    bias: tl.constexpr = 0.0 if HAS_OFFSET else 8.0  # symmetric: q - 8
+    low = _as_float(byte & 0xF, bias, DTYPE)
+    high = _as_float(byte >> 4, bias, DTYPE)
+    if not SCALED:  # symmetric: q - 8, for the caller to scale
+        return low, high
     s_at = s_ptr + cols64[:, None] * stride_sn
     o_at = o_ptr + cols64[:, None] * stride_sn
     if BLOCK_K <= GROUP:  # the tile lies in one group: one scale per output row
@@ -214,10 +222,6 @@ def _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_q
         scale = tl.load(s_at + group, mask=mask, other=0.0).to(DTYPE)
         if HAS_OFFSET:
             offset = tl.load(o_at + group, mask=mask, other=0.0).to(DTYPE)
-    byte = byte.to(tl.int32)
-    bias: tl.constexpr = 0.0 if HAS_OFFSET else 8.0  # symmetric: q - 8
-    low = _as_float(byte & 0xF, bias, DTYPE)
-    high = _as_float(byte >> 4, bias, DTYPE)
     if HAS_OFFSET:
         return low * scale + offset, high * scale + offset
     return low * scale, high * scale
@@ -402,7 +406,12 @@ def _int4_tiles_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
                        stride_xm, stride_qn, stride_qg, stride_sn, stride_om,
                        GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                       W16: tl.constexpr):
+                       SCALE_PRODUCT: tl.constexpr):
+    """The tiled 4-bit GEMM. SCALE_PRODUCT (symmetric, BLOCK_K <= GROUP): the tile's integers q - 8 (exact in x's
+    type) meet x, and the product is scaled in float32, the scale loaded straight in the accumulator's layout;
+    otherwise each weight is scaled before the product, the scale passing through shared memory to reach the
+    weights' layout. On an H200 the first wins up to 16 rows (fewer accumulators than weights per thread, 8%), the
+    second from 64."""
     HALF: tl.constexpr = BLOCK_K // 2
     rows, cols = _tile_coordinates(M, BLOCK_M, BLOCK_N)
     t = tl.arange(0, HALF)
@@ -413,12 +422,17 @@ def _int4_tiles_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
     start, end = _k_range(K, BLOCK_K, SPLIT_K)
     for k0 in range(start, end, BLOCK_K):
         w_low, w_high = _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_qg, stride_sn,
-                                   GROUP, HAS_OFFSET, BLOCK_K, x_ptr.dtype.element_ty if W16 else tl.float32)
+                                   GROUP, HAS_OFFSET, BLOCK_K, x_ptr.dtype.element_ty, not SCALE_PRODUCT)
         x_mask = (k0 + k_lo < K)[:, None] & (rows < M)[None, :]
         x_low = tl.load(x_at + k0, mask=x_mask, other=0.0)
         x_high = tl.load(x_at + k0 + 16, mask=x_mask, other=0.0)
-        acc = tl.dot(w_low.to(x_low.dtype), x_low, acc)
-        acc = tl.dot(w_high.to(x_high.dtype), x_high, acc)
+        if SCALE_PRODUCT:
+            product = tl.dot(w_high, x_high, tl.dot(w_low, x_low))
+            scale = tl.load(s_ptr + cols.to(tl.int64) * stride_sn + k0 // GROUP, mask=cols < N, other=0.0)
+            acc += product * scale.to(tl.float32)[:, None]
+        else:
+            acc = tl.dot(w_low, x_low, acc)
+            acc = tl.dot(w_high, x_high, acc)
     _finish(tl.trans(acc), out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om, SPLIT_K)
 
 
