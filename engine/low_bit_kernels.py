@@ -72,10 +72,7 @@ def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
     flags = dict(GROUP=layer.group_size)
     flags |= dict(HAS_OFFSET=layer.offset is not None) if layer.bits == 4 else dict(PER_ROW=layer.group_size == k)
     if layer.bits == 4:
-        if m > ROWS_MAX:  # the product of a symmetric tile of one group scaled, where the table says so
-            flags |= dict(SCALE_PRODUCT=scale_product and layer.offset is None and block_k <= layer.group_size)
-        else:
-            flags |= dict(SUBNORMAL=keeps_subnormals(x.device))
+        flags |= dict(SCALE_PRODUCT=scale_product) if m > ROWS_MAX else dict(SUBNORMAL=keeps_subnormals(x.device))
     stride_qn, stride_qg = weight_strides(layer)
     kernel[(grid_m * grid_n, split_k)](
         x, layer.qweight, layer.scale, offset, out, partials, locks, m, n, k, x.stride(0), stride_qn, stride_qg,
@@ -407,11 +404,12 @@ def _int4_tiles_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
                        GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                        SCALE_PRODUCT: tl.constexpr):
-    """The tiled 4-bit GEMM. SCALE_PRODUCT (symmetric, BLOCK_K <= GROUP): the tile's integers q - 8 (exact in x's
-    type) meet x, and the product is scaled in float32, the scale loaded straight in the accumulator's layout;
-    otherwise each weight is scaled before the product, the scale passing through shared memory to reach the
-    weights' layout. On an H200 the first wins up to 16 rows (fewer accumulators than weights per thread, 8%), the
-    second from 64."""
+    """The tiled 4-bit GEMM. SCALE_PRODUCT, taken where a tile has one scale per output row and no offset
+    (symmetric, BLOCK_K <= GROUP): the tile's integers q - 8 (exact in x's type) meet x, and the product is scaled
+    in float32, the scale loaded straight in the accumulator's layout; otherwise each weight is scaled before the
+    product, the scale passing through shared memory to reach the weights' layout. On an H200 the first wins up to
+    16 rows (fewer accumulators than weights per thread, 8%), the second from 64."""
+    SCALED_PRODUCT: tl.constexpr = SCALE_PRODUCT and not HAS_OFFSET and BLOCK_K <= GROUP
     HALF: tl.constexpr = BLOCK_K // 2
     rows, cols = _tile_coordinates(M, BLOCK_M, BLOCK_N)
     t = tl.arange(0, HALF)
@@ -422,11 +420,11 @@ def _int4_tiles_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
     start, end = _k_range(K, BLOCK_K, SPLIT_K)
     for k0 in range(start, end, BLOCK_K):
         w_low, w_high = _int4_tile(q_ptr, s_ptr, o_ptr, cols, t, k_lo, k0, K, N, stride_qn, stride_qg, stride_sn,
-                                   GROUP, HAS_OFFSET, BLOCK_K, x_ptr.dtype.element_ty, not SCALE_PRODUCT)
+                                   GROUP, HAS_OFFSET, BLOCK_K, x_ptr.dtype.element_ty, not SCALED_PRODUCT)
         x_mask = (k0 + k_lo < K)[:, None] & (rows < M)[None, :]
         x_low = tl.load(x_at + k0, mask=x_mask, other=0.0)
         x_high = tl.load(x_at + k0 + 16, mask=x_mask, other=0.0)
-        if SCALE_PRODUCT:
+        if SCALED_PRODUCT:
             product = tl.dot(w_high, x_high, tl.dot(w_low, x_low))
             scale = tl.load(s_ptr + cols.to(tl.int64) * stride_sn + k0 // GROUP, mask=cols < N, other=0.0)
             acc += product * scale.to(tl.float32)[:, None]
