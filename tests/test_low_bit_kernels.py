@@ -47,6 +47,22 @@ def test_kernel_computes_the_dequantized_product(fmt, group, n, k, group_major):
     assert int(layer.split_locks(1).abs().sum()) == 0  # the split-K counters are left at zero for the next call
 
 
+@pytest.mark.parametrize("scale_product", [False, True])
+@pytest.mark.parametrize("fmt,group,n,k", [CASES[0], CASES[1], CASES[2], CASES[3], CASES[4]])
+def test_the_tiled_gemm_scales_weights_or_products_alike(monkeypatch, fmt, group, n, k, scale_product):
+    """The tiles table's last flag either way, at few and many rows: symmetric tiles within one group scale the
+    product, the rest (asymmetric, or tiles over several groups) must keep scaling weights whatever the flag says."""
+    torch.manual_seed(0)
+    layer = layer_for(fmt, group, n, k, group_major=True)
+    shipped = kernels._tiles_config
+    monkeypatch.setattr(kernels, "_tiles_config", lambda bits, m: (*shipped(bits, m)[:5], scale_product))
+    for rows in (2, 16, 17, 64):
+        x = torch.randn(rows, k, dtype=torch.float16)
+        exact = x.float() @ layer.dequantize().t()
+        error = ((kernels.quantized_matmul(x, layer).float() - exact).norm() / exact.norm()).item()
+        assert error < 2e-3, (fmt, group, rows, scale_product, error)
+
+
 def test_split_k_is_exercised_and_deterministic():
     torch.manual_seed(0)
     layer = layer_for("sym_int4", 128, 40, 4096)
