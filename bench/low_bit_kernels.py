@@ -34,11 +34,12 @@ FORMATS = ("sym_int4", "asym_int4", "sym_int8")
 # Copies of the layer each timing cycles through, so that its weights come from memory as in a model's forward
 # pass (one 4-bit layer, ~100 MB, would otherwise sit half in an H200's 50 MB L2 and time faster than in use).
 COPIES = int(os.environ.get("COPIES", "4"))
-# 4-bit weight layouts to time (engine/low_bit.py's to_group_major): "groups" (the GPU's), and "rows" to compare.
-LAYOUTS = [layout for layout in os.environ.get("LAYOUTS", "groups").split(",") if layout]
+# 4-bit weight layouts to time (QuantizedLinear's layout): "fragments" (the GPU's for these shapes), "groups" and
+# "rows" to compare.
+LAYOUTS = [layout for layout in os.environ.get("LAYOUTS", "fragments").split(",") if layout]
 
 
-def layers(fmt: str, layout: str = "groups", copies: int = COPIES) -> list[list]:
+def layers(fmt: str, layout: str = "fragments", copies: int = COPIES) -> list[list]:
     """`copies` copies of one layer's [(bf16 nn.Linear, QuantizedLinear)] (random weights)."""
     from engine.low_bit import QuantizedLinear
 
@@ -50,9 +51,9 @@ def layers(fmt: str, layout: str = "groups", copies: int = COPIES) -> list[list]
             linear = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
             nn.init.normal_(linear.weight, std=0.02)
             quantized = QuantizedLinear.from_linear(linear, fmt)
-            if quantized.bits == 4 and layout == "rows":
+            if quantized.bits == 4 and layout != quantized.layout:
                 quantized = QuantizedLinear(4, quantized.group_size, quantized.rows_qweight, quantized.scale,
-                                            quantized.offset, group_major=False)
+                                            quantized.offset, layout=layout)
             out.append((linear, quantized))
         layer_copies.append(out)
     return layer_copies
@@ -89,7 +90,8 @@ def measure(fmt: str, layout: str) -> list[dict]:
             exact = x.float() @ q.dequantize().t()
             errors.append(((kernels.quantized_matmul(x, q).float() - exact).norm() / exact.norm()).item())
         row["max_rel_err"] = max(errors)
-        weight_bytes = sum(q.qweight.numel() + 2 * q.scale.numel() * (2 if q.offset is not None else 1)
+        weight_bytes = sum(q.qweight.numel() * q.qweight.element_size()
+                           + 2 * q.scale.numel() * (2 if q.offset is not None else 1)
                            for _, q in pairs)
         row["ours_TBps"] = weight_bytes / (ours * 1e-6) / 1e12
         rows_out.append(row)
@@ -97,7 +99,7 @@ def measure(fmt: str, layout: str) -> list[dict]:
     return rows_out
 
 
-def candidates(bits: int, m: int) -> list[tuple]:
+def candidates(bits: int, m: int, layout: str = "fragments") -> list[tuple]:
     from engine import low_bit_kernels as kernels
 
     if m <= kernels.ROWS_MAX:
@@ -108,6 +110,10 @@ def candidates(bits: int, m: int) -> list[tuple]:
         return [("rows", bn, bk, w, s) for bn, bk, w, s in
                 itertools.product((64, 128, 256, 512), (64, 128), (4, 8), (1, 2, 3))]
     block_ms = {2: (16,), 4: (16,), 8: (16,), 16: (16,), 32: (32,), 64: (64,), 128: (64, 128), 256: (128,)}[m]
+    if bits == 4 and layout == "fragments":  # _int4_fragments_kernel: BLOCK_K is the fragments' 128
+        return [("cublas",)] + [("fragments", bm, bn, w, s, scaled, programs) for bm, bn, (w, s), scaled, programs in
+                                itertools.product(block_ms, (64, 128, 256), ((4, 2), (4, 3), (8, 3)), (False, True),
+                                                  (264, 1024)) if bm * bn <= 128 * 128]
     scale_products = (False, True) if bits == 4 else (False,)  # _int4_tiles_kernel's SCALE_PRODUCT
     return [("cublas",)] + [("tiles", bm, bn, bk, w, s, scaled) for bm, bn, bk, (w, s), scaled in
                             itertools.product(block_ms, (64, 128, 256), (64, 128), ((4, 3), (8, 3), (8, 4)),
@@ -124,6 +130,8 @@ def _with_config(config: tuple):
         kernels._rows_config = lambda bits: config[1:]
     elif config[0] == "tiles":
         kernels._tiles_config = lambda bits, m: config[1:]
+    elif config[0] == "fragments":
+        kernels._fragments_config = lambda m: config[1:]
     else:  # dequantize, then cuBLAS
         kernels.CUBLAS_FROM_ROWS.update({4: 1, 8: 1})
 
@@ -148,7 +156,7 @@ def sweep(fmt: str, layout: str) -> dict:
 
     bits = 8 if fmt == "sym_int8" else 4
     sweep_rows = [int(r) for r in os.environ.get("SWEEP_ROWS", ",".join(map(str, ROWS))).split(",")]
-    jobs = [(fmt, layout, m, c) for m in sweep_rows for c in candidates(bits, m)]
+    jobs = [(fmt, layout, m, c) for m in sweep_rows for c in candidates(bits, m, layout)]
     with ProcessPoolExecutor(max_workers=min(12, os.cpu_count() or 1),
                              mp_context=torch.multiprocessing.get_context("spawn")) as pool:
         status = list(pool.map(_compile, jobs))
@@ -156,7 +164,8 @@ def sweep(fmt: str, layout: str) -> dict:
     if failed:  # skipped below: say so, since a kernel that no longer compiles looks like one that lost
         print(f"sweep {fmt}: {len(failed)} of {len(jobs)} candidates did not compile, e.g. {failed[0]}", flush=True)
     copies = layers(fmt, layout)
-    rows_fn, tiles_fn, cublas = kernels._rows_config, kernels._tiles_config, dict(kernels.CUBLAS_FROM_ROWS)
+    rows_fn, tiles_fn, fragments_fn = kernels._rows_config, kernels._tiles_config, kernels._fragments_config
+    cublas = dict(kernels.CUBLAS_FROM_ROWS)
     best = {}
     for m in sweep_rows:
         xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _, k in LAYER]
@@ -166,11 +175,11 @@ def sweep(fmt: str, layout: str) -> dict:
                 continue
             _with_config(config)
             timings.append((per_layer_us(copies, xs, lambda x, lin, q: kernels.quantized_matmul(x, q)), config))
-        kernels._rows_config, kernels._tiles_config = rows_fn, tiles_fn
+        kernels._rows_config, kernels._tiles_config, kernels._fragments_config = rows_fn, tiles_fn, fragments_fn
         kernels.CUBLAS_FROM_ROWS.clear()
         kernels.CUBLAS_FROM_ROWS.update(cublas)
         timings.sort()
-        best[m] = timings[:3] + [t for t in timings[3:] if t[1][0] == "tiles"][:1]  # with the best of ours
+        best[m] = timings[:3] + [t for t in timings[3:] if t[1][0] in ("tiles", "fragments")][:1]  # with ours
         print(f"sweep {fmt} ({layout}) rows {m}: " + "; ".join(f"{t:.1f} us {c}" for t, c in timings[:3]), flush=True)
     return best
 
@@ -180,16 +189,18 @@ def tuned_tables(best: dict[int, list]) -> dict:
     swept M's config for any M above)."""
     tables: dict = {}
     tiles, cublas = [], []
+    kind = "tiles"
     for m, timings in sorted(best.items()):
         if timings and timings[0][1][0] == "rows":
             tables["rows"] = timings[0][1][1:]
-        ours = [config for _, config in timings if config[0] == "tiles"]
+        ours = [config for _, config in timings if config[0] in ("tiles", "fragments")]
         if ours:
+            kind = ours[0][0]
             tiles.append((m, ours[0][1:]))
         if timings and timings[0][1][0] == "cublas":
             cublas.append(m)
     if tiles:
-        tables["tiles"] = [[m, c] for m, c in tiles[:-1]] + [[None, tiles[-1][1]]]
+        tables[kind] = [[m, c] for m, c in tiles[:-1]] + [[None, tiles[-1][1]]]
     if cublas and cublas == [m for m, _ in tiles][-len(cublas):]:  # from some M on, and for every larger one
         tables["cublas_from_rows"] = cublas[0]
     return tables
@@ -203,7 +214,7 @@ def main() -> None:
     if "--sweep" in sys.argv:
         # asym_int4 runs sym_int4's block sizes
         swept = [f for f in os.environ.get("SWEEP", "sym_int4,sym_int8").split(",") if f]
-        configs: dict = {"rows": {}, "tiles": {}, "cublas_from_rows": {}}
+        configs: dict = {"rows": {}, "tiles": {}, "fragments": {}, "cublas_from_rows": {}}
         results["sweep"] = {}
         for fmt in swept:
             for layout in LAYOUTS if fmt != "sym_int8" else ["rows"]:

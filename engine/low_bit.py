@@ -9,13 +9,14 @@ quantized from a pre-quantized checkpoint or a GGUF file).
   torch._scaled_mm (torchao's float8 tensors). CUDA compute capability >= 8.9 and Intel GPUs only.
 - fp16, bf16: the whole model in float16 / bfloat16.
 
-The integer formats are one module, QuantizedLinear, in one layout on every device, GGUF's: a 4-bit weight is
+The integer formats are one module, QuantizedLinear, whose tensors come in one layout, GGUF's: a 4-bit weight is
 uint8 [N, K / 2] where, within each run of 32 inputs, byte j holds input j (low nibble) and input j + 16 (high
 nibble); scales and offsets are float16 [N, K / group]. So GGUF's Q4_0, Q4_1 and Q8_0 blocks are our sym_int4,
 asym_int4 and (grouped) sym_int8 as they lie in the file, and a pre-quantized checkpoint stores the tensors in that
-layout. On a GPU a 4-bit qweight is held group by group instead ([K / group, N, group / 2], to_group_major), the
-same bytes in the order the GPU kernels stream them. Kernels: engine/low_bit_kernels.py (Triton) on GPUs,
-engine/cpu_low_bit.py on the CPU.
+layout. On a GPU a 4-bit qweight is held in one of two layouts the GPU kernels stream: in fragments where groups
+are of 128 inputs (or a multiple) and N a multiple of 16 (to_fragments: int32 words in the order the tensor cores
+take them), otherwise group by group ([K / group, N, group / 2], to_group_major). Kernels:
+engine/low_bit_kernels.py (Triton) on GPUs, engine/cpu_low_bit.py on the CPU.
 
 Only the decoder layers' projections are quantized; embeddings, norms and the LM head stay in the compute dtype
 (they are ~4% of a 7B model's weights and the head drives every sampled token).
@@ -93,12 +94,13 @@ class QuantizedLinear(nn.Module):
     (symmetric: w = (q - 8) * scale; with offset: w = q * scale + offset). bits 8: qweight int8 [N, K], scale float16
     [N, K / group_size] (group_size K: one scale per row), w = q * scale.
 
-    The constructor takes qweight in that layout; with group_major (by default: 4-bit off the CPU) it keeps a 4-bit
-    one as to_group_major arranges it, and rows_qweight gives the row-by-row layout back."""
+    The constructor takes qweight in that layout and keeps it in `layout`: "rows" as given, "groups"
+    (to_group_major) or "fragments" (to_fragments) for 4-bit weights; by default rows on the CPU and, for 4-bit off
+    it, fragments where they fit (fits_fragments), else groups. rows_qweight gives the row-by-row layout back."""
 
     def __init__(self, bits: int, group_size: int, qweight: torch.Tensor, scale: torch.Tensor,
                  offset: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                 group_major: bool | None = None) -> None:
+                 layout: str | None = None) -> None:
         super().__init__()
         self.bits, self.group_size = bits, group_size
         self.out_features = qweight.shape[0]
@@ -111,10 +113,18 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"inconsistent {bits}-bit weight: qweight {qweight.dtype} {tuple(qweight.shape)}, "
                              f"scale {tuple(scale.shape)}, offset {None if offset is None else tuple(offset.shape)}, "
                              f"group size {group_size}")
-        if group_major is None:  # the GPU kernels' layout (engine/low_bit_kernels.py): see to_group_major
-            group_major = bits == 4 and qweight.device.type != "cpu"
-        if group_major:
+        if layout is None:  # the GPU kernels' layouts (engine/low_bit_kernels.py)
+            layout = "rows" if bits != 4 or qweight.device.type == "cpu" else (
+                "fragments" if fits_fragments(group_size, self.out_features) else "groups")
+        if layout not in ("rows", "groups", "fragments") or (layout != "rows" and bits != 4) or (
+                layout == "fragments" and not fits_fragments(group_size, self.out_features)):
+            raise ValueError(f"no {layout!r} layout for a {bits}-bit weight of {self.out_features} rows in groups "
+                             f"of {group_size}")
+        self.layout = layout
+        if layout == "groups":
             qweight = to_group_major(qweight, group_size)
+        elif layout == "fragments":
+            qweight = to_fragments(qweight)
         self.qweight = nn.Parameter(qweight, requires_grad=False)
         self.scale = nn.Parameter(scale.to(torch.float16), requires_grad=False)
         self.offset = None if offset is None else nn.Parameter(offset.to(torch.float16), requires_grad=False)
@@ -135,9 +145,11 @@ class QuantizedLinear(nn.Module):
 
     @property
     def rows_qweight(self) -> torch.Tensor:
-        """qweight in the module docstring's layout, row by row (a copy where it lies group by group)."""
+        """qweight in the module docstring's layout, row by row (a copy where it lies otherwise)."""
         q = self.qweight
-        return q.transpose(0, 1).reshape(self.out_features, -1) if q.dim() == 3 else q
+        if self.layout == "fragments":
+            return from_fragments(q, self.out_features)
+        return q.transpose(0, 1).reshape(self.out_features, -1) if self.layout == "groups" else q
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str) -> "QuantizedLinear | None":
@@ -162,7 +174,7 @@ class QuantizedLinear(nn.Module):
             return None if tensors[0] is None else torch.cat(tensors)
 
         return cls(first.bits, first.group_size, stacked("qweight"), stacked("scale"), stacked("offset"),
-                   stacked("bias"), group_major=first.qweight.dim() == 3)
+                   stacked("bias"), layout=first.layout)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight [N, K] these tensors stand for, in `dtype` (computed in float32)."""
@@ -194,7 +206,7 @@ def _matmul(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
     """x [M, K] @ layer's weightᵀ, by the device's kernel; the dequantized weight where there is none."""
     if x.device.type == "cpu":
         kernels = _cpu_kernels()
-        if kernels is not None and layer.qweight.dim() == 2:
+        if kernels is not None and layer.layout == "rows":
             return kernels.quantized_matmul(x, layer)
     else:
         kernels = _gpu_kernels()
@@ -336,6 +348,45 @@ def to_group_major(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
     which the memory streams at a far higher rate."""
     n, half = qweight.shape
     return qweight.reshape(n, half // (group_size // 2), group_size // 2).transpose(0, 1).contiguous()
+
+
+# Inputs and output rows of one block of to_fragments' words.
+FRAGMENT_K, FRAGMENT_N = 128, 16
+
+
+def fits_fragments(group_size: int, n: int) -> bool:
+    """Whether a 4-bit weight of `n` output rows in groups of `group_size` can lie in fragments: each block of 128
+    inputs within one group (one scale per row and block), and whole blocks of 16 rows."""
+    return group_size % FRAGMENT_K == 0 and n % FRAGMENT_N == 0
+
+
+def to_fragments(qweight: torch.Tensor) -> torch.Tensor:
+    """A 4-bit qweight [N, K / 2] (GGUF pairing) as int32 words [K / 128, N / 16, 256] in the order Hopper's tensor
+    cores take a weight tile from registers (the A operand of a 16-row MMA), so that the tiled GEMM's loads land in
+    that layout with no trip through shared memory or shuffle between them (engine/low_bit_kernels.py).
+
+    Block (b, j) holds output rows 16j..16j+15 and inputs 128b..128b+127; its 256 words are [2 h][8 g][4 t][4 p],
+    where word (h, g, t, p) is of row 16j + 8h + g and holds at bits 4n the input 128b + 16n + c, c = 8·(p // 2) +
+    2t + p % 2: so in the 16-input slice of nibble n, thread (g, t) of a warp holds columns 2t, 2t + 1, 2t + 8 and
+    2t + 9 of rows g and g + 8, the MMA's fragment. Each row's 16 words of a block are contiguous (64 bytes), as a
+    GEMV wants them."""
+    q = unpack_int4(qweight).to(torch.int32)
+    n, k = q.shape
+    # [row block j, h, g, input block b, nibble n, p_hi, t, p_lo] -> [b, j, h, g, t, p_hi, p_lo, n]
+    q = q.reshape(n // FRAGMENT_N, 2, 8, k // FRAGMENT_K, 8, 2, 4, 2).permute(3, 0, 1, 2, 6, 5, 7, 4)
+    words = q[..., 0]
+    for nibble in range(1, 8):
+        words = words | (q[..., nibble] << (4 * nibble))
+    return words.reshape(k // FRAGMENT_K, n // FRAGMENT_N, 256).contiguous()
+
+
+def from_fragments(words: torch.Tensor, n: int) -> torch.Tensor:
+    """to_fragments' inverse: uint8 [N, K / 2] in the GGUF pairing."""
+    blocks = words.shape[0]
+    w = words.reshape(blocks, n // FRAGMENT_N, 2, 8, 4, 2, 2)
+    q = torch.stack([(w >> (4 * nibble)) & 0xF for nibble in range(8)], dim=-1)  # [b, j, h, g, t, p_hi, p_lo, n]
+    q = q.permute(1, 2, 3, 0, 7, 5, 4, 6).reshape(n, blocks * FRAGMENT_K)
+    return pack_int4(q.to(torch.uint8))
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

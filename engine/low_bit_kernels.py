@@ -9,7 +9,8 @@ Two kernels per width, chosen by the number of rows (tokens) of x:
   4-bit one works on int32 words at under three operations per weight (_int4_words_kernel).
 - tiles (larger M): a tiled GEMM on tensor cores computing outᵀ = W·xᵀ, so the dequantized weight tile is the
   operand that may live in registers (Hopper's wgmma reads its other operand from shared memory), with the same
-  optional split of K for the few-tiles case.
+  optional split of K for the few-tiles case. On 4-bit weights in fragments (low_bit.to_fragments, the GPU's
+  layout for groups of 128) _int4_fragments_kernel loads each weight tile straight into the MMA's register layout.
 
 Integers become floats by the exponent trick (as FasterTransformer's and Marlin's kernels do it, here in portable
 Triton): an integer q OR-ed into the mantissa of a float reads as that float plus q times the mantissa's step, with
@@ -18,9 +19,9 @@ against 128 FMAs). The GEMVs convert into float32; the GEMM straight into the 16
 where the type's mantissa holds the integers (4-bit always; 8-bit in float16).
 
 4-bit weights are in GGUF's pairing (byte j of each run of 32 inputs holds inputs j and j + 16), so a tile's low
-nibbles meet x's inputs k_lo = 32·(t // 16) + t % 16 and its high nibbles k_lo + 16. Their bytes lie group by
-group on a GPU (engine/low_bit.py's to_group_major: a tile of many rows and one group is one contiguous block, 5-6%
-faster on an H200 than row by row at 1-64 rows); the kernels take either layout (weight_strides). Portable Triton
+nibbles meet x's inputs k_lo = 32·(t // 16) + t % 16 and its high nibbles k_lo + 16. On a GPU they lie in fragments
+(to_fragments) or group by group (to_group_major: a tile of many rows and one group is one contiguous block, 5-6%
+faster on an H200 than row by row at 1-64 rows); the kernels take every layout (weight_strides). Portable Triton
 only (no vendor intrinsics), so it also builds for Intel GPUs and runs in Triton's CPU interpreter (tests). Block
 sizes come from bench/low_bit_kernels.py's sweep on an H200; other GPUs get the same (correct, maybe not best)
 choices, or a sweep's own through INFERQ_LOW_BIT_KERNEL_CONFIGS.
@@ -34,6 +35,8 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+
+from engine.low_bit import FRAGMENT_K
 
 # Rows up to which the CUDA-core kernel runs.
 ROWS_MAX = 1
@@ -52,27 +55,35 @@ def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
         x = x.contiguous()
     if m >= CUBLAS_FROM_ROWS.get(layer.bits, m + 1):
         return torch.nn.functional.linear(x, dequantize(layer, x.dtype))
+    fragments = layer.layout == "fragments"
+    programs = _TARGET_PROGRAMS
     if m <= ROWS_MAX:
         block_m = 1
         block_n, block_k, warps, stages = _rows_config(layer.bits)
         if layer.bits == 4:  # its tiles lie in one group (so K is a whole number of them); it reads x in pairs
-            block_k = min(block_k, layer.group_size)
+            block_k = FRAGMENT_K if fragments else min(block_k, layer.group_size)  # fragments: one block
             if x.data_ptr() % 4:
                 x = x.clone()
         kernel = _int4_words_kernel if layer.bits == 4 else _int8_rows_kernel
+    elif fragments:
+        block_m, block_n, warps, stages, scale_product, programs = _fragments_config(m)
+        block_k = FRAGMENT_K
+        kernel = _int4_fragments_kernel
     else:
         block_m, block_n, block_k, warps, stages, scale_product = _tiles_config(layer.bits, m)
         kernel = _int4_tiles_kernel if layer.bits == 4 else _int8_tiles_kernel
     grid_m, grid_n = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
     # The 4-bit GEMV's tiles are one group (128 inputs at most): it may split K further.
-    split_k = split_count(grid_m * grid_n, k, block_k, *((2, 32) if m <= ROWS_MAX and layer.bits == 4 else (4, 16)))
+    split_k = split_count(grid_m * grid_n, k, block_k, *((2, 32) if m <= ROWS_MAX and layer.bits == 4 else (4, 16)),
+                          programs=programs)
     partials = torch.empty((split_k, m, n) if split_k > 1 else (1,), dtype=torch.float32, device=x.device)
     locks = layer.split_locks(grid_m * grid_n)
     offset = layer.offset if layer.offset is not None else layer.scale  # unread when HAS_OFFSET is False
     flags = dict(GROUP=layer.group_size)
     flags |= dict(HAS_OFFSET=layer.offset is not None) if layer.bits == 4 else dict(PER_ROW=layer.group_size == k)
     if layer.bits == 4:
-        flags |= dict(SCALE_PRODUCT=scale_product) if m > ROWS_MAX else dict(SUBNORMAL=keeps_subnormals(x.device))
+        flags |= dict(SCALE_PRODUCT=scale_product) if m > ROWS_MAX else dict(SUBNORMAL=keeps_subnormals(x.device),
+                                                                             FRAGMENTS=fragments)
     stride_qn, stride_qg = weight_strides(layer)
     kernel[(grid_m * grid_n, split_k)](
         x, layer.qweight, layer.scale, offset, out, partials, locks, m, n, k, x.stride(0), stride_qn, stride_qg,
@@ -84,9 +95,12 @@ def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
 def weight_strides(layer) -> tuple[int, int]:
     """Bytes (4-bit) or elements (8-bit) between the weight's output rows, and between a row's groups of inputs:
     a 2-D qweight [N, K / 2] lies row by row; a 3-D one [groups, N, group / 2] (low_bit.to_group_major) group by group,
-    each group's bytes of all N rows contiguous."""
+    each group's bytes of all N rows contiguous. Fragments (low_bit.to_fragments) have no such strides: the kernels
+    address them from N (0, 0)."""
     q = layer.qweight
-    if q.dim() == 3:
+    if layer.layout == "fragments":
+        return 0, 0
+    if layer.layout == "groups":
         return q.stride(1), q.stride(0)
     return q.stride(0), layer.group_size // 2 if layer.bits == 4 else layer.group_size
 
@@ -99,18 +113,19 @@ def keeps_subnormals(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
-def split_count(tiles: int, k: int, block_k: int, min_blocks: int = 4, most: int = 16) -> int:
-    """How many programs share each output tile's K: enough for _TARGET_PROGRAMS in all, at least `min_blocks`
-    K-blocks each, `most` at most."""
+def split_count(tiles: int, k: int, block_k: int, min_blocks: int = 4, most: int = 16,
+                programs: int = _TARGET_PROGRAMS) -> int:
+    """How many programs share each output tile's K: enough for `programs` in all, at least `min_blocks` K-blocks
+    each, `most` at most."""
     blocks = triton.cdiv(k, block_k)
-    wanted = triton.cdiv(_TARGET_PROGRAMS, tiles)
+    wanted = triton.cdiv(programs, tiles)
     return max(1, min(wanted, blocks // min_blocks, most))
 
 
 # Tuning tables, from bench/low_bit_kernels.py --sweep on an H200; INFERQ_LOW_BIT_KERNEL_CONFIGS names a JSON file
 # of the sweep's (written with --sweep) that replaces them, for another GPU.
 # rows: bits -> (BLOCK_N, BLOCK_K, warps, stages).
-ROWS_CONFIGS = {4: (128, 128, 4, 2), 8: (4, 1024, 4, 1)}
+ROWS_CONFIGS = {4: (256, 128, 4, 2), 8: (4, 1024, 4, 1)}
 # Rows from which the weight is dequantized into a 16-bit scratch copy and multiplied by the vendor's GEMM (bits ->
 # rows); absent: never. On an H200 the tiled GEMMs lose to it above 128 rows (4-bit) and from 256 rows (8-bit).
 CUBLAS_FROM_ROWS: dict[int, int] = {4: 129, 8: 256}
@@ -121,16 +136,28 @@ TILES_CONFIGS = {4: ((16, (16, 64, 64, 4, 3, True)), (128, (64, 128, 128, 8, 3, 
                  8: ((16, (16, 64, 128, 4, 3, False)), (64, (64, 64, 128, 4, 3, False)),
                      (None, (128, 64, 64, 4, 3, False)))}
 
+# Tiles of the 4-bit GEMM on weights in fragments: ((largest M, (BLOCK_M, BLOCK_N, warps, stages, scale the
+# product, programs the split of K aims at)), ...) as TILES_CONFIGS (BLOCK_K is the fragments' 128). Fewer programs
+# than the other kernels' 1024 from 32 rows: each split's partial sums cost a pass over the output, which at 64
+# rows took a fifth of the time.
+FRAGMENTS_CONFIGS = ((16, (16, 64, 4, 3, True, 1024)), (32, (32, 64, 4, 3, True, 264)),
+                     (None, (64, 64, 4, 2, False, 264)))
+
 
 def load_configs(path: str | os.PathLike) -> None:
-    """Replace the tuning tables by a sweep's JSON file: {"rows": {bits: config}, "tiles": {bits: [[M, config]]}}."""
+    """Replace the tuning tables by a sweep's JSON file: {"rows": {bits: config}, "tiles": {bits: [[M, config]]},
+    "fragments": {"4": [[M, config]]}}."""
+    global FRAGMENTS_CONFIGS
     tuned = json.loads(Path(path).read_text())
     ROWS_CONFIGS.update({int(bits): tuple(c)[:4] for bits, c in tuned.get("rows", {}).items()})
-    for bits in tuned.get("tiles", {}):  # a swept width's vendor-GEMM threshold is the sweep's, or none
+    # A swept width's vendor-GEMM threshold is the sweep's, or none.
+    for bits in {**tuned.get("tiles", {}), **tuned.get("fragments", {})}:
         CUBLAS_FROM_ROWS.pop(int(bits), None)
     CUBLAS_FROM_ROWS.update({int(bits): rows for bits, rows in tuned.get("cublas_from_rows", {}).items()})
     TILES_CONFIGS.update({int(bits): tuple((limit, tuple(c)) for limit, c in table)
                           for bits, table in tuned.get("tiles", {}).items()})
+    if tuned.get("fragments", {}).get("4"):
+        FRAGMENTS_CONFIGS = tuple((limit, tuple(c)) for limit, c in tuned["fragments"]["4"])
 
 
 if os.environ.get("INFERQ_LOW_BIT_KERNEL_CONFIGS"):
@@ -143,6 +170,10 @@ def _rows_config(bits: int) -> tuple[int, int, int, int]:
 
 def _tiles_config(bits: int, m: int) -> tuple[int, int, int, int, int, bool]:
     return next(c for limit, c in TILES_CONFIGS[bits] if limit is None or m <= limit)
+
+
+def _fragments_config(m: int) -> tuple[int, int, int, int, bool, int]:
+    return next(c for limit, c in FRAGMENTS_CONFIGS if limit is None or m <= limit)
 
 
 @triton.jit
@@ -253,6 +284,20 @@ def _word_inputs(x_ptr, first):
 
 
 @triton.jit
+def _fragment_inputs(x_ptr, first):
+    """x at the inputs of a fragment word's 8 nibbles (nibble n: input first + 16n), as float32 [WORDS] each."""
+    x0 = tl.load(x_ptr + first).to(tl.float32)
+    x1 = tl.load(x_ptr + first + 16).to(tl.float32)
+    x2 = tl.load(x_ptr + first + 32).to(tl.float32)
+    x3 = tl.load(x_ptr + first + 48).to(tl.float32)
+    x4 = tl.load(x_ptr + first + 64).to(tl.float32)
+    x5 = tl.load(x_ptr + first + 80).to(tl.float32)
+    x6 = tl.load(x_ptr + first + 96).to(tl.float32)
+    x7 = tl.load(x_ptr + first + 112).to(tl.float32)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
 def _at_12_and_16(word):
     """Floats of the nibbles of `word` at bits 12-15 and 16-19 without a shift: each masked under the exponent of 1.0,
     f12 = 1 + q·2^-11 and f16 = 1 + q·2^-7 (one masked OR each)."""
@@ -285,7 +330,7 @@ def _int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
                        stride_xm, stride_qn, stride_qg, stride_sn, stride_om,
                        GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                       SUBNORMAL: tl.constexpr):
+                       SUBNORMAL: tl.constexpr, FRAGMENTS: tl.constexpr):
     """The 4-bit GEMV (one row of x) on int32 words, under three operations per weight (CUDA cores; at one row a
     tensor core would idle 15 of its 16 rows).
 
@@ -299,24 +344,37 @@ def _int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
 
     SUBNORMAL (where the device keeps float32 subnormals, keeps_subnormals): _subnormal_dot's one AND and one FMA per
     nibble instead, D = Σ q·x·2^-64, and no constant to hold in a register (the masked OR needs two: the compiled
-    loop above spent a sixth of its instructions re-making them); Σ (q - 8)·s·x = 2^64·s·(D - 8·X·2^-64)."""
+    loop above spent a sixth of its instructions re-making them); Σ (q - 8)·s·x = 2^64·s·(D - 8·X·2^-64).
+
+    FRAGMENTS: the weight in low_bit.to_fragments' words (BLOCK_K 128): a row's 16 words of a block are contiguous
+    too, and nibble n of word c holds input 16n + c' of the block (_fragment_inputs)."""
     WORDS: tl.constexpr = BLOCK_K // 8
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
     col_ok = cols < N
     c = tl.arange(0, WORDS)
     cols64 = cols.to(tl.int64)
-    q_at = q_ptr.to(tl.pointer_type(tl.int32)) + cols64[:, None] * (stride_qn // 4) + c[None, :]
+    if FRAGMENTS:  # row r's words of block 0: its 16-row block's 256 words, then half r % 16 // 8, then r % 8
+        q_at = q_ptr + ((cols64 // 16) * 256 + (cols64 % 16 // 8) * 128 + (cols64 % 8) * 16)[:, None] + c[None, :]
+        x_first = 8 * (c % 4 // 2) + 2 * (c // 4) + c % 2  # input of word c's nibble 0
+    else:
+        q_at = q_ptr.to(tl.pointer_type(tl.int32)) + cols64[:, None] * (stride_qn // 4) + c[None, :]
+        x_first = 32 * (c // 4) + 4 * (c % 4)  # input of word c's byte 0 low nibble
     WORDS_PER_GROUP: tl.constexpr = GROUP // 8
     s_at = s_ptr + cols64 * stride_sn
     o_at = o_ptr + cols64 * stride_sn
-    x_first = 32 * (c // 4) + 4 * (c % 4)  # input of word c's byte 0 low nibble
     acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
     start, end = _k_range(K, BLOCK_K, SPLIT_K)
     for k0 in range(start, end, BLOCK_K):
         group = k0 // GROUP
-        word = tl.load(q_at + group * (stride_qg // 4) + (k0 // 8) % WORDS_PER_GROUP, mask=col_ok[:, None], other=0)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _word_inputs(x_ptr, k0 + x_first)
+        if FRAGMENTS:
+            word = tl.load(q_at + (tl.cdiv(N, 16) * 256).to(tl.int64) * (k0 // BLOCK_K), mask=col_ok[:, None],
+                           other=0)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _fragment_inputs(x_ptr, k0 + x_first)
+        else:
+            word = tl.load(q_at + group * (stride_qg // 4) + (k0 // 8) % WORDS_PER_GROUP, mask=col_ok[:, None],
+                           other=0)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _word_inputs(x_ptr, k0 + x_first)
         scale = tl.load(s_at + group, mask=col_ok, other=0.0).to(tl.float32)[:, None]
         if SUBNORMAL:
             dot = _subnormal_dot(word, x0, x1, x2, x3, x4, x5, x6, x7)
@@ -355,8 +413,14 @@ def dequantize(layer, dtype: torch.dtype) -> torch.Tensor:
     rows share each weight (CUBLAS_FROM_ROWS)."""
     n, k = layer.out_features, layer.in_features
     out = torch.empty((n, k), dtype=dtype, device=layer.qweight.device)
-    block_n, block_k = 16, 256
     offset = layer.offset if layer.offset is not None else layer.scale
+    if layer.layout == "fragments":
+        block_n = 64
+        _dequantize_fragments_kernel[(triton.cdiv(n, block_n), k // FRAGMENT_K)](
+            layer.qweight, layer.scale, offset, out, n, k, layer.scale.stride(0), GROUP=layer.group_size,
+            HAS_OFFSET=layer.offset is not None, BLOCK_N=block_n, BLOCK_K=FRAGMENT_K)
+        return out
+    block_n, block_k = 16, 256
     _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
         layer.qweight, layer.scale, offset, out, n, k, *weight_strides(layer), layer.scale.stride(0),
         BITS=layer.bits, GROUP=layer.group_size, HAS_OFFSET=layer.offset is not None, BLOCK_N=block_n,
@@ -432,6 +496,91 @@ def _int4_tiles_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
             acc = tl.dot(w_low, x_low, acc)
             acc = tl.dot(w_high, x_high, acc)
     _finish(tl.trans(acc), out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om, SPLIT_K)
+
+
+@triton.jit
+def _fragment_block(q_ptr, first_block, block, N, BLOCKS: tl.constexpr):
+    """The words [16·BLOCKS, 16] of input block `block` for output rows 16·first_block on (low_bit.to_fragments),
+    shaped so that thread (g, t) of warp w holds rows 16w + g and 16w + g + 8, words 2t, 2t + 1, 2t + 8 and 2t + 9:
+    the register layout of a tensor-core MMA's A operand, which Triton then takes as it is. Each row half is loaded
+    as [BLOCKS, 8 g, 4 t, 4 words] (a thread's 16 bytes contiguous, a warp's 512), and the halves joined and the
+    dimensions permuted, which moves no data between threads."""
+    b = tl.arange(0, BLOCKS)[:, None, None, None]
+    at = (first_block + b) * 256 + tl.arange(0, 8)[None, :, None, None] * 16 \
+        + tl.arange(0, 4)[None, None, :, None] * 4 + tl.arange(0, 4)[None, None, None, :]
+    at = q_ptr + (tl.cdiv(N, 16) * 256).to(tl.int64) * block + at  # (N / 16 · 256 · blocks may pass 2^31)
+    ok = first_block + b < tl.cdiv(N, 16)
+    words = tl.join(tl.load(at, mask=ok, other=0), tl.load(at + 128, mask=ok, other=0))  # [b, g, t, word, half]
+    words = words.reshape(BLOCKS, 8, 4, 2, 2, 2).permute(0, 5, 1, 3, 2, 4)  # [b, half, g, word // 2, t, word % 2]
+    return words.reshape(16 * BLOCKS, 16)
+
+
+@triton.jit
+def _fragment_nibbles(words, HAS_OFFSET: tl.constexpr, DTYPE: tl.constexpr):
+    """The 8 nibbles of each word as DTYPE (q, or q - 8 for symmetric weights) in one [rows, 128] tile whose
+    column 16n + c is nibble n of word c: input 16n + c of the block, as to_fragments orders them."""
+    bias: tl.constexpr = 0.0 if HAS_OFFSET else 8.0
+    n01 = tl.join(_as_float(words & 0xF, bias, DTYPE), _as_float((words >> 4) & 0xF, bias, DTYPE))
+    n23 = tl.join(_as_float((words >> 8) & 0xF, bias, DTYPE), _as_float((words >> 12) & 0xF, bias, DTYPE))
+    n45 = tl.join(_as_float((words >> 16) & 0xF, bias, DTYPE), _as_float((words >> 20) & 0xF, bias, DTYPE))
+    n67 = tl.join(_as_float((words >> 24) & 0xF, bias, DTYPE), _as_float((words >> 28) & 0xF, bias, DTYPE))
+    nibbles = tl.join(tl.join(n01, n23), tl.join(n45, n67))  # [rows, c, n % 2, n // 2 % 2, n // 4]
+    return nibbles.permute(0, 4, 3, 2, 1).reshape(words.shape[0], 8 * words.shape[1])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _int4_fragments_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
+                           stride_xm, stride_qn, stride_qg, stride_sn, stride_om,
+                           GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           SPLIT_K: tl.constexpr, SCALE_PRODUCT: tl.constexpr):
+    """The tiled 4-bit GEMM on weights in fragments (low_bit.to_fragments; BLOCK_K 128, one group per block):
+    outᵀ = W·xᵀ with each weight tile loaded straight into the MMA's register layout (_fragment_block), so the one
+    dot per block takes it from registers, and Triton splits that dot into 16-input steps whose dequantization
+    overlaps the previous step's MMA. SCALE_PRODUCT (symmetric): the dot multiplies q - 8 and its float32 product
+    is scaled per row; otherwise the weights are scaled (and offset) before it, which keeps the dot chained into
+    the accumulator. On an H200 the first wins up to 32 rows, the second from 64."""
+    SCALED_PRODUCT: tl.constexpr = SCALE_PRODUCT and not HAS_OFFSET
+    rows, cols = _tile_coordinates(M, BLOCK_M, BLOCK_N)
+    first_block = (tl.program_id(0) // tl.cdiv(M, BLOCK_M)) * (BLOCK_N // 16)
+    ks = tl.arange(0, BLOCK_K)
+    x_at = x_ptr + rows.to(tl.int64)[None, :] * stride_xm + ks[:, None]
+    col_ok = cols < N
+    s_at = s_ptr + cols.to(tl.int64) * stride_sn
+    o_at = o_ptr + cols.to(tl.int64) * stride_sn
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    start, end = _k_range(K, BLOCK_K, SPLIT_K)
+    for k0 in range(start, end, BLOCK_K):
+        w = _fragment_nibbles(_fragment_block(q_ptr, first_block, k0 // BLOCK_K, N, BLOCK_N // 16), HAS_OFFSET,
+                              x_ptr.dtype.element_ty)
+        x = tl.load(x_at + k0, mask=(rows < M)[None, :], other=0.0)
+        scale = tl.load(s_at + k0 // GROUP, mask=col_ok, other=0.0)
+        if SCALED_PRODUCT:
+            acc += tl.dot(w, x) * scale.to(tl.float32)[:, None]
+        else:
+            w = w * scale.to(w.dtype)[:, None]
+            if HAS_OFFSET:
+                w += tl.load(o_at + k0 // GROUP, mask=col_ok, other=0.0).to(w.dtype)[:, None]
+            acc = tl.dot(w, x, acc)
+    _finish(tl.trans(acc), out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om, SPLIT_K)
+
+
+@triton.jit
+def _dequantize_fragments_kernel(q_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_sn, GROUP: tl.constexpr,
+                                 HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One block of BLOCK_K (the fragments' 128) inputs of BLOCK_N rows of a weight in fragments, dequantized into
+    out [N, K]."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    words = _fragment_block(q_ptr, tl.program_id(0) * (BLOCK_N // 16), tl.program_id(1), N, BLOCK_N // 16)
+    w = _fragment_nibbles(words, HAS_OFFSET, tl.float32)
+    col_ok = (cols < N)[:, None]
+    cols64 = cols.to(tl.int64)[:, None]
+    w = w * tl.load(s_ptr + cols64 * stride_sn + k0 // GROUP, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_OFFSET:
+        w += tl.load(o_ptr + cols64 * stride_sn + k0 // GROUP, mask=col_ok, other=0.0).to(tl.float32)
+    ks = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + cols64 * K + ks[None, :], w.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit

@@ -99,21 +99,32 @@ def test_grid_rounds_to_nearest_and_the_cpu_kernel_multiplies_by_it(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["sym_int4", "asym_int4"])
-def test_the_gpu_layout_holds_the_same_weight_group_by_group(fmt):
-    """A 4-bit weight laid out for the GPU kernels (group by group, the default off the CPU) stands for the same
-    weight as the CPU's row-by-row one: the same rows back, the same dequantized weight and products, and a fused
-    module of such parts keeps the layout."""
+@pytest.mark.parametrize("layout,shape", [("groups", (384 // 128, 48, 64)), ("fragments", (384 // 128, 48 // 16, 256))])
+def test_the_gpu_layouts_hold_the_same_weight(fmt, layout, shape):
+    """A 4-bit weight laid out for the GPU kernels (group by group, or in fragments: the default off the CPU where
+    they fit) stands for the same weight as the CPU's row-by-row one: the same rows back, the same dequantized
+    weight and products, and a fused module of such parts keeps the layout."""
     torch.manual_seed(0)
-    parts = [nn.Linear(384, n, bias=False) for n in (40, 24)]
+    parts = [nn.Linear(384, n, bias=False) for n in (48, 32)]
     rows = [QuantizedLinear.from_linear(p, fmt) for p in parts]
-    groups = [QuantizedLinear(4, r.group_size, r.qweight, r.scale, r.offset, group_major=True) for r in rows]
-    assert rows[0].qweight.dim() == 2 and groups[0].qweight.shape == (384 // 128, 40, 64)
-    assert torch.equal(groups[0].rows_qweight, rows[0].qweight)
-    assert torch.equal(groups[0].dequantize(), rows[0].dequantize())
+    gpu = [QuantizedLinear(4, r.group_size, r.qweight, r.scale, r.offset, layout=layout) for r in rows]
+    assert rows[0].qweight.dim() == 2 and gpu[0].qweight.shape == shape
+    assert torch.equal(gpu[0].rows_qweight, rows[0].qweight)
+    assert torch.equal(gpu[0].dequantize(), rows[0].dequantize())
     x = torch.randn(3, 384)
-    assert relative_error(groups[0](x), rows[0](x)) < 1e-5  # the CPU computes it from the dequantized weight
-    fused = QuantizedLinear.cat(groups)
-    assert fused.qweight.dim() == 3 and torch.equal(fused.rows_qweight, QuantizedLinear.cat(rows).qweight)
+    assert relative_error(gpu[0](x), rows[0](x)) < 1e-5  # the CPU computes it from the dequantized weight
+    fused = QuantizedLinear.cat(gpu)
+    assert fused.layout == layout and torch.equal(fused.rows_qweight, QuantizedLinear.cat(rows).qweight)
+
+
+def test_a_layout_the_weight_cannot_take_is_refused():
+    """Fragments need groups of 128 inputs and whole blocks of 16 rows; 8-bit weights lie row by row only."""
+    weight = QuantizedLinear.from_linear(nn.Linear(384, 40, bias=False), "sym_int4")
+    with pytest.raises(ValueError, match="no 'fragments' layout for a 4-bit weight of 40 rows"):
+        QuantizedLinear(4, 128, weight.qweight, weight.scale, layout="fragments")
+    int8 = QuantizedLinear.from_linear(nn.Linear(384, 48, bias=False), "sym_int8")
+    with pytest.raises(ValueError, match="no 'groups' layout for a 8-bit weight"):
+        QuantizedLinear(8, int8.group_size, int8.qweight, int8.scale, layout="groups")
 
 
 def test_format_without_a_kernel_fails_at_start_up(demo_model_dir):

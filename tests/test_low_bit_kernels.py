@@ -9,33 +9,38 @@ import pytest
 import torch
 from torch import nn
 
-from engine.low_bit import QuantizedLinear, quantize_int4, quantize_int8
+from engine.low_bit import QuantizedLinear, fits_fragments, quantize_int4, quantize_int8
 
 kernels = pytest.importorskip("engine.low_bit_kernels")
 
 # (format, group size, N, K)
 CASES = [("sym_int4", 32, 97, 288), ("asym_int4", 32, 97, 288), ("sym_int4", 64, 50, 320),
          ("asym_int4", 128, 33, 384), ("sym_int4", 128, 64, 4096), ("sym_int8", None, 97, 288),
-         ("sym_int8", None, 40, 4096), ("q8_0", 32, 65, 352), ("q8_0", 32, 24, 2048)]
+         ("sym_int8", None, 40, 4096), ("q8_0", 32, 65, 352), ("q8_0", 32, 24, 2048), ("asym_int4", 128, 48, 384),
+         ("sym_int4", 128, 80, 256)]
 ROWS = (1, 2, 5, 16, 17, 64, 130, 300)
 
 
-def layer_for(fmt: str, group: int | None, n: int, k: int, group_major: bool = False) -> QuantizedLinear:
-    """A random layer in `fmt`; 4-bit weights row by row (as on the CPU) or group by group (as on a GPU)."""
+def layer_for(fmt: str, group: int | None, n: int, k: int, layout: str = "rows") -> QuantizedLinear:
+    """A random layer in `fmt`; 4-bit weights row by row (as on the CPU), group by group or in fragments (as on a
+    GPU)."""
     weight = torch.randn(n, k) * 0.05 + (0.01 if fmt == "asym_int4" else 0.0)
     if fmt == "sym_int8":
         return QuantizedLinear(8, k, *quantize_int8(weight, k))
     if fmt == "q8_0":
         return QuantizedLinear(8, group, *quantize_int8(weight, group))
-    return QuantizedLinear(4, group, *quantize_int4(weight, group, symmetric=fmt == "sym_int4"),
-                           group_major=group_major)
+    return QuantizedLinear(4, group, *quantize_int4(weight, group, symmetric=fmt == "sym_int4"), layout=layout)
 
 
-@pytest.mark.parametrize("fmt,group,n,k,group_major", [c + (False,) for c in CASES] + [
-    c + (True,) for c in CASES if c[0].endswith("int4")])
-def test_kernel_computes_the_dequantized_product(fmt, group, n, k, group_major):
+INT4_CASES = [c for c in CASES if c[0].endswith("int4")]
+FRAGMENT_CASES = [c for c in INT4_CASES if fits_fragments(c[1], c[2])]
+
+
+@pytest.mark.parametrize("fmt,group,n,k,layout", [c + ("rows",) for c in CASES] + [
+    c + ("groups",) for c in INT4_CASES] + [c + ("fragments",) for c in FRAGMENT_CASES])
+def test_kernel_computes_the_dequantized_product(fmt, group, n, k, layout):
     torch.manual_seed(0)
-    layer = layer_for(fmt, group, n, k, group_major)
+    layer = layer_for(fmt, group, n, k, layout)
     reference_weight = layer.dequantize()
     for rows in ROWS:
         x = torch.randn(rows, k, dtype=torch.float16)
@@ -53,7 +58,7 @@ def test_the_tiled_gemm_scales_weights_or_products_alike(monkeypatch, fmt, group
     """The tiles table's last flag either way, at few and many rows: symmetric tiles within one group scale the
     product, the rest (asymmetric, or tiles over several groups) must keep scaling weights whatever the flag says."""
     torch.manual_seed(0)
-    layer = layer_for(fmt, group, n, k, group_major=True)
+    layer = layer_for(fmt, group, n, k, "groups")
     shipped = kernels._tiles_config
     monkeypatch.setattr(kernels, "_tiles_config", lambda bits, m: (*shipped(bits, m)[:5], scale_product))
     for rows in (2, 16, 17, 64):
@@ -61,6 +66,23 @@ def test_the_tiled_gemm_scales_weights_or_products_alike(monkeypatch, fmt, group
         exact = x.float() @ layer.dequantize().t()
         error = ((kernels.quantized_matmul(x, layer).float() - exact).norm() / exact.norm()).item()
         assert error < 2e-3, (fmt, group, rows, scale_product, error)
+
+
+@pytest.mark.parametrize("scale_product", [False, True])
+@pytest.mark.parametrize("fmt,group,n,k", FRAGMENT_CASES)
+def test_the_fragments_gemm_scales_weights_or_products_alike(monkeypatch, fmt, group, n, k, scale_product):
+    """The fragments table's flag either way, at few and many rows, tiles of 16 to 64 rows and outputs (a tile
+    past N's end included): asymmetric weights keep scaling weights whatever the flag says."""
+    torch.manual_seed(0)
+    layer = layer_for(fmt, group, n, k, "fragments")
+    for block_m, block_n in ((16, 64), (32, 32), (64, 16)):
+        monkeypatch.setattr(kernels, "_fragments_config",
+                            lambda m, bm=block_m, bn=block_n: (bm, bn, 4, 3, scale_product, 1024))
+        for rows in (2, 17, 64):
+            x = torch.randn(rows, k, dtype=torch.float16)
+            exact = x.float() @ layer.dequantize().t()
+            error = ((kernels.quantized_matmul(x, layer).float() - exact).norm() / exact.norm()).item()
+            assert error < 2e-3, (fmt, n, block_m, block_n, rows, scale_product, error)
 
 
 def test_split_k_is_exercised_and_deterministic():
@@ -82,20 +104,21 @@ def test_bias_and_strided_rows_through_the_module():
     assert ((out.float() - exact).norm() / exact.norm()).item() < 2e-3
 
 
-@pytest.mark.parametrize("fmt,group,n,k", [c for c in CASES if c[0].endswith("int4")] + [("sym_int4", 32, 20, 96)])
+@pytest.mark.parametrize("fmt,group,n,k,layout", [
+    c + (layout,) for c in INT4_CASES + [("sym_int4", 32, 20, 96)] for layout in ("rows", "groups", "fragments")
+    if layout != "fragments" or c in FRAGMENT_CASES])
 @pytest.mark.parametrize("block_n,block_k", [(16, 128), (64, 32)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("group_major", [False, True])
 @pytest.mark.parametrize("subnormal", [False, True])
 def test_the_words_gemv_computes_the_dequantized_product(monkeypatch, fmt, group, n, k, block_n, block_k, dtype,
-                                                         group_major, subnormal):
+                                                         layout, subnormal):
     """The 4-bit GEMV on int32 words (nibbles read as subnormal floats, or moved under a float's exponent where a
-    device may flush subnormals), tiles of a group and narrower, x in either 16-bit type (bfloat16 read in pairs),
-    weights in either layout."""
+    device may flush subnormals), tiles of a group and narrower (fragments: always their block of 128), x in either
+    16-bit type (bfloat16 read in pairs), weights in every layout."""
     torch.manual_seed(0)
     monkeypatch.setitem(kernels.ROWS_CONFIGS, 4, (block_n, block_k, 4, 1))
     monkeypatch.setattr(kernels, "keeps_subnormals", lambda device: subnormal)
-    layer = layer_for(fmt, group, n, k, group_major)
+    layer = layer_for(fmt, group, n, k, layout)
     x = torch.randn(1, k, dtype=dtype)
     exact = x.float() @ layer.dequantize().t()
     out = kernels.quantized_matmul(x, layer)
@@ -103,13 +126,14 @@ def test_the_words_gemv_computes_the_dequantized_product(monkeypatch, fmt, group
     assert ((out.float() - exact).norm() / exact.norm()).item() < bound, (fmt, group, n, k, block_k)
 
 
-@pytest.mark.parametrize("fmt,group,n,k,group_major", [
-    CASES[1] + (False,), CASES[1] + (True,), CASES[3] + (True,), CASES[5] + (False,), CASES[7] + (False,)])
-def test_many_rows_can_take_the_dequantized_weight_to_the_vendor_gemm(monkeypatch, fmt, group, n, k, group_major):
+@pytest.mark.parametrize("fmt,group,n,k,layout", [
+    CASES[1] + ("rows",), CASES[1] + ("groups",), CASES[3] + ("groups",), CASES[5] + ("rows",), CASES[7] + ("rows",),
+    CASES[9] + ("fragments",), CASES[10] + ("fragments",)])
+def test_many_rows_can_take_the_dequantized_weight_to_the_vendor_gemm(monkeypatch, fmt, group, n, k, layout):
     """CUBLAS_FROM_ROWS: the weight dequantized in one kernel pass (exactly dequantize()'s values, rounded once),
     then F.linear."""
     torch.manual_seed(0)
-    layer = layer_for(fmt, group, n, k, group_major)
+    layer = layer_for(fmt, group, n, k, layout)
     assert torch.equal(kernels.dequantize(layer, torch.float16), layer.dequantize(torch.float16))
     monkeypatch.setitem(kernels.CUBLAS_FROM_ROWS, layer.bits, 64)
     x = torch.randn(70, k, dtype=torch.float16)
@@ -125,23 +149,29 @@ def test_a_sweeps_tables_replace_the_shipped_ones_for_the_widths_it_swept(monkey
 
     for table in ("ROWS_CONFIGS", "CUBLAS_FROM_ROWS", "TILES_CONFIGS"):
         monkeypatch.setattr(kernels, table, dict(getattr(kernels, table)))
+    monkeypatch.setattr(kernels, "FRAGMENTS_CONFIGS", kernels.FRAGMENTS_CONFIGS)
     path = tmp_path / "configs.json"
     path.write_text(json.dumps({"rows": {"4": [64, 128, 4, 2, 8]}, "tiles": {"4": [[None, [64, 64, 64, 4, 3, True]]]},
+                                "fragments": {"4": [[16, [16, 64, 4, 2, True, 1024]],
+                                                    [None, [64, 128, 8, 3, False, 264]]]},
                                 "cublas_from_rows": {}}))
     kernels.load_configs(path)
     assert kernels.ROWS_CONFIGS[4] == (64, 128, 4, 2)  # an older sweep's 5-element entry, truncated
     assert kernels.TILES_CONFIGS[4] == ((None, (64, 64, 64, 4, 3, True)),)
+    assert kernels._fragments_config(16) == (16, 64, 4, 2, True, 1024)
+    assert kernels._fragments_config(17)[:2] == (64, 128)
     assert 4 not in kernels.CUBLAS_FROM_ROWS and kernels.CUBLAS_FROM_ROWS[8] == 256
 
 
 @pytest.mark.parametrize("fmt", ["sym_int4", "asym_int4"])
-def test_the_subnormal_gemv_holds_large_and_small_activations(monkeypatch, fmt):
+@pytest.mark.parametrize("layout", ["groups", "fragments"])
+def test_the_subnormal_gemv_holds_large_and_small_activations(monkeypatch, fmt, layout):
     """The subnormal path scales x by up to 2^85 before its FMA, and its products are q·x·2^-64: activations from
     1e-15 to 1e12 (bfloat16; the range is 2^-62 to 2^43) come out as the dequantized product, not as overflow or
     flushed zeros."""
     torch.manual_seed(0)
     monkeypatch.setattr(kernels, "keeps_subnormals", lambda device: True)
-    layer = layer_for(fmt, 128, 33, 384, group_major=True)
+    layer = layer_for(fmt, 128, 48, 384, layout)
     reference = layer.dequantize()
     for magnitude in (1e-15, 1e-8, 1.0, 1e6, 1e12):
         x = (torch.randn(1, 384) * magnitude).to(torch.bfloat16)
