@@ -272,29 +272,24 @@ def _word_inputs(x_ptr, first):
         x1, x3 = _bf16_pair(tl.load(pairs + 8))
         x5, x7 = _bf16_pair(tl.load(pairs + 9))
     else:
-        x0 = tl.load(x_ptr + first).to(tl.float32)
-        x2 = tl.load(x_ptr + first + 1).to(tl.float32)
-        x4 = tl.load(x_ptr + first + 2).to(tl.float32)
-        x6 = tl.load(x_ptr + first + 3).to(tl.float32)
-        x1 = tl.load(x_ptr + first + 16).to(tl.float32)
-        x3 = tl.load(x_ptr + first + 17).to(tl.float32)
-        x5 = tl.load(x_ptr + first + 18).to(tl.float32)
-        x7 = tl.load(x_ptr + first + 19).to(tl.float32)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _inputs_at(x_ptr, first, 0, 16, 1, 17, 2, 18, 3, 19)
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
 @triton.jit
 def _fragment_inputs(x_ptr, first):
     """x at the inputs of a fragment word's 8 nibbles (nibble n: input first + 16n), as float32 [WORDS] each."""
-    x0 = tl.load(x_ptr + first).to(tl.float32)
-    x1 = tl.load(x_ptr + first + 16).to(tl.float32)
-    x2 = tl.load(x_ptr + first + 32).to(tl.float32)
-    x3 = tl.load(x_ptr + first + 48).to(tl.float32)
-    x4 = tl.load(x_ptr + first + 64).to(tl.float32)
-    x5 = tl.load(x_ptr + first + 80).to(tl.float32)
-    x6 = tl.load(x_ptr + first + 96).to(tl.float32)
-    x7 = tl.load(x_ptr + first + 112).to(tl.float32)
-    return x0, x1, x2, x3, x4, x5, x6, x7
+    return _inputs_at(x_ptr, first, 0, 16, 32, 48, 64, 80, 96, 112)
+
+
+@triton.jit
+def _inputs_at(x_ptr, first, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
+               D4: tl.constexpr, D5: tl.constexpr, D6: tl.constexpr, D7: tl.constexpr):
+    """x at first + D0 ... first + D7 (the inputs of nibbles 0-7), as float32."""
+    return (tl.load(x_ptr + first + D0).to(tl.float32), tl.load(x_ptr + first + D1).to(tl.float32),
+            tl.load(x_ptr + first + D2).to(tl.float32), tl.load(x_ptr + first + D3).to(tl.float32),
+            tl.load(x_ptr + first + D4).to(tl.float32), tl.load(x_ptr + first + D5).to(tl.float32),
+            tl.load(x_ptr + first + D6).to(tl.float32), tl.load(x_ptr + first + D7).to(tl.float32))
 
 
 @triton.jit
