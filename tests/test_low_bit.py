@@ -20,7 +20,7 @@ from torch import nn
 
 from engine.config import EngineConfig
 from engine.llm import LLM
-from engine.low_bit import QuantizedLinear, quantize_linears, unpack_int4, weight_bytes
+from engine.low_bit import QuantizedLinear, quantize_int4, quantize_linears, unpack_int4, weight_bytes
 from engine.sampling_params import SamplingParams
 from tests.checkpoints import ARCHITECTURES, write_checkpoint
 from tests.service import MODEL, Service
@@ -115,6 +115,15 @@ def test_the_gpu_layouts_hold_the_same_weight(fmt, layout, shape):
     assert relative_error(gpu[0](x), rows[0](x)) < 1e-5  # the CPU computes it from the dequantized weight
     fused = QuantizedLinear.cat(gpu)
     assert fused.layout == layout and torch.equal(fused.rows_qweight, QuantizedLinear.cat(rows).qweight)
+
+
+@pytest.mark.parametrize("n,group,layout", [(48, 128, "fragments"), (40, 128, "groups"), (48, 32, "groups")])
+def test_off_the_cpu_4bit_weights_take_fragments_where_they_fit(n, group, layout):
+    """The default layout off the CPU (a tensor on the meta device stands for a GPU's): fragments for groups of 128
+    and whole blocks of 16 rows, group by group otherwise (odd N, GGUF Q4_0's groups of 32); rows on the CPU."""
+    qweight, scale, _ = quantize_int4(torch.randn(n, 256), group, symmetric=True)
+    assert QuantizedLinear(4, group, qweight.to("meta"), scale.to("meta")).layout == layout
+    assert QuantizedLinear(4, group, qweight, scale).layout == "rows"
 
 
 def test_a_layout_the_weight_cannot_take_is_refused():

@@ -85,6 +85,15 @@ def test_the_fragments_gemm_scales_weights_or_products_alike(monkeypatch, fmt, g
             assert error < 2e-3, (fmt, n, block_m, block_n, rows, scale_product, error)
 
 
+def test_the_split_of_k_aims_at_the_programs_asked_for():
+    """split_count's target: the fragments tables ask for fewer programs than the default from 32 rows (each split
+    costs a pass over the output), so the same tiles split K less."""
+    tiles = 192  # a 12288-output projection in 64-row tiles
+    assert kernels.split_count(tiles, 4096, 128, programs=264) == 2
+    assert kernels.split_count(tiles, 4096, 128) == 6
+    assert kernels._fragments_config(64)[5] < kernels._TARGET_PROGRAMS
+
+
 def test_split_k_is_exercised_and_deterministic():
     torch.manual_seed(0)
     layer = layer_for("sym_int4", 128, 40, 4096)
