@@ -34,9 +34,13 @@ FORMATS = ("sym_int4", "asym_int4", "sym_int8")
 # Copies of the layer each timing cycles through, so that its weights come from memory as in a model's forward
 # pass (one 4-bit layer, ~100 MB, would otherwise sit half in an H200's 50 MB L2 and time faster than in use).
 COPIES = int(os.environ.get("COPIES", "4"))
-# 4-bit weight layouts to time (QuantizedLinear's layout): "fragments" (the GPU's for these shapes), "groups" and
-# "rows" to compare.
+# Weight layouts to time (QuantizedLinear's layout): "fragments" (the GPU's for these shapes), "groups" (4-bit
+# only) and "rows" to compare.
 LAYOUTS = [layout for layout in os.environ.get("LAYOUTS", "fragments").split(",") if layout]
+
+
+def layouts_of(fmt: str) -> list[str]:
+    return [layout for layout in LAYOUTS if layout != "groups" or fmt != "sym_int8"]
 
 
 def layers(fmt: str, layout: str = "fragments", copies: int = COPIES) -> list[list]:
@@ -51,9 +55,9 @@ def layers(fmt: str, layout: str = "fragments", copies: int = COPIES) -> list[li
             linear = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
             nn.init.normal_(linear.weight, std=0.02)
             quantized = QuantizedLinear.from_linear(linear, fmt)
-            if quantized.bits == 4 and layout != quantized.layout:
-                quantized = QuantizedLinear(4, quantized.group_size, quantized.rows_qweight, quantized.scale,
-                                            quantized.offset, layout=layout)
+            if layout != quantized.layout:
+                quantized = QuantizedLinear(quantized.bits, quantized.group_size, quantized.rows_qweight,
+                                            quantized.scale, quantized.offset, layout=layout)
             out.append((linear, quantized))
         layer_copies.append(out)
     return layer_copies
@@ -83,7 +87,7 @@ def measure(fmt: str, layout: str) -> list[dict]:
         reference = per_layer_us(copies[:1], xs, lambda x, lin, q: nn.functional.linear(x, q.dequantize(x.dtype)))
         fast_dequant = per_layer_us(copies, xs,
                                     lambda x, lin, q: nn.functional.linear(x, kernels.dequantize(q, x.dtype)))
-        row = {"format": fmt, "layout": layout if fmt != "sym_int8" else "rows", "rows": m, "ours_us": ours,
+        row = {"format": fmt, "layout": layout, "rows": m, "ours_us": ours,
                "bf16_us": bf16, "dequant_then_mm_us": reference, "dequant_kernel_then_mm_us": fast_dequant}
         errors = []
         for x, (_, q) in zip(xs, pairs):
@@ -103,17 +107,21 @@ def candidates(bits: int, m: int, layout: str = "fragments") -> list[tuple]:
     from engine import low_bit_kernels as kernels
 
     if m <= kernels.ROWS_MAX:
-        if bits == 8:
-            return [("rows", bn, bk, w, s) for bn, bk, w, s in itertools.product((2, 4, 8, 16), (512, 1024, 2048, 4096),
-                                                                                  (4, 8), (1, 2))
-                    if 2048 <= bn * bk <= 32768]
-        return [("rows", bn, bk, w, s) for bn, bk, w, s in
-                itertools.product((64, 128, 256, 512), (64, 128), (4, 8), (1, 2, 3))]
+        if bits == 8 and layout == "rows":  # GGUF Q8_0's GEMV keeps low_bit_kernels.INT8_ROWS_LAYOUT_CONFIG
+            return []
+        return [("rows", bn, bk, w, s) for bn, bk, w, s in  # BLOCK_K: the fragments' block, whatever it says
+                itertools.product((64, 128, 256, 512), (64, 128) if layout != "fragments" else (128,), (4, 8),
+                                  (1, 2, 3))]
     block_ms = {2: (16,), 4: (16,), 8: (16,), 16: (16,), 32: (32,), 64: (64,), 128: (64, 128), 256: (128,)}[m]
-    if bits == 4 and layout == "fragments":  # _int4_fragments_kernel: BLOCK_K is the fragments' 128
+    if layout == "fragments":  # _fragments_kernel: BLOCK_K is the fragments' block
+        if m >= 64:  # one tile of rows may take all of them, so that each weight is dequantized once
+            return [("cublas",)] + [("fragments", bm, bn, w, s, False, programs) for bm, bn, (w, s), programs in
+                                    itertools.product((64, 128, 256), (64, 128), ((4, 2), (4, 3), (8, 2), (8, 3)),
+                                                      (132, 264)) if bm <= 2 * m and bm * bn <= 256 * 128]
         return [("cublas",)] + [("fragments", bm, bn, w, s, scaled, programs) for bm, bn, (w, s), scaled, programs in
-                                itertools.product(block_ms, (64, 128, 256), ((4, 2), (4, 3), (8, 3)), (False, True),
-                                                  (264, 1024)) if bm * bn <= 128 * 128]
+                                itertools.product(block_ms, (64, 128, 256), ((4, 2), (4, 3), (8, 3)),
+                                                  (False, True) if bits == 4 else (False,), (264, 1024))
+                                if bm * bn <= 128 * 128]
     scale_products = (False, True) if bits == 4 else (False,)  # _int4_tiles_kernel's SCALE_PRODUCT
     return [("cublas",)] + [("tiles", bm, bn, bk, w, s, scaled) for bm, bn, bk, (w, s), scaled in
                             itertools.product(block_ms, (64, 128, 256), (64, 128), ((4, 3), (8, 3), (8, 4)),
@@ -131,7 +139,7 @@ def _with_config(config: tuple):
     elif config[0] == "tiles":
         kernels._tiles_config = lambda bits, m: config[1:]
     elif config[0] == "fragments":
-        kernels._fragments_config = lambda m: config[1:]
+        kernels._fragments_config = lambda bits, m: config[1:]
     else:  # dequantize, then cuBLAS
         kernels.CUBLAS_FROM_ROWS.update({4: 1, 8: 1})
 
@@ -217,10 +225,10 @@ def main() -> None:
         configs: dict = {"rows": {}, "tiles": {}, "fragments": {}, "cublas_from_rows": {}}
         results["sweep"] = {}
         for fmt in swept:
-            for layout in LAYOUTS if fmt != "sym_int8" else ["rows"]:
+            for layout in layouts_of(fmt):
                 best = sweep(fmt, layout)
                 results["sweep"][f"{fmt} {layout}"] = {str(m): v for m, v in best.items()}
-                if layout == LAYOUTS[0] or fmt == "sym_int8":  # the first layout's tables are the ones written
+                if layout == layouts_of(fmt)[0]:  # the first layout's tables are the ones written
                     bits = "8" if fmt == "sym_int8" else "4"
                     for table, value in tuned_tables(best).items():
                         configs[table][bits] = value
@@ -230,8 +238,7 @@ def main() -> None:
         from engine import low_bit_kernels
 
         low_bit_kernels.load_configs(path)  # the table below runs them
-    results["rows"] = [row for fmt in formats for layout in (LAYOUTS if fmt != "sym_int8" else ["rows"])
-                       for row in measure(fmt, layout)]
+    results["rows"] = [row for fmt in formats for layout in layouts_of(fmt) for row in measure(fmt, layout)]
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "low_bit_kernels.json").write_text(json.dumps(results, indent=1))
     print(f"\n== one Llama-2-7B decoder layer's projections (qkv, o, gate_up, down) on {name}: GPU µs ==")

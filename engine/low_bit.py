@@ -15,7 +15,8 @@ nibble); scales and offsets are float16 [N, K / group]. So GGUF's Q4_0, Q4_1 and
 asym_int4 and (grouped) sym_int8 as they lie in the file, and a pre-quantized checkpoint stores the tensors in that
 layout. On a GPU a 4-bit qweight is held in one of two layouts the GPU kernels stream: in fragments where groups
 are of 128 inputs (or a multiple) and N a multiple of 16 (to_fragments: int32 words in the order the tensor cores
-take them), otherwise group by group ([K / group, N, group / 2], to_group_major). Kernels:
+take them), otherwise group by group ([K / group, N, group / 2], to_group_major); an 8-bit one in fragments too
+where they fit, otherwise row by row. Kernels:
 engine/low_bit_kernels.py (Triton) on GPUs, engine/cpu_low_bit.py on the CPU.
 
 Only the decoder layers' projections are quantized; embeddings, norms and the LM head stay in the compute dtype
@@ -95,8 +96,9 @@ class QuantizedLinear(nn.Module):
     [N, K / group_size] (group_size K: one scale per row), w = q * scale.
 
     The constructor takes qweight in that layout and keeps it in `layout`: "rows" as given, "groups"
-    (to_group_major) or "fragments" (to_fragments) for 4-bit weights; by default rows on the CPU and, for 4-bit off
-    it, fragments where they fit (fits_fragments), else groups. rows_qweight gives the row-by-row layout back."""
+    (to_group_major, 4-bit weights only) or "fragments" (to_fragments); by default rows on the CPU and, off it,
+    fragments where they fit (fits_fragments), else groups (4-bit) or rows (8-bit). rows_qweight gives the
+    row-by-row layout back."""
 
     def __init__(self, bits: int, group_size: int, qweight: torch.Tensor, scale: torch.Tensor,
                  offset: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -113,11 +115,12 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"inconsistent {bits}-bit weight: qweight {qweight.dtype} {tuple(qweight.shape)}, "
                              f"scale {tuple(scale.shape)}, offset {None if offset is None else tuple(offset.shape)}, "
                              f"group size {group_size}")
+        fits = fits_fragments(bits, group_size, self.out_features)
         if layout is None:  # the GPU kernels' layouts (engine/low_bit_kernels.py)
-            layout = "rows" if bits != 4 or qweight.device.type == "cpu" else (
-                "fragments" if fits_fragments(group_size, self.out_features) else "groups")
-        if layout not in ("rows", "groups", "fragments") or (layout != "rows" and bits != 4) or (
-                layout == "fragments" and not fits_fragments(group_size, self.out_features)):
+            layout = "rows" if qweight.device.type == "cpu" else "fragments" if fits else (
+                "groups" if bits == 4 else "rows")
+        if layout not in ("rows", "groups", "fragments") or (layout == "groups" and bits != 4) or (
+                layout == "fragments" and not fits):
             raise ValueError(f"no {layout!r} layout for a {bits}-bit weight of {self.out_features} rows in groups "
                              f"of {group_size}")
         self.layout = layout
@@ -148,7 +151,7 @@ class QuantizedLinear(nn.Module):
         """qweight in the module docstring's layout, row by row (a copy where it lies otherwise)."""
         q = self.qweight
         if self.layout == "fragments":
-            return from_fragments(q, self.out_features)
+            return from_fragments(q, self.out_features, self.bits)
         return q.transpose(0, 1).reshape(self.out_features, -1) if self.layout == "groups" else q
 
     @classmethod
@@ -179,7 +182,7 @@ class QuantizedLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight [N, K] these tensors stand for, in `dtype` (computed in float32)."""
         n, groups = self.scale.shape
-        q = unpack_int4(self.rows_qweight) if self.bits == 4 else self.qweight
+        q = unpack_int4(self.rows_qweight) if self.bits == 4 else self.rows_qweight
         q = q.float().reshape(n, groups, self.group_size)
         scale = self.scale.float()[..., None]
         if self.bits == 8:
@@ -350,43 +353,49 @@ def to_group_major(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
     return qweight.reshape(n, half // (group_size // 2), group_size // 2).transpose(0, 1).contiguous()
 
 
-# Inputs and output rows of one block of to_fragments' words.
-FRAGMENT_K, FRAGMENT_N = 128, 16
+# Output rows of one block of to_fragments' words, and its inputs by bits (a block is 1 KB either way).
+FRAGMENT_N = 16
+FRAGMENT_K = {4: 128, 8: 64}
 
 
-def fits_fragments(group_size: int, n: int) -> bool:
-    """Whether a 4-bit weight of `n` output rows in groups of `group_size` can lie in fragments: each block of 128
+def fits_fragments(bits: int, group_size: int, n: int) -> bool:
+    """Whether a `bits`-bit weight of `n` output rows in groups of `group_size` can lie in fragments: each block of
     inputs within one group (one scale per row and block), and whole blocks of 16 rows."""
-    return group_size % FRAGMENT_K == 0 and n % FRAGMENT_N == 0
+    return group_size % FRAGMENT_K[bits] == 0 and n % FRAGMENT_N == 0
 
 
 def to_fragments(qweight: torch.Tensor) -> torch.Tensor:
-    """A 4-bit qweight [N, K / 2] (GGUF pairing) as int32 words [K / 128, N / 16, 256] in the order Hopper's tensor
-    cores take a weight tile from registers (the A operand of a 16-row MMA), so that the tiled GEMM's loads land in
-    that layout with no trip through shared memory or shuffle between them (engine/low_bit_kernels.py).
+    """A qweight (4-bit: uint8 [N, K / 2], GGUF pairing; 8-bit: int8 [N, K]) as int32 words [K / FRAGMENT_K,
+    N / 16, 256] in the order Hopper's tensor cores take a weight tile from registers (the A operand of a 16-row
+    MMA), so that the tiled GEMM's loads land in that layout with no trip through shared memory or shuffle between
+    them (engine/low_bit_kernels.py).
 
-    Block (b, j) holds output rows 16j..16j+15 and inputs 128b..128b+127; its 256 words are [2 h][8 g][4 t][4 p],
-    where word (h, g, t, p) is of row 16j + 8h + g and holds at bits 4n the input 128b + 16n + c, c = 8·(p // 2) +
-    2t + p % 2: so in the 16-input slice of nibble n, thread (g, t) of a warp holds columns 2t, 2t + 1, 2t + 8 and
-    2t + 9 of rows g and g + 8, the MMA's fragment. Each row's 16 words of a block are contiguous (64 bytes), as a
-    GEMV wants them."""
-    q = unpack_int4(qweight).to(torch.int32)
+    Block (b, j) holds output rows 16j..16j+15 and inputs FRAGMENT_K·b on; its 256 words are [2 h][8 g][4 t][4 p],
+    where word (h, g, t, p) is of row 16j + 8h + g and holds in its value n (nibble n at bits 4n of 8, or byte n at
+    bits 8n of 4) the input FRAGMENT_K·b + 16n + c, c = 8·(p // 2) + 2t + p % 2: so in the 16-input slice of value n,
+    thread (g, t) of a warp holds columns 2t, 2t + 1, 2t + 8 and 2t + 9 of rows g and g + 8, the MMA's fragment.
+    Each row's 16 words of a block are contiguous (64 bytes), as a GEMV wants them. Bytes keep int8's two's
+    complement."""
+    bits = 8 if qweight.dtype == torch.int8 else 4
+    q = (unpack_int4(qweight) if bits == 4 else qweight.view(torch.uint8)).to(torch.int32)
     n, k = q.shape
-    # [row block j, h, g, input block b, nibble n, p_hi, t, p_lo] -> [b, j, h, g, t, p_hi, p_lo, n]
-    q = q.reshape(n // FRAGMENT_N, 2, 8, k // FRAGMENT_K, 8, 2, 4, 2).permute(3, 0, 1, 2, 6, 5, 7, 4)
+    values, block_k = 32 // bits, FRAGMENT_K[bits]
+    # [row block j, h, g, input block b, value n, p_hi, t, p_lo] -> [b, j, h, g, t, p_hi, p_lo, n]
+    q = q.reshape(n // FRAGMENT_N, 2, 8, k // block_k, values, 2, 4, 2).permute(3, 0, 1, 2, 6, 5, 7, 4)
     words = q[..., 0]
-    for nibble in range(1, 8):
-        words = words | (q[..., nibble] << (4 * nibble))
-    return words.reshape(k // FRAGMENT_K, n // FRAGMENT_N, 256).contiguous()
+    for value in range(1, values):
+        words = words | (q[..., value] << (bits * value))
+    return words.reshape(k // block_k, n // FRAGMENT_N, 256).contiguous()
 
 
-def from_fragments(words: torch.Tensor, n: int) -> torch.Tensor:
-    """to_fragments' inverse: uint8 [N, K / 2] in the GGUF pairing."""
+def from_fragments(words: torch.Tensor, n: int, bits: int = 4) -> torch.Tensor:
+    """to_fragments' inverse: uint8 [N, K / 2] in the GGUF pairing (4-bit) or int8 [N, K]."""
     blocks = words.shape[0]
     w = words.reshape(blocks, n // FRAGMENT_N, 2, 8, 4, 2, 2)
-    q = torch.stack([(w >> (4 * nibble)) & 0xF for nibble in range(8)], dim=-1)  # [b, j, h, g, t, p_hi, p_lo, n]
-    q = q.permute(1, 2, 3, 0, 7, 5, 4, 6).reshape(n, blocks * FRAGMENT_K)
-    return pack_int4(q.to(torch.uint8))
+    mask = (1 << bits) - 1
+    q = torch.stack([(w >> (bits * value)) & mask for value in range(32 // bits)], dim=-1)  # [b, j, h, g, t, p_hi,
+    q = q.permute(1, 2, 3, 0, 7, 5, 4, 6).reshape(n, blocks * FRAGMENT_K[bits]).to(torch.uint8)  # p_lo, n]
+    return pack_int4(q) if bits == 4 else q.view(torch.int8)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

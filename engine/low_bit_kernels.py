@@ -6,11 +6,13 @@ Two kernels per width, chosen by the number of rows (tokens) of x:
 - rows (M = 1, decode of one request): a CUDA-core GEMV; memory-bound, so what matters is bytes in flight and few
   instructions per weight: the grid splits K as well as N (SPLIT_K programs per strip of outputs), and the last
   program of a strip to finish adds the strip's partial sums in a fixed order (deterministic, unlike atomics). The
-  4-bit one works on int32 words at under three operations per weight (_int4_words_kernel).
+  4-bit one and the 8-bit one on fragments work on int32 words at two to three operations per weight
+  (_int4_words_kernel, _int8_words_kernel).
 - tiles (larger M): a tiled GEMM on tensor cores computing outᵀ = W·xᵀ, so the dequantized weight tile is the
   operand that may live in registers (Hopper's wgmma reads its other operand from shared memory), with the same
-  optional split of K for the few-tiles case. On 4-bit weights in fragments (low_bit.to_fragments, the GPU's
-  layout for groups of 128) _int4_fragments_kernel loads each weight tile straight into the MMA's register layout.
+  optional split of K for the few-tiles case. On weights in fragments (low_bit.to_fragments, the GPU's layout where
+  a weight's groups and rows allow) _fragments_kernel loads each weight tile straight into the MMA's register
+  layout.
 
 Integers become floats by the exponent trick (as FasterTransformer's and Marlin's kernels do it, here in portable
 Triton): an integer q OR-ed into the mantissa of a float reads as that float plus q times the mantissa's step, with
@@ -21,7 +23,8 @@ where the type's mantissa holds the integers (4-bit always; 8-bit in float16).
 4-bit weights are in GGUF's pairing (byte j of each run of 32 inputs holds inputs j and j + 16), so a tile's low
 nibbles meet x's inputs k_lo = 32·(t // 16) + t % 16 and its high nibbles k_lo + 16. On a GPU they lie in fragments
 (to_fragments) or group by group (to_group_major: a tile of many rows and one group is one contiguous block, 5-6%
-faster on an H200 than row by row at 1-64 rows); the kernels take every layout (weight_strides). Portable Triton
+faster on an H200 than row by row at 1-64 rows); 8-bit weights in fragments or row by row (GGUF Q8_0's groups of
+32); the kernels take every layout (weight_strides). Portable Triton
 only (no vendor intrinsics), so it also builds for Intel GPUs and runs in Triton's CPU interpreter (tests). Block
 sizes come from bench/low_bit_kernels.py's sweep on an H200; other GPUs get the same (correct, maybe not best)
 choices, or a sweep's own through INFERQ_LOW_BIT_KERNEL_CONFIGS.
@@ -56,34 +59,46 @@ def quantized_matmul(x: torch.Tensor, layer) -> torch.Tensor:
     if m >= CUBLAS_FROM_ROWS.get(layer.bits, m + 1):
         return torch.nn.functional.linear(x, dequantize(layer, x.dtype))
     fragments = layer.layout == "fragments"
-    programs = _TARGET_PROGRAMS
+    programs, scale_product = _TARGET_PROGRAMS, False
     if m <= ROWS_MAX:
         block_m = 1
-        block_n, block_k, warps, stages = _rows_config(layer.bits)
-        if layer.bits == 4:  # its tiles lie in one group (so K is a whole number of them); it reads x in pairs
-            block_k = FRAGMENT_K if fragments else min(block_k, layer.group_size)  # fragments: one block
-            if x.data_ptr() % 4:
-                x = x.clone()
-        kernel = _int4_words_kernel if layer.bits == 4 else _int8_rows_kernel
+        if layer.bits == 8 and not fragments:
+            block_n, block_k, warps, stages = INT8_ROWS_LAYOUT_CONFIG
+            kernel = _int8_rows_kernel
+        else:
+            block_n, block_k, warps, stages = _rows_config(layer.bits)
+            kernel = _int4_words_kernel if layer.bits == 4 else _int8_words_kernel
+        if fragments:  # one block a step
+            block_k = FRAGMENT_K[layer.bits]
+        elif layer.bits == 4:  # its tiles lie in one group (so K is a whole number of them); it reads x in pairs
+            block_k = min(block_k, layer.group_size)
+        if layer.bits == 4 and x.data_ptr() % 4:
+            x = x.clone()
     elif fragments:
-        block_m, block_n, warps, stages, scale_product, programs = _fragments_config(m)
-        block_k = FRAGMENT_K
-        kernel = _int4_fragments_kernel
+        block_m, block_n, warps, stages, scale_product, programs = _fragments_config(layer.bits, m)
+        block_k = FRAGMENT_K[layer.bits]
+        kernel = _fragments_kernel
     else:
         block_m, block_n, block_k, warps, stages, scale_product = _tiles_config(layer.bits, m)
         kernel = _int4_tiles_kernel if layer.bits == 4 else _int8_tiles_kernel
     grid_m, grid_n = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
-    # The 4-bit GEMV's tiles are one group (128 inputs at most): it may split K further.
-    split_k = split_count(grid_m * grid_n, k, block_k, *((2, 32) if m <= ROWS_MAX and layer.bits == 4 else (4, 16)),
+    # The word GEMVs' tiles are one group or block (128 inputs at most): they may split K further.
+    split_k = split_count(grid_m * grid_n, k, block_k,
+                          *((2, 32) if kernel in (_int4_words_kernel, _int8_words_kernel) else (4, 16)),
                           programs=programs)
     partials = torch.empty((split_k, m, n) if split_k > 1 else (1,), dtype=torch.float32, device=x.device)
     locks = layer.split_locks(grid_m * grid_n)
     offset = layer.offset if layer.offset is not None else layer.scale  # unread when HAS_OFFSET is False
-    flags = dict(GROUP=layer.group_size)
-    flags |= dict(HAS_OFFSET=layer.offset is not None) if layer.bits == 4 else dict(PER_ROW=layer.group_size == k)
-    if layer.bits == 4:
-        flags |= dict(SCALE_PRODUCT=scale_product) if m > ROWS_MAX else dict(SUBNORMAL=keeps_subnormals(x.device),
-                                                                             FRAGMENTS=fragments)
+    has_offset = dict(HAS_OFFSET=layer.offset is not None)
+    per_row = dict(PER_ROW=layer.bits == 8 and layer.group_size == k)  # 8-bit: integer products, scaled at the end
+    subnormal = dict(SUBNORMAL=keeps_subnormals(x.device))
+    flags = dict(GROUP=layer.group_size) | {
+        _int4_words_kernel: has_offset | subnormal | dict(FRAGMENTS=fragments),
+        _int8_words_kernel: per_row | subnormal,
+        _int8_rows_kernel: per_row,
+        _fragments_kernel: has_offset | per_row | dict(BITS=layer.bits, SCALE_PRODUCT=scale_product),
+        _int4_tiles_kernel: has_offset | dict(SCALE_PRODUCT=scale_product),
+        _int8_tiles_kernel: per_row}[kernel]
     stride_qn, stride_qg = weight_strides(layer)
     kernel[(grid_m * grid_n, split_k)](
         x, layer.qweight, layer.scale, offset, out, partials, locks, m, n, k, x.stride(0), stride_qn, stride_qg,
@@ -124,11 +139,14 @@ def split_count(tiles: int, k: int, block_k: int, min_blocks: int = 4, most: int
 
 # Tuning tables, from bench/low_bit_kernels.py --sweep on an H200; INFERQ_LOW_BIT_KERNEL_CONFIGS names a JSON file
 # of the sweep's (written with --sweep) that replaces them, for another GPU.
-# rows: bits -> (BLOCK_N, BLOCK_K, warps, stages).
-ROWS_CONFIGS = {4: (256, 128, 4, 2), 8: (4, 1024, 4, 1)}
+# rows: bits -> (BLOCK_N, BLOCK_K, warps, stages), for the GPU's default layouts (BLOCK_K of fragments: their block).
+ROWS_CONFIGS = {4: (256, 128, 4, 2), 8: (64, 64, 4, 2)}
+# The 8-bit GEMV on weights row by row (GGUF Q8_0's groups of 32, which fragments cannot take).
+INT8_ROWS_LAYOUT_CONFIG = (4, 1024, 4, 1)
 # Rows from which the weight is dequantized into a 16-bit scratch copy and multiplied by the vendor's GEMM (bits ->
-# rows); absent: never. On an H200 the tiled GEMMs lose to it above 128 rows (4-bit) and from 256 rows (8-bit).
-CUBLAS_FROM_ROWS: dict[int, int] = {4: 129, 8: 256}
+# rows); absent: never. On an H200 the fragments GEMMs lose to it above 256 rows (4-bit at 384: 430 µs a layer against
+# 364).
+CUBLAS_FROM_ROWS: dict[int, int] = {4: 257, 8: 257}
 # tiles: bits -> ((largest M, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, scale the product)), ...), the first entry
 # that holds M (the last: None, any M). Scale the product (4-bit only): _int4_tiles_kernel's SCALE_PRODUCT.
 TILES_CONFIGS = {4: ((16, (16, 64, 64, 4, 3, True)), (128, (64, 128, 128, 8, 3, False)),
@@ -136,18 +154,22 @@ TILES_CONFIGS = {4: ((16, (16, 64, 64, 4, 3, True)), (128, (64, 128, 128, 8, 3, 
                  8: ((16, (16, 64, 128, 4, 3, False)), (64, (64, 64, 128, 4, 3, False)),
                      (None, (128, 64, 64, 4, 3, False)))}
 
-# Tiles of the 4-bit GEMM on weights in fragments: ((largest M, (BLOCK_M, BLOCK_N, warps, stages, scale the
-# product, programs the split of K aims at)), ...) as TILES_CONFIGS (BLOCK_K is the fragments' 128). Fewer programs
-# than the other kernels' 1024 from 32 rows: each split's partial sums cost a pass over the output, which at 64
-# rows took a fifth of the time.
-FRAGMENTS_CONFIGS = ((16, (16, 64, 4, 3, True, 1024)), (32, (32, 64, 4, 3, True, 264)),
-                     (None, (64, 64, 4, 2, False, 264)))
+# Tiles of the GEMM on weights in fragments: bits -> ((largest M, (BLOCK_M, BLOCK_N, warps, stages, scale the
+# product, programs the split of K aims at)), ...) as TILES_CONFIGS (BLOCK_K is the fragments' block). Fewer
+# programs than the other kernels' 1024 from 32 rows: each split's partial sums cost a pass over the output, which
+# at 64 rows took a fifth of the time. From 65 rows a tile of 128 rows, so that each weight is dequantized once
+# for all of them (at 128 rows 171 µs a 4-bit layer, against 202 in two tiles of 64).
+FRAGMENTS_CONFIGS = {4: ((16, (16, 64, 4, 3, True, 1024)), (32, (32, 64, 4, 3, True, 264)),
+                         (64, (64, 64, 4, 3, False, 264)), (128, (128, 64, 4, 2, False, 264)),
+                         (None, (128, 64, 4, 3, False, 132))),
+                     8: ((16, (16, 64, 4, 3, False, 1024)), (32, (32, 64, 4, 3, False, 264)),
+                         (64, (64, 64, 4, 3, False, 264)), (128, (128, 64, 4, 3, False, 132)),
+                         (None, (256, 64, 4, 3, False, 132)))}
 
 
 def load_configs(path: str | os.PathLike) -> None:
     """Replace the tuning tables by a sweep's JSON file: {"rows": {bits: config}, "tiles": {bits: [[M, config]]},
-    "fragments": {"4": [[M, config]]}}."""
-    global FRAGMENTS_CONFIGS
+    "fragments": {bits: [[M, config]]}}."""
     tuned = json.loads(Path(path).read_text())
     ROWS_CONFIGS.update({int(bits): tuple(c)[:4] for bits, c in tuned.get("rows", {}).items()})
     # A swept width's vendor-GEMM threshold is the sweep's, or none.
@@ -156,8 +178,8 @@ def load_configs(path: str | os.PathLike) -> None:
     CUBLAS_FROM_ROWS.update({int(bits): rows for bits, rows in tuned.get("cublas_from_rows", {}).items()})
     TILES_CONFIGS.update({int(bits): tuple((limit, tuple(c)) for limit, c in table)
                           for bits, table in tuned.get("tiles", {}).items()})
-    if tuned.get("fragments", {}).get("4"):
-        FRAGMENTS_CONFIGS = tuple((limit, tuple(c)) for limit, c in tuned["fragments"]["4"])
+    FRAGMENTS_CONFIGS.update({int(bits): tuple((limit, tuple(c)) for limit, c in table)
+                              for bits, table in tuned.get("fragments", {}).items()})
 
 
 if os.environ.get("INFERQ_LOW_BIT_KERNEL_CONFIGS"):
@@ -172,8 +194,8 @@ def _tiles_config(bits: int, m: int) -> tuple[int, int, int, int, int, bool]:
     return next(c for limit, c in TILES_CONFIGS[bits] if limit is None or m <= limit)
 
 
-def _fragments_config(m: int) -> tuple[int, int, int, int, bool, int]:
-    return next(c for limit, c in FRAGMENTS_CONFIGS if limit is None or m <= limit)
+def _fragments_config(bits: int, m: int) -> tuple[int, int, int, int, bool, int]:
+    return next(c for limit, c in FRAGMENTS_CONFIGS[bits] if limit is None or m <= limit)
 
 
 @triton.jit
@@ -411,9 +433,9 @@ def dequantize(layer, dtype: torch.dtype) -> torch.Tensor:
     offset = layer.offset if layer.offset is not None else layer.scale
     if layer.layout == "fragments":
         block_n = 64
-        _dequantize_fragments_kernel[(triton.cdiv(n, block_n), k // FRAGMENT_K)](
+        _dequantize_fragments_kernel[(triton.cdiv(n, block_n), k // FRAGMENT_K[layer.bits])](
             layer.qweight, layer.scale, offset, out, n, k, layer.scale.stride(0), GROUP=layer.group_size,
-            HAS_OFFSET=layer.offset is not None, BLOCK_N=block_n, BLOCK_K=FRAGMENT_K)
+            HAS_OFFSET=layer.offset is not None, BITS=layer.bits, BLOCK_N=block_n, BLOCK_K=FRAGMENT_K[layer.bits])
         return out
     block_n, block_k = 16, 256
     _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
@@ -523,18 +545,34 @@ def _fragment_nibbles(words, HAS_OFFSET: tl.constexpr, DTYPE: tl.constexpr):
     return nibbles.permute(0, 4, 3, 2, 1).reshape(words.shape[0], 8 * words.shape[1])
 
 
+@triton.jit
+def _fragment_bytes(words, DTYPE: tl.constexpr):
+    """The 4 bytes of each word (int8, two's complement) as DTYPE in one [rows, 64] tile whose column 16n + c is
+    byte n of word c: input 16n + c of the block, as to_fragments orders them. XOR-ed with 0x80 each byte is
+    q + 128 (0..255), which the exponent trick takes (float16's mantissa holds it; bfloat16's is one bit short,
+    so its go through float32)."""
+    u = words ^ -2139062144  # 0x80808080
+    FLOAT: tl.constexpr = tl.float16 if DTYPE == tl.float16 else tl.float32
+    b01 = tl.join(_as_float(u & 0xFF, 128.0, FLOAT), _as_float((u >> 8) & 0xFF, 128.0, FLOAT))
+    b23 = tl.join(_as_float((u >> 16) & 0xFF, 128.0, FLOAT), _as_float((u >> 24) & 0xFF, 128.0, FLOAT))
+    values = tl.join(b01, b23).to(DTYPE)  # [rows, c, n % 2, n // 2]
+    return values.permute(0, 3, 2, 1).reshape(words.shape[0], 4 * words.shape[1])
+
+
 @triton.jit(do_not_specialize=["M"])
-def _int4_fragments_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
-                           stride_xm, stride_qn, stride_qg, stride_sn, stride_om,
-                           GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           SPLIT_K: tl.constexpr, SCALE_PRODUCT: tl.constexpr):
-    """The tiled 4-bit GEMM on weights in fragments (low_bit.to_fragments; BLOCK_K 128, one group per block):
-    outᵀ = W·xᵀ with each weight tile loaded straight into the MMA's register layout (_fragment_block), so the one
-    dot per block takes it from registers, and Triton splits that dot into 16-input steps whose dequantization
-    overlaps the previous step's MMA. SCALE_PRODUCT (symmetric): the dot multiplies q - 8 and its float32 product
-    is scaled per row; otherwise the weights are scaled (and offset) before it, which keeps the dot chained into
-    the accumulator. On an H200 the first wins up to 32 rows, the second from 64."""
+def _fragments_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
+                      stride_xm, stride_qn, stride_qg, stride_sn, stride_om,
+                      GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, PER_ROW: tl.constexpr, BITS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      SPLIT_K: tl.constexpr, SCALE_PRODUCT: tl.constexpr):
+    """The tiled GEMM on 4- or 8-bit weights in fragments (low_bit.to_fragments; BLOCK_K their block, within one
+    group): outᵀ = W·xᵀ with each weight tile loaded straight into the MMA's register layout (_fragment_block), so
+    the one dot per block takes it from registers, and Triton splits that dot into 16-input steps whose
+    dequantization overlaps the previous step's MMA. PER_ROW (8-bit, one scale a row): the integers meet x, exact in
+    its type, and the sums are scaled once at the end. SCALE_PRODUCT (symmetric): the dot multiplies the integers
+    (q - 8 for 4 bits) and its float32 product is scaled per row; otherwise the weights are scaled (and offset)
+    before it, which keeps the dot chained into the accumulator. On an H200 the first wins up to 32 rows (4-bit),
+    the second from 64."""
     SCALED_PRODUCT: tl.constexpr = SCALE_PRODUCT and not HAS_OFFSET
     rows, cols = _tile_coordinates(M, BLOCK_M, BLOCK_N)
     first_block = (tl.program_id(0) // tl.cdiv(M, BLOCK_M)) * (BLOCK_N // 16)
@@ -546,29 +584,41 @@ def _int4_fragments_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, lo
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     start, end = _k_range(K, BLOCK_K, SPLIT_K)
     for k0 in range(start, end, BLOCK_K):
-        w = _fragment_nibbles(_fragment_block(q_ptr, first_block, k0 // BLOCK_K, N, BLOCK_N // 16), HAS_OFFSET,
-                              x_ptr.dtype.element_ty)
-        x = tl.load(x_at + k0, mask=(rows < M)[None, :], other=0.0)
-        scale = tl.load(s_at + k0 // GROUP, mask=col_ok, other=0.0)
-        if SCALED_PRODUCT:
-            acc += tl.dot(w, x) * scale.to(tl.float32)[:, None]
+        words = _fragment_block(q_ptr, first_block, k0 // BLOCK_K, N, BLOCK_N // 16)
+        if BITS == 4:
+            w = _fragment_nibbles(words, HAS_OFFSET, x_ptr.dtype.element_ty)
         else:
-            w = w * scale.to(w.dtype)[:, None]
-            if HAS_OFFSET:
-                w += tl.load(o_at + k0 // GROUP, mask=col_ok, other=0.0).to(w.dtype)[:, None]
+            w = _fragment_bytes(words, x_ptr.dtype.element_ty)
+        x = tl.load(x_at + k0, mask=(rows < M)[None, :], other=0.0)
+        if PER_ROW:
             acc = tl.dot(w, x, acc)
+        else:
+            scale = tl.load(s_at + k0 // GROUP, mask=col_ok, other=0.0)
+            if SCALED_PRODUCT:
+                acc += tl.dot(w, x) * scale.to(tl.float32)[:, None]
+            else:
+                w = w * scale.to(w.dtype)[:, None]
+                if HAS_OFFSET:
+                    w += tl.load(o_at + k0 // GROUP, mask=col_ok, other=0.0).to(w.dtype)[:, None]
+                acc = tl.dot(w, x, acc)
+    if PER_ROW:
+        acc = acc * tl.load(s_at, mask=col_ok, other=0.0).to(tl.float32)[:, None]
     _finish(tl.trans(acc), out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om, SPLIT_K)
 
 
 @triton.jit
 def _dequantize_fragments_kernel(q_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_sn, GROUP: tl.constexpr,
-                                 HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One block of BLOCK_K (the fragments' 128) inputs of BLOCK_N rows of a weight in fragments, dequantized into
-    out [N, K]."""
+                                 HAS_OFFSET: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_K: tl.constexpr):
+    """One block of BLOCK_K (the fragments' block) inputs of BLOCK_N rows of a weight in fragments, dequantized
+    into out [N, K]."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     words = _fragment_block(q_ptr, tl.program_id(0) * (BLOCK_N // 16), tl.program_id(1), N, BLOCK_N // 16)
-    w = _fragment_nibbles(words, HAS_OFFSET, tl.float32)
+    if BITS == 4:
+        w = _fragment_nibbles(words, HAS_OFFSET, tl.float32)
+    else:
+        w = _fragment_bytes(words, tl.float32)
     col_ok = (cols < N)[:, None]
     cols64 = cols.to(tl.int64)[:, None]
     w = w * tl.load(s_ptr + cols64 * stride_sn + k0 // GROUP, mask=col_ok, other=0.0).to(tl.float32)
@@ -621,6 +671,62 @@ def _int8_rows_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_p
     if PER_ROW:  # integer products, scaled once at the end (a split's partial sums scale the same way)
         acc = acc * tl.load(s_ptr + cols.to(tl.int64) * stride_sn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     _finish(acc, out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om, SPLIT_K)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _int8_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_ptr, M, N, K,
+                       stride_xm, stride_qn, stride_qg, stride_sn, stride_om,
+                       GROUP: tl.constexpr, PER_ROW: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                       SUBNORMAL: tl.constexpr):
+    """The 8-bit GEMV (one row of x) on weights in fragments (low_bit.to_fragments, BLOCK_K their 64), one block a
+    step: a row's 16 words of a block are contiguous, and byte n of word c holds input 16n + c' of the block. XOR-ed
+    with 0x80 a byte is u = q + 128, and Σ q·x = Σ u·x - 128·Σ x.
+
+    SUBNORMAL (keeps_subnormals): a byte masked in place (bits 0-7 or 8-15, after one shift by 16 for the upper
+    two) read as a float32 is the subnormal u·2^(p - 149), p its lowest bit, and one FMA with x·2^(85 - p) makes
+    it u·x·2^-64 (as the 4-bit _subnormal_dot): one AND and one FMA a weight. Otherwise the exponent trick
+    (_as_float), one more subtraction a weight."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    col_ok = cols < N
+    c = tl.arange(0, 16)
+    cols64 = cols.to(tl.int64)
+    # row r's words of block 0: its 16-row block's 256 words, then half r % 16 // 8, then r % 8
+    q_at = q_ptr + ((cols64 // 16) * 256 + (cols64 % 16 // 8) * 128 + (cols64 % 8) * 16)[:, None] + c[None, :]
+    x_first = 8 * (c % 4 // 2) + 2 * (c // 4) + c % 2  # input of word c's byte 0
+    s_at = s_ptr + cols64 * stride_sn
+    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    start, end = _k_range(K, BLOCK_K, SPLIT_K)
+    for k0 in range(start, end, BLOCK_K):
+        u = tl.load(q_at + (tl.cdiv(N, 16) * 256).to(tl.int64) * (k0 // BLOCK_K), mask=col_ok[:, None],
+                    other=0) ^ -2139062144  # 0x80808080: each byte q + 128
+        x0 = tl.load(x_ptr + k0 + x_first).to(tl.float32)
+        x1 = tl.load(x_ptr + k0 + x_first + 16).to(tl.float32)
+        x2 = tl.load(x_ptr + k0 + x_first + 32).to(tl.float32)
+        x3 = tl.load(x_ptr + k0 + x_first + 48).to(tl.float32)
+        if SUBNORMAL:
+            high = u >> 16  # the arithmetic shift's sign bits land above bit 15, where no mask reaches
+            dot = (u & 0xFF).to(tl.float32, bitcast=True) * (x0 * 3.8685626227668134e+25)[None, :]  # 2^85
+            dot = tl.fma((u & 0xFF00).to(tl.float32, bitcast=True), (x1 * 1.5111572745182865e+23)[None, :], dot)
+            dot = tl.fma((high & 0xFF).to(tl.float32, bitcast=True), (x2 * 3.8685626227668134e+25)[None, :], dot)
+            dot = tl.fma((high & 0xFF00).to(tl.float32, bitcast=True), (x3 * 1.5111572745182865e+23)[None, :], dot)
+            dot -= (((x0 + x1) + (x2 + x3)) * 6.938893903907228e-18)[None, :]  # 128·2^-64
+        else:
+            dot = _as_float(u & 0xFF, 128.0, tl.float32) * x0[None, :]
+            dot = tl.fma(_as_float((u >> 8) & 0xFF, 128.0, tl.float32), x1[None, :], dot)
+            dot = tl.fma(_as_float((u >> 16) & 0xFF, 128.0, tl.float32), x2[None, :], dot)
+            dot = tl.fma(_as_float((u >> 24) & 0xFF, 128.0, tl.float32), x3[None, :], dot)
+        if PER_ROW:
+            acc += dot
+        else:
+            acc += dot * tl.load(s_at + k0 // GROUP, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+    total = tl.sum(acc, axis=1)
+    if SUBNORMAL:
+        total = total * 1.8446744073709552e+19  # 2^64
+    if PER_ROW:  # integer products, scaled once at the end (a split's partial sums scale the same way)
+        total = total * tl.load(s_at, mask=col_ok, other=0.0).to(tl.float32)
+    _finish(total[None, :], out_ptr, partials_ptr, locks_ptr, rows, cols, M, N, stride_om, SPLIT_K)
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -20,7 +20,7 @@ from torch import nn
 
 from engine.config import EngineConfig
 from engine.llm import LLM
-from engine.low_bit import QuantizedLinear, quantize_int4, quantize_linears, unpack_int4, weight_bytes
+from engine.low_bit import QuantizedLinear, quantize_int4, quantize_int8, quantize_linears, unpack_int4, weight_bytes
 from engine.sampling_params import SamplingParams
 from tests.checkpoints import ARCHITECTURES, write_checkpoint
 from tests.service import MODEL, Service
@@ -98,16 +98,18 @@ def test_grid_rounds_to_nearest_and_the_cpu_kernel_multiplies_by_it(fmt):
     assert relative_error(layer(x), x @ dequantized.t() + linear.bias) < 1e-5
 
 
-@pytest.mark.parametrize("fmt", ["sym_int4", "asym_int4"])
-@pytest.mark.parametrize("layout,shape", [("groups", (384 // 128, 48, 64)), ("fragments", (384 // 128, 48 // 16, 256))])
+@pytest.mark.parametrize("fmt,layout,shape", [
+    (fmt, "groups", (384 // 128, 48, 64)) for fmt in ("sym_int4", "asym_int4")] + [
+    (fmt, "fragments", (384 // 128, 48 // 16, 256)) for fmt in ("sym_int4", "asym_int4")] + [
+    ("sym_int8", "fragments", (384 // 64, 48 // 16, 256))])
 def test_the_gpu_layouts_hold_the_same_weight(fmt, layout, shape):
-    """A 4-bit weight laid out for the GPU kernels (group by group, or in fragments: the default off the CPU where
-    they fit) stands for the same weight as the CPU's row-by-row one: the same rows back, the same dequantized
-    weight and products, and a fused module of such parts keeps the layout."""
+    """A weight laid out for the GPU kernels (4-bit group by group, or 4- and 8-bit in fragments: the default off the
+    CPU where they fit) stands for the same weight as the CPU's row-by-row one: the same rows back, the same
+    dequantized weight and products, and a fused module of such parts keeps the layout."""
     torch.manual_seed(0)
     parts = [nn.Linear(384, n, bias=False) for n in (48, 32)]
     rows = [QuantizedLinear.from_linear(p, fmt) for p in parts]
-    gpu = [QuantizedLinear(4, r.group_size, r.qweight, r.scale, r.offset, layout=layout) for r in rows]
+    gpu = [QuantizedLinear(r.bits, r.group_size, r.qweight, r.scale, r.offset, layout=layout) for r in rows]
     assert rows[0].qweight.dim() == 2 and gpu[0].qweight.shape == shape
     assert torch.equal(gpu[0].rows_qweight, rows[0].qweight)
     assert torch.equal(gpu[0].dequantize(), rows[0].dequantize())
@@ -117,23 +119,34 @@ def test_the_gpu_layouts_hold_the_same_weight(fmt, layout, shape):
     assert fused.layout == layout and torch.equal(fused.rows_qweight, QuantizedLinear.cat(rows).qweight)
 
 
-@pytest.mark.parametrize("n,group,layout", [(48, 128, "fragments"), (40, 128, "groups"), (48, 32, "groups")])
-def test_off_the_cpu_4bit_weights_take_fragments_where_they_fit(n, group, layout):
+@pytest.mark.parametrize("bits,n,group,layout", [(4, 48, 128, "fragments"), (4, 40, 128, "groups"),
+                                                 (4, 48, 32, "groups"), (8, 48, 256, "fragments"),
+                                                 (8, 48, 64, "fragments"), (8, 40, 256, "rows"), (8, 48, 32, "rows")])
+def test_off_the_cpu_weights_take_fragments_where_they_fit(bits, n, group, layout):
     """The default layout off the CPU (a tensor on the meta device stands for a GPU's): fragments for groups of 128
-    and whole blocks of 16 rows, group by group otherwise (odd N, GGUF Q4_0's groups of 32); rows on the CPU."""
-    qweight, scale, _ = quantize_int4(torch.randn(n, 256), group, symmetric=True)
-    assert QuantizedLinear(4, group, qweight.to("meta"), scale.to("meta")).layout == layout
-    assert QuantizedLinear(4, group, qweight, scale).layout == "rows"
+    (4-bit) or 64 (8-bit, one scale a row included) and whole blocks of 16 rows; otherwise (odd N, GGUF Q4_0's and
+    Q8_0's groups of 32) group by group for 4 bits, row by row for 8; rows on the CPU."""
+    weight = torch.randn(n, 256)
+    if bits == 4:
+        qweight, scale, _ = quantize_int4(weight, group, symmetric=True)
+    else:
+        qweight, scale = quantize_int8(weight, group)
+    assert QuantizedLinear(bits, group, qweight.to("meta"), scale.to("meta")).layout == layout
+    assert QuantizedLinear(bits, group, qweight, scale).layout == "rows"
 
 
 def test_a_layout_the_weight_cannot_take_is_refused():
-    """Fragments need groups of 128 inputs and whole blocks of 16 rows; 8-bit weights lie row by row only."""
+    """Fragments need groups of 128 inputs (4-bit) or 64 (8-bit) and whole blocks of 16 rows; 8-bit weights are
+    never group by group."""
     weight = QuantizedLinear.from_linear(nn.Linear(384, 40, bias=False), "sym_int4")
     with pytest.raises(ValueError, match="no 'fragments' layout for a 4-bit weight of 40 rows"):
         QuantizedLinear(4, 128, weight.qweight, weight.scale, layout="fragments")
     int8 = QuantizedLinear.from_linear(nn.Linear(384, 48, bias=False), "sym_int8")
     with pytest.raises(ValueError, match="no 'groups' layout for a 8-bit weight"):
         QuantizedLinear(8, int8.group_size, int8.qweight, int8.scale, layout="groups")
+    q8_0 = quantize_int8(torch.randn(48, 384), 32)
+    with pytest.raises(ValueError, match="no 'fragments' layout for a 8-bit weight of 48 rows in groups of 32"):
+        QuantizedLinear(8, 32, *q8_0, layout="fragments")
 
 
 def test_format_without_a_kernel_fails_at_start_up(demo_model_dir):

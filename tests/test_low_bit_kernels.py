@@ -17,23 +17,24 @@ kernels = pytest.importorskip("engine.low_bit_kernels")
 CASES = [("sym_int4", 32, 97, 288), ("asym_int4", 32, 97, 288), ("sym_int4", 64, 50, 320),
          ("asym_int4", 128, 33, 384), ("sym_int4", 128, 64, 4096), ("sym_int8", None, 97, 288),
          ("sym_int8", None, 40, 4096), ("q8_0", 32, 65, 352), ("q8_0", 32, 24, 2048), ("asym_int4", 128, 48, 384),
-         ("sym_int4", 128, 80, 256)]
+         ("sym_int4", 128, 80, 256), ("sym_int8", None, 48, 320), ("sym_int8", None, 64, 4096), ("q8_0", 64, 48, 384)]
 ROWS = (1, 2, 5, 16, 17, 64, 130, 300)
 
 
 def layer_for(fmt: str, group: int | None, n: int, k: int, layout: str = "rows") -> QuantizedLinear:
-    """A random layer in `fmt`; 4-bit weights row by row (as on the CPU), group by group or in fragments (as on a
-    GPU)."""
+    """A random layer in `fmt` (q8_0: int8 in groups); weights row by row (as on the CPU), group by group (4-bit)
+    or in fragments (as on a GPU)."""
     weight = torch.randn(n, k) * 0.05 + (0.01 if fmt == "asym_int4" else 0.0)
     if fmt == "sym_int8":
-        return QuantizedLinear(8, k, *quantize_int8(weight, k))
+        return QuantizedLinear(8, k, *quantize_int8(weight, k), layout=layout)
     if fmt == "q8_0":
-        return QuantizedLinear(8, group, *quantize_int8(weight, group))
+        return QuantizedLinear(8, group, *quantize_int8(weight, group), layout=layout)
     return QuantizedLinear(4, group, *quantize_int4(weight, group, symmetric=fmt == "sym_int4"), layout=layout)
 
 
 INT4_CASES = [c for c in CASES if c[0].endswith("int4")]
-FRAGMENT_CASES = [c for c in INT4_CASES if fits_fragments(c[1], c[2])]
+FRAGMENT_CASES = [c for c in CASES if fits_fragments(4 if c in INT4_CASES else 8, c[1] or c[3], c[2])]
+INT8_FRAGMENT_CASES = [c for c in FRAGMENT_CASES if c not in INT4_CASES]
 
 
 @pytest.mark.parametrize("fmt,group,n,k,layout", [c + ("rows",) for c in CASES] + [
@@ -72,12 +73,13 @@ def test_the_tiled_gemm_scales_weights_or_products_alike(monkeypatch, fmt, group
 @pytest.mark.parametrize("fmt,group,n,k", FRAGMENT_CASES)
 def test_the_fragments_gemm_scales_weights_or_products_alike(monkeypatch, fmt, group, n, k, scale_product):
     """The fragments table's flag either way, at few and many rows, tiles of 16 to 64 rows and outputs (a tile
-    past N's end included): asymmetric weights keep scaling weights whatever the flag says."""
+    past N's end included): asymmetric weights keep scaling weights whatever the flag says, and int8 with one scale
+    a row scales its sums at the end."""
     torch.manual_seed(0)
     layer = layer_for(fmt, group, n, k, "fragments")
     for block_m, block_n in ((16, 64), (32, 32), (64, 16)):
         monkeypatch.setattr(kernels, "_fragments_config",
-                            lambda m, bm=block_m, bn=block_n: (bm, bn, 4, 3, scale_product, 1024))
+                            lambda bits, m, bm=block_m, bn=block_n: (bm, bn, 4, 3, scale_product, 1024))
         for rows in (2, 17, 64):
             x = torch.randn(rows, k, dtype=torch.float16)
             exact = x.float() @ layer.dequantize().t()
@@ -91,7 +93,7 @@ def test_the_split_of_k_aims_at_the_programs_asked_for():
     tiles = 192  # a 12288-output projection in 64-row tiles
     assert kernels.split_count(tiles, 4096, 128, programs=264) == 2
     assert kernels.split_count(tiles, 4096, 128) == 6
-    assert kernels._fragments_config(64)[5] < kernels._TARGET_PROGRAMS
+    assert kernels._fragments_config(4, 64)[5] < kernels._TARGET_PROGRAMS
 
 
 def test_split_k_is_exercised_and_deterministic():
@@ -137,7 +139,7 @@ def test_the_words_gemv_computes_the_dequantized_product(monkeypatch, fmt, group
 
 @pytest.mark.parametrize("fmt,group,n,k,layout", [
     CASES[1] + ("rows",), CASES[1] + ("groups",), CASES[3] + ("groups",), CASES[5] + ("rows",), CASES[7] + ("rows",),
-    CASES[9] + ("fragments",), CASES[10] + ("fragments",)])
+    CASES[9] + ("fragments",), CASES[10] + ("fragments",), CASES[11] + ("fragments",), CASES[13] + ("fragments",)])
 def test_many_rows_can_take_the_dequantized_weight_to_the_vendor_gemm(monkeypatch, fmt, group, n, k, layout):
     """CUBLAS_FROM_ROWS: the weight dequantized in one kernel pass (exactly dequantize()'s values, rounded once),
     then F.linear."""
@@ -156,9 +158,9 @@ def test_a_sweeps_tables_replace_the_shipped_ones_for_the_widths_it_swept(monkey
     vendor-GEMM threshold (the shipped one would route its many-row calls elsewhere); other widths keep theirs."""
     import json
 
-    for table in ("ROWS_CONFIGS", "CUBLAS_FROM_ROWS", "TILES_CONFIGS"):
+    for table in ("ROWS_CONFIGS", "CUBLAS_FROM_ROWS", "TILES_CONFIGS", "FRAGMENTS_CONFIGS"):
         monkeypatch.setattr(kernels, table, dict(getattr(kernels, table)))
-    monkeypatch.setattr(kernels, "FRAGMENTS_CONFIGS", kernels.FRAGMENTS_CONFIGS)
+    shipped_int8, shipped_cublas_int8 = kernels.FRAGMENTS_CONFIGS[8], kernels.CUBLAS_FROM_ROWS[8]
     path = tmp_path / "configs.json"
     path.write_text(json.dumps({"rows": {"4": [64, 128, 4, 2, 8]}, "tiles": {"4": [[None, [64, 64, 64, 4, 3, True]]]},
                                 "fragments": {"4": [[16, [16, 64, 4, 2, True, 1024]],
@@ -167,13 +169,14 @@ def test_a_sweeps_tables_replace_the_shipped_ones_for_the_widths_it_swept(monkey
     kernels.load_configs(path)
     assert kernels.ROWS_CONFIGS[4] == (64, 128, 4, 2)  # an older sweep's 5-element entry, truncated
     assert kernels.TILES_CONFIGS[4] == ((None, (64, 64, 64, 4, 3, True)),)
-    assert kernels._fragments_config(16) == (16, 64, 4, 2, True, 1024)
-    assert kernels._fragments_config(17)[:2] == (64, 128)
-    assert 4 not in kernels.CUBLAS_FROM_ROWS and kernels.CUBLAS_FROM_ROWS[8] == 256
+    assert kernels._fragments_config(4, 16) == (16, 64, 4, 2, True, 1024)
+    assert kernels._fragments_config(4, 17)[:2] == (64, 128)
+    assert kernels.FRAGMENTS_CONFIGS[8] == shipped_int8
+    assert 4 not in kernels.CUBLAS_FROM_ROWS and kernels.CUBLAS_FROM_ROWS[8] == shipped_cublas_int8
 
 
-@pytest.mark.parametrize("fmt", ["sym_int4", "asym_int4"])
-@pytest.mark.parametrize("layout", ["groups", "fragments"])
+@pytest.mark.parametrize("fmt,layout", [(fmt, layout) for fmt in ("sym_int4", "asym_int4")
+                                        for layout in ("groups", "fragments")] + [("sym_int8", "fragments")])
 def test_the_subnormal_gemv_holds_large_and_small_activations(monkeypatch, fmt, layout):
     """The subnormal path scales x by up to 2^85 before its FMA, and its products are q·x·2^-64: activations from
     1e-15 to 1e12 (bfloat16; the range is 2^-62 to 2^43) come out as the dequantized product, not as overflow or
@@ -194,3 +197,22 @@ def test_only_devices_known_to_keep_subnormals_take_the_subnormal_gemv():
     flush them, take the exponent-trick path."""
     assert kernels.keeps_subnormals(torch.device("cuda")) and kernels.keeps_subnormals(torch.device("cpu"))
     assert not kernels.keeps_subnormals(torch.device("xpu"))
+
+
+@pytest.mark.parametrize("fmt,group,n,k", INT8_FRAGMENT_CASES)
+@pytest.mark.parametrize("block_n", [16, 64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("subnormal", [False, True])
+def test_the_int8_words_gemv_computes_the_dequantized_product(monkeypatch, fmt, group, n, k, block_n, dtype,
+                                                              subnormal):
+    """The 8-bit GEMV on fragments' words (bytes read as subnormal floats, or through the exponent trick where a
+    device may flush subnormals), one scale a row or groups of 64, x in either 16-bit type, a tile past N's end."""
+    torch.manual_seed(0)
+    monkeypatch.setitem(kernels.ROWS_CONFIGS, 8, (block_n, 64, 4, 1))
+    monkeypatch.setattr(kernels, "keeps_subnormals", lambda device: subnormal)
+    layer = layer_for(fmt, group, n, k, "fragments")
+    x = torch.randn(1, k, dtype=dtype)
+    exact = x.float() @ layer.dequantize().t()
+    out = kernels.quantized_matmul(x, layer)
+    bound = 2e-3 if dtype == torch.float16 else 6e-3  # the interpreter truncates bfloat16 stores (2x the rounding)
+    assert ((out.float() - exact).norm() / exact.norm()).item() < bound, (fmt, group, n, k, block_n)
