@@ -567,8 +567,8 @@ def _fragments_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_p
                       SPLIT_K: tl.constexpr, SCALE_PRODUCT: tl.constexpr):
     """The tiled GEMM on 4- or 8-bit weights in fragments (low_bit.to_fragments; BLOCK_K their block, within one
     group): outᵀ = W·xᵀ with each weight tile loaded straight into the MMA's register layout (_fragment_block), so
-    the one dot per block takes it from registers, and Triton splits that dot into 16-input steps whose
-    dequantization overlaps the previous step's MMA. PER_ROW (8-bit, one scale a row): the integers meet x, exact in
+    the one dot per block takes it from registers (Triton issues it as 16-input MMAs, waited for at the step's
+    end). PER_ROW (8-bit, one scale a row): the integers meet x, exact in
     its type, and the sums are scaled once at the end. SCALE_PRODUCT (symmetric): the dot multiplies the integers
     (q - 8 for 4 bits) and its float32 product is scaled per row; otherwise the weights are scaled (and offset)
     before it, which keeps the dot chained into the accumulator. On an H200 the first wins up to 32 rows (4-bit),

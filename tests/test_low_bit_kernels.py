@@ -17,7 +17,8 @@ kernels = pytest.importorskip("engine.low_bit_kernels")
 CASES = [("sym_int4", 32, 97, 288), ("asym_int4", 32, 97, 288), ("sym_int4", 64, 50, 320),
          ("asym_int4", 128, 33, 384), ("sym_int4", 128, 64, 4096), ("sym_int8", None, 97, 288),
          ("sym_int8", None, 40, 4096), ("q8_0", 32, 65, 352), ("q8_0", 32, 24, 2048), ("asym_int4", 128, 48, 384),
-         ("sym_int4", 128, 80, 256), ("sym_int8", None, 48, 320), ("sym_int8", None, 64, 4096), ("q8_0", 64, 48, 384)]
+         ("sym_int4", 128, 80, 256), ("sym_int8", None, 48, 320), ("sym_int8", None, 64, 4096), ("q8_0", 64, 48, 384),
+         ("q8_0", 128, 32, 384)]
 ROWS = (1, 2, 5, 16, 17, 64, 130, 300)
 
 
