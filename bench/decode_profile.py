@@ -1,14 +1,16 @@
 """Where one decode step goes, on a GPU: the GPU time of each kernel of the decode graph (grouped by kernel name),
 the graph replayed back to back, the whole engine step, and the host functions that take the rest.
 
-    python bench/decode_profile.py [shape] [batch]        # default: llama2-7b 1 (the speed issue's batch-1 target)
+    python bench/decode_profile.py [shape] [batches]      # default: llama2-7b 1 (the speed issue's batch-1 target)
     LOW_BIT=sym_int4 python bench/decode_profile.py       # the same with --load-in-low-bit sym_int4
+    LOW_BIT=bf16,sym_int4 python bench/decode_profile.py llama2-7b 64,256   # each format at each batch, one checkpoint
 
 Prints the weights-over-bandwidth bound of the step for comparison; with $OUT set, writes the tables there too.
 """
 from __future__ import annotations
 
 import cProfile
+import gc
 import io
 import os
 import pstats
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from low_bit import write_checkpoint  # noqa: E402
-from peers_gpu import _fill_decoding, _graph_replay_ms, ceilings, step_time_ms  # noqa: E402
+from peers_gpu import _drain, _fill_decoding, _graph_replay_ms, ceilings, step_time_ms  # noqa: E402
 
 CONTEXT, STEPS = 512, 50
 
@@ -94,21 +96,8 @@ def host_phases(engine, steps: int) -> str:
     return "\n".join(lines) + "\n" + stream.getvalue()
 
 
-def main() -> None:
-    from engine.llm import LLM
-    shape = sys.argv[1] if len(sys.argv) > 1 else "llama2-7b"
-    batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    bandwidth, _ = ceilings()
-    name = torch.cuda.get_device_name()
-    report = [f"device {name} torch {torch.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s"]
-    with tempfile.TemporaryDirectory() as model_dir:
-        write_checkpoint(model_dir, shape)
-        llm = LLM(model_dir, skip_tokenizer_init=True, device="cuda", dtype="bfloat16", max_num_seqs=64,
-                  gpu_memory_utilization=0.5, load_in_low_bit=os.environ.get("LOW_BIT") or None)
-    engine = llm.engine
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    bound_ms = weight_bytes / bandwidth * 1e3
-    _fill_decoding(engine, batch, CONTEXT, "p")
+def profile(engine, shape: str, fmt: str, batch: int, bound_ms: float) -> str:
+    ids = _fill_decoding(engine, batch, CONTEXT, "p")
     for _ in range(5):
         engine.step()
     step_ms = step_time_ms(engine, STEPS)
@@ -121,10 +110,10 @@ def main() -> None:
         graphs._graphs[size][0].replay()
         torch.cuda.synchronize()
         synced.append(time.perf_counter() - start)
-    report.append(f"{shape} {os.environ.get('LOW_BIT') or 'bf16'} batch {batch}, context ~{CONTEXT}: weights/bandwidth {bound_ms:.2f} ms; step "
-                  f"{step_ms:.2f} ms ({step_ms / bound_ms:.2f}x); graph replay {replay_ms:.2f} ms "
-                  f"({replay_ms / bound_ms:.2f}x) back to back, {1e3 * statistics.median(synced):.2f} ms launched "
-                  f"one at a time")
+    report = [f"{shape} {fmt} batch {batch}, context ~{CONTEXT}: weights/bandwidth {bound_ms:.2f} ms; step "
+              f"{step_ms:.2f} ms ({step_ms / bound_ms:.2f}x); graph replay {replay_ms:.2f} ms "
+              f"({replay_ms / bound_ms:.2f}x) back to back, {1e3 * statistics.median(synced):.2f} ms launched "
+              f"one at a time"]
     with torch.inference_mode():
         for label, run in (("graph replay", graphs._graphs[size][0].replay), ("eager forward",
                                                                             lambda: graphs._forward(size))):
@@ -132,10 +121,36 @@ def main() -> None:
             report += [f"-- kernels of one {label}: {kernel_us / 1e3:.2f} ms in {launches} kernels --", table]
     report += ["-- host: phases of engine.step() over 30 steps, then cProfile (sorted by own time) --",
                host_phases(engine, 30)]
-    text = "\n".join(report)
-    print(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"decode_profile_{shape}_b{batch}.txt").write_text(text + "\n")
+    _drain(engine, ids)
+    return "\n".join(report)
+
+
+def main() -> None:
+    from engine.llm import LLM
+    shape = sys.argv[1] if len(sys.argv) > 1 else "llama2-7b"
+    batches = [int(b) for b in (sys.argv[2] if len(sys.argv) > 2 else "1").split(",")]
+    formats = (os.environ.get("LOW_BIT") or "bf16").split(",")
+    bandwidth, _ = ceilings()
+    name = torch.cuda.get_device_name()
+    header = f"device {name} torch {torch.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s"
+    print(header, flush=True)
+    with tempfile.TemporaryDirectory() as model_dir:
+        write_checkpoint(model_dir, shape)
+        for fmt in formats:
+            llm = LLM(model_dir, skip_tokenizer_init=True, device="cuda", dtype="bfloat16",
+                      max_num_seqs=max(64, *batches), gpu_memory_utilization=0.85,
+                      load_in_low_bit=None if fmt == "bf16" else fmt)
+            engine = llm.engine
+            weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+            for batch in batches:
+                text = header + "\n" + profile(engine, shape, fmt, batch, weight_bytes / bandwidth * 1e3)
+                print(text, flush=True)
+                if os.environ.get("OUT"):
+                    Path(os.environ["OUT"], f"decode_profile_{shape}_{fmt}_b{batch}.txt").write_text(text + "\n")
+            del llm, engine
+            gc.unfreeze()  # the engine froze the heap at start (engine/engine.py): let the collector reach it again
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
