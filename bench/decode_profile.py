@@ -110,10 +110,10 @@ def profile(engine, shape: str, fmt: str, batch: int, bound_ms: float) -> str:
         graphs._graphs[size][0].replay()
         torch.cuda.synchronize()
         synced.append(time.perf_counter() - start)
-    report = [f"{shape} {fmt} batch {batch}, context ~{CONTEXT}: weights/bandwidth {bound_ms:.2f} ms; step "
+    report = [(f"{shape} {fmt} batch {batch}, context ~{CONTEXT}: weights/bandwidth {bound_ms:.2f} ms; step "
               f"{step_ms:.2f} ms ({step_ms / bound_ms:.2f}x); graph replay {replay_ms:.2f} ms "
               f"({replay_ms / bound_ms:.2f}x) back to back, {1e3 * statistics.median(synced):.2f} ms launched "
-              f"one at a time"]
+              f"one at a time")]
     with torch.inference_mode():
         for label, run in (("graph replay", graphs._graphs[size][0].replay), ("eager forward",
                                                                             lambda: graphs._forward(size))):
