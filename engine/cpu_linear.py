@@ -13,8 +13,12 @@ from torch import nn
 
 
 def packs(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the projections of a model on `device` in `dtype` are packed (the CPU, with oneDNN)."""
-    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+    """Whether the projections of a model on `device` in `dtype` are packed (the CPU, with oneDNN). bfloat16 only
+    where oneDNN has a bfloat16 kernel for this CPU (AVX-512 BW/VL/DQ or AVX-NE-CONVERT): elsewhere its linear
+    refuses to run, and the model keeps F.linear."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class PackedLinear(nn.Module):
