@@ -371,17 +371,22 @@ def to_fragments(qweight: torch.Tensor) -> torch.Tensor:
     them (engine/low_bit_kernels.py).
 
     Block (b, j) holds output rows 16j..16j+15 and inputs FRAGMENT_K·b on; its 256 words are [2 h][8 g][4 t][4 p],
-    where word (h, g, t, p) is of row 16j + 8h + g and holds in its value n (nibble n at bits 4n of 8, or byte n at
-    bits 8n of 4) the input FRAGMENT_K·b + 16n + c, c = 8·(p // 2) + 2t + p % 2: so in the 16-input slice of value n,
-    thread (g, t) of a warp holds columns 2t, 2t + 1, 2t + 8 and 2t + 9 of rows g and g + 8, the MMA's fragment.
-    Each row's 16 words of a block are contiguous (64 bytes), as a GEMV wants them. Bytes keep int8's two's
-    complement."""
+    word (h, g, t, p) of row 16j + 8h + g, so that thread (g, t) of a warp holds, in each 16-input slice of the
+    block, columns 2t, 2t + 1, 2t + 8 and 2t + 9 of rows g and g + 8: the MMA's fragment. 4 bits: word p holds
+    the column pair 2t + 8·(p // 2), + 1 of slices 4·(p % 2) to 4·(p % 2) + 3: slice 4·(p % 2) + i's pair at bits
+    4i and 16 + 4i, so one shift and mask give two 16-bit halves that are the MMA's register for that pair (the
+    exponent trick makes both floats in one operation). 8 bits: byte n of word p (bits 8n) is input 16n + c,
+    c = 8·(p // 2) + 2t + p % 2, two's complement kept. Each row's 16 words of a block are contiguous (64 bytes),
+    as a GEMV wants them."""
     bits = 8 if qweight.dtype == torch.int8 else 4
     q = (unpack_int4(qweight) if bits == 4 else qweight.view(torch.uint8)).to(torch.int32)
     n, k = q.shape
     values, block_k = 32 // bits, FRAGMENT_K[bits]
-    # [row block j, h, g, input block b, value n, p_hi, t, p_lo] -> [b, j, h, g, t, p_hi, p_lo, n]
-    q = q.reshape(n // FRAGMENT_N, 2, 8, k // block_k, values, 2, 4, 2).permute(3, 0, 1, 2, 6, 5, 7, 4)
+    if bits == 4:  # [j, h, g, b, half a, slice i, p_hi, t, e] -> [b, j, h, g, t, p_hi, a, e, i]: value 4e + i
+        q = q.reshape(n // FRAGMENT_N, 2, 8, k // block_k, 2, 4, 2, 4, 2).permute(3, 0, 1, 2, 7, 6, 4, 8, 5)
+    else:  # [j, h, g, b, value n, p_hi, t, p_lo] -> [b, j, h, g, t, p_hi, p_lo, n]
+        q = q.reshape(n // FRAGMENT_N, 2, 8, k // block_k, values, 2, 4, 2).permute(3, 0, 1, 2, 6, 5, 7, 4)
+    q = q.reshape(k // block_k, n // FRAGMENT_N, 2, 8, 4, 2, 2, values)
     words = q[..., 0]
     for value in range(1, values):
         words = words | (q[..., value] << (bits * value))
@@ -394,7 +399,11 @@ def from_fragments(words: torch.Tensor, n: int, bits: int = 4) -> torch.Tensor:
     w = words.reshape(blocks, n // FRAGMENT_N, 2, 8, 4, 2, 2)
     mask = (1 << bits) - 1
     q = torch.stack([(w >> (bits * value)) & mask for value in range(32 // bits)], dim=-1)  # [b, j, h, g, t, p_hi,
-    q = q.permute(1, 2, 3, 0, 7, 5, 4, 6).reshape(n, blocks * FRAGMENT_K[bits]).to(torch.uint8)  # p_lo, n]
+    if bits == 4:  # p_lo = a, e, i] -> [j, h, g, b, a, i, p_hi, t, e]
+        q = q.reshape(blocks, n // FRAGMENT_N, 2, 8, 4, 2, 2, 2, 4).permute(1, 2, 3, 0, 6, 8, 5, 4, 7)
+    else:  # p_lo, n] -> [j, h, g, b, n, p_hi, t, p_lo]
+        q = q.permute(1, 2, 3, 0, 7, 5, 4, 6)
+    q = q.reshape(n, blocks * FRAGMENT_K[bits]).to(torch.uint8)
     return pack_int4(q) if bits == 4 else q.view(torch.int8)
 
 

@@ -159,7 +159,7 @@ TILES_CONFIGS = {4: ((16, (16, 64, 64, 4, 3, True)), (128, (64, 128, 128, 8, 3, 
 # programs than the other kernels' 1024 from 32 rows: each split's partial sums cost a pass over the output, which
 # at 64 rows took a fifth of the time. From 65 rows a tile of 128 rows, so that each weight is dequantized once
 # for all of them (at 128 rows 171 µs a 4-bit layer, against 202 in two tiles of 64).
-FRAGMENTS_CONFIGS = {4: ((16, (16, 64, 4, 3, True, 1024)), (32, (32, 64, 4, 3, True, 264)),
+FRAGMENTS_CONFIGS = {4: ((16, (16, 64, 4, 3, True, 264)), (32, (32, 64, 4, 3, True, 264)),
                          (64, (64, 64, 4, 3, False, 264)), (128, (128, 64, 4, 2, False, 264)),
                          (None, (128, 64, 4, 3, False, 132))),
                      8: ((16, (16, 64, 4, 3, False, 1024)), (32, (32, 64, 4, 3, False, 264)),
@@ -300,8 +300,9 @@ def _word_inputs(x_ptr, first):
 
 @triton.jit
 def _fragment_inputs(x_ptr, first):
-    """x at the inputs of a fragment word's 8 nibbles (nibble n: input first + 16n), as float32 [WORDS] each."""
-    return _inputs_at(x_ptr, first, 0, 16, 32, 48, 64, 80, 96, 112)
+    """x at the inputs of a fragment word's 8 nibbles (nibble 4e + i: input first + 16i + e), as float32 [WORDS]
+    each."""
+    return _inputs_at(x_ptr, first, 0, 16, 32, 48, 1, 17, 33, 49)
 
 
 @triton.jit
@@ -364,7 +365,7 @@ def _int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
     loop above spent a sixth of its instructions re-making them); Σ (q - 8)·s·x = 2^64·s·(D - 8·X·2^-64).
 
     FRAGMENTS: the weight in low_bit.to_fragments' words (BLOCK_K 128): a row's 16 words of a block are contiguous
-    too, and nibble n of word c holds input 16n + c' of the block (_fragment_inputs)."""
+    too, and nibble 4e + i of a word holds input 16i + e past the word's first (_fragment_inputs)."""
     WORDS: tl.constexpr = BLOCK_K // 8
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
@@ -373,7 +374,7 @@ def _int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, out_ptr, partials_ptr, locks_
     cols64 = cols.to(tl.int64)
     if FRAGMENTS:  # row r's words of block 0: its 16-row block's 256 words, then half r % 16 // 8, then r % 8
         q_at = q_ptr + ((cols64 // 16) * 256 + (cols64 % 16 // 8) * 128 + (cols64 % 8) * 16)[:, None] + c[None, :]
-        x_first = 8 * (c % 4 // 2) + 2 * (c // 4) + c % 2  # input of word c's nibble 0
+        x_first = 64 * (c % 2) + 8 * (c % 4 // 2) + 2 * (c // 4)  # input of word c's nibble 0
     else:
         q_at = q_ptr.to(tl.pointer_type(tl.int32)) + cols64[:, None] * (stride_qn // 4) + c[None, :]
         x_first = 32 * (c // 4) + 4 * (c % 4)  # input of word c's byte 0 low nibble
@@ -533,16 +534,36 @@ def _fragment_block(q_ptr, first_block, block, N, BLOCKS: tl.constexpr):
 
 
 @triton.jit
+def _nibble_pair(words, bias: tl.constexpr, DTYPE: tl.constexpr):
+    """The nibbles at bits 0-3 and 16-19 of each word, less `bias`, as DTYPE [rows, words, 2]. In a 16-bit type both
+    become floats in one masked OR of the word (each half is the exponent trick's 16-bit pattern), so the word is
+    the tensor cores' register for the pair, with no shuffle of halves between words."""
+    if DTYPE == tl.float32:
+        values = tl.join(_as_float(words & 0xF, bias, DTYPE), _as_float((words >> 16) & 0xF, bias, DTYPE))
+    elif DTYPE == tl.float16:
+        values = _halves((words & 0x000F000F) | 0x64006400, DTYPE) - (1024.0 + bias)
+    else:
+        values = _halves((words & 0x000F000F) | 0x43004300, DTYPE) - (128.0 + bias)
+    return values
+
+
+@triton.jit
+def _halves(pair, DTYPE: tl.constexpr):
+    """Each int32's two 16-bit halves (low first) as DTYPE, [..., 2]."""
+    return tl.join(pair.to(tl.int16), (pair >> 16).to(tl.int16)).to(DTYPE, bitcast=True)
+
+
+@triton.jit
 def _fragment_nibbles(words, HAS_OFFSET: tl.constexpr, DTYPE: tl.constexpr):
-    """The 8 nibbles of each word as DTYPE (q, or q - 8 for symmetric weights) in one [rows, 128] tile whose
-    column 16n + c is nibble n of word c: input 16n + c of the block, as to_fragments orders them."""
+    """The nibbles of each word as DTYPE (q, or q - 8 for symmetric weights) in one [rows, 128] tile, as
+    to_fragments orders them: nibble 4e + i of word c (bits 4i + 16e) is input 64·(c % 2) + 16i + 2·(c // 2) + e
+    of the block."""
     bias: tl.constexpr = 0.0 if HAS_OFFSET else 8.0
-    n01 = tl.join(_as_float(words & 0xF, bias, DTYPE), _as_float((words >> 4) & 0xF, bias, DTYPE))
-    n23 = tl.join(_as_float((words >> 8) & 0xF, bias, DTYPE), _as_float((words >> 12) & 0xF, bias, DTYPE))
-    n45 = tl.join(_as_float((words >> 16) & 0xF, bias, DTYPE), _as_float((words >> 20) & 0xF, bias, DTYPE))
-    n67 = tl.join(_as_float((words >> 24) & 0xF, bias, DTYPE), _as_float((words >> 28) & 0xF, bias, DTYPE))
-    nibbles = tl.join(tl.join(n01, n23), tl.join(n45, n67))  # [rows, c, n % 2, n // 2 % 2, n // 4]
-    return nibbles.permute(0, 4, 3, 2, 1).reshape(words.shape[0], 8 * words.shape[1])
+    pairs = tl.join(tl.join(_nibble_pair(words, bias, DTYPE), _nibble_pair(words >> 4, bias, DTYPE)),
+                    tl.join(_nibble_pair(words >> 8, bias, DTYPE), _nibble_pair(words >> 12, bias, DTYPE)))
+    rows: tl.constexpr = words.shape[0]
+    pairs = pairs.reshape(rows, 8, 2, 2, 2, 2)  # [rows, c // 2, c % 2, e, i % 2, i // 2]
+    return pairs.permute(0, 2, 5, 4, 1, 3).reshape(rows, 128)
 
 
 @triton.jit
