@@ -8,8 +8,8 @@ faster), per model and batch; then a per-projection table of one matmul of each 
 oneDNN weight (engine/cpu_linear.py), which is what the decoder's projections run on.
 
 The integer formats run engine/cpu_low_bit.cpp (built on first use); fp16 and bf16 are the whole model in that dtype
-(bf16 through oneDNN's packed weights, fp16 through plain F.linear), shown for information. A benchmark, not a test:
-nothing is asserted.
+(bf16 through oneDNN's packed weights where it has a bf16 kernel for the CPU, else, as fp16, through F.linear),
+shown for information. A benchmark, not a test: nothing is asserted.
 
     python bench/cpu_low_bit.py                     # both models, every format, batches 1 and 32 (~5 min on 2 cores)
     python bench/cpu_low_bit.py --models 100m --formats float32,sym_int4
@@ -127,10 +127,10 @@ def bench_model(args, name: str, formats: list[str], batches: list[int]) -> dict
 
 
 def micro(shapes: list[tuple[int, int]], rows: list[int], formats: list[str], reps: int = 30):
-    """{(shape, rows, format): µs per matmul}: float32 and bf16 through PackedLinear, fp16 through F.linear, the
-    integer formats through QuantizedLinear (the CPU kernel). Minimum over rounds of `reps` calls: the least
+    """{(shape, rows, format): µs per matmul}: float32, bf16 and fp16 as the engine runs them (engine/cpu_linear.py),
+    the integer formats through QuantizedLinear (the CPU kernel). Minimum over rounds of `reps` calls: the least
     disturbed by other load."""
-    from engine.cpu_linear import PackedLinear
+    from engine.cpu_linear import PackedLinear, packs
     from engine.low_bit import QuantizedLinear
 
     results = {}
@@ -141,11 +141,12 @@ def micro(shapes: list[tuple[int, int]], rows: list[int], formats: list[str], re
         for fmt in formats:
             if fmt in INTEGER_FORMATS:
                 layers[fmt] = QuantizedLinear.from_linear(linear, fmt)
-            elif fmt == "fp16":
-                layers[fmt] = torch.nn.Linear(k, n, bias=False).half().requires_grad_(False)
-            else:
-                layers[fmt] = PackedLinear(linear.weight.detach().to(torch.float32 if fmt == "float32"
-                                                                     else torch.bfloat16), None)
+            else:  # as the engine runs them: packed where oneDNN has a kernel for the dtype, else F.linear
+                dtype = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[fmt]
+                if packs(torch.device("cpu"), dtype):
+                    layers[fmt] = PackedLinear(linear.weight.detach().to(dtype), None)
+                else:
+                    layers[fmt] = torch.nn.Linear(k, n, bias=False).to(dtype).requires_grad_(False)
         for m in rows:
             x = torch.randn(m, k)
             inputs = {fmt: x.to({"bf16": torch.bfloat16, "fp16": torch.float16}.get(fmt, torch.float32))
