@@ -204,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.micro_shapes.split(",")]
         rows_m = [int(m) for m in args.micro_rows.split(",")]
         times = micro(shapes, rows_m, formats)
-        print("\nper projection (one matmul; float32 and bf16: oneDNN packed weights, fp16: F.linear, integer "
-              "formats: the CPU kernel), µs, minimum of 5 rounds:\n")
+        print("\nper projection (one matmul; float32 and bf16 as the engine runs them: oneDNN packed weights where "
+              "it has a kernel for the dtype, else F.linear; fp16: F.linear; integer formats: the CPU kernel), µs, "
+              "minimum of 5 rounds:\n")
         header = ["projection", "rows", *[f"{fmt} µs" for fmt in formats], *[f"{fmt} vs f32" for fmt in formats[1:]]]
         table = []
         for shape in shapes:
