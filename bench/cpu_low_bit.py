@@ -35,6 +35,8 @@ import torch  # noqa: E402
 
 FORMATS = ("float32", "sym_int8", "sym_int4", "asym_int4", "bf16", "fp16")
 INTEGER_FORMATS = ("sym_int8", "sym_int4", "asym_int4")
+# The dtype of a dense format's weights, and of every format's activations (the integer kernels take float32).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # The ~134M model of bench/cpu_engine_vs_hf.py (its defaults), written by its checkpoint writer.
 LLAMA_100M = SimpleNamespace(vocab=32000, hidden=768, intermediate=2048, layers=12, heads=12, seed=0)
 PROJECTIONS = ((576, 1536), (768, 3072))  # (in, out): SmolLM2-135M's MLP, and the 100M model's widest
@@ -142,15 +144,14 @@ def micro(shapes: list[tuple[int, int]], rows: list[int], formats: list[str], re
             if fmt in INTEGER_FORMATS:
                 layers[fmt] = QuantizedLinear.from_linear(linear, fmt)
             else:  # as the engine runs them: packed where oneDNN has a kernel for the dtype, else F.linear
-                dtype = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[fmt]
+                dtype = DTYPES.get(fmt, torch.float32)
                 if packs(torch.device("cpu"), dtype):
                     layers[fmt] = PackedLinear(linear.weight.detach().to(dtype), None)
                 else:
                     layers[fmt] = torch.nn.Linear(k, n, bias=False).to(dtype).requires_grad_(False)
         for m in rows:
             x = torch.randn(m, k)
-            inputs = {fmt: x.to({"bf16": torch.bfloat16, "fp16": torch.float16}.get(fmt, torch.float32))
-                      for fmt in formats}
+            inputs = {fmt: x.to(DTYPES.get(fmt, torch.float32)) for fmt in formats}
             best = {fmt: float("inf") for fmt in formats}
             for _ in range(5):  # rounds interleaved over the formats
                 for fmt, layer in layers.items():
