@@ -10,6 +10,7 @@ Stated error bounds (CPU, demo model, float32 reference):
 """
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 
@@ -20,7 +21,8 @@ from torch import nn
 
 from engine.config import EngineConfig
 from engine.llm import LLM
-from engine.low_bit import QuantizedLinear, quantize_int4, quantize_int8, quantize_linears, unpack_int4, weight_bytes
+from engine.low_bit import (QuantizedLinear, from_fragments, pack_int4, quantize_int4, quantize_int8,
+                             quantize_linears, to_fragments, unpack_int4, weight_bytes)
 from engine.sampling_params import SamplingParams
 from tests.checkpoints import ARCHITECTURES, write_checkpoint
 from tests.service import MODEL, Service
@@ -117,6 +119,21 @@ def test_the_gpu_layouts_hold_the_same_weight(fmt, layout, shape):
     assert relative_error(gpu[0](x), rows[0](x)) < 1e-5  # the CPU computes it from the dequantized weight
     fused = QuantizedLinear.cat(gpu)
     assert fused.layout == layout and torch.equal(fused.rows_qweight, QuantizedLinear.cat(rows).qweight)
+
+
+def test_a_4_bit_fragment_word_holds_the_mma_register_pairs():
+    """to_fragments' 4-bit order: word (h, g, t, p) of row 16j + 8h + g holds at bits 4i and 16 + 4i the adjacent
+    inputs 2t + 8·(p // 2) and + 1 of slice 4·(p % 2) + i, so one masked OR turns a shifted word into the tensor
+    cores' register for two weights."""
+    torch.manual_seed(0)
+    n, k = 32, 256
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    words = to_fragments(pack_int4(q)).reshape(k // 128, n // 16, 2, 8, 4, 4)
+    for b, j, h, g, t, p, i, e in itertools.product(range(k // 128), range(n // 16), range(2), range(8), range(4),
+                                                    range(4), range(4), range(2)):
+        nibble = (int(words[b, j, h, g, t, p]) >> (4 * i + 16 * e)) & 0xF
+        assert nibble == q[16 * j + 8 * h + g, 128 * b + 16 * (4 * (p % 2) + i) + 8 * (p // 2) + 2 * t + e]
+    assert torch.equal(from_fragments(to_fragments(pack_int4(q)), n), pack_int4(q))
 
 
 @pytest.mark.parametrize("bits,n,group,layout", [(4, 48, 128, "fragments"), (4, 40, 128, "groups"),
